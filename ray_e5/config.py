@@ -1,0 +1,134 @@
+"""Typed configuration shared by every stage.
+
+Each stage owns a section model (a :class:`Section` subclass) in its own package; :class:`RayE5Config` collects
+them. A config is loaded from YAML and then overridden from the command line with dotted ``key=value`` pairs
+(``train.lr=2e-4``). Unknown keys are refused, and every error names the dotted key that was wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key and what is accepted."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraSettings(Section):
+    """LoRA through peft. Defaults follow the paper: r=16, alpha=32, dropout 0.1, every linear projection."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelSettings(Section):
+    """How to build the Embedder: which backbone, how to pool, which template for queries."""
+
+    name: str = "gemma3-270m"
+    pooling: Literal["last", "mean", "cls"] | None = None  # None: the backbone's natural pooling
+    normalize: bool = True
+    max_length: int = Field(512, gt=1)
+    instruction_template: str = "Instruct: {task}\nQuery: {text}"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+
+
+class RayE5Config(Section):
+    """The whole run: one run directory, one Ray address, one section per stage."""
+
+    run_dir: str = "runs/default"
+    ray_address: str | None = None  # None: start or join a local cluster
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generate: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    serve: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None
+
+    def section(self, name: str, cls: type[C]) -> C:
+        """The stage section ``name`` validated as ``cls``; errors name keys as ``name.key``.
+
+        Stages own their section models (``ray_e5/<stage>/config.py``), so the top level keeps them as raw
+        mappings and each stage validates its own when it runs; ``check_sections`` validates all of them up front.
+        """
+        return validate(cls, getattr(self, name) or {}, prefix=f"{name}.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: cannot set a key under {part!r}, which holds {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``[a, b]``)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def validate(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    """Build ``cls`` from ``data``; a validation error becomes a ConfigError naming each bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, prefix)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type[C] = RayE5Config) -> C:
+    """Load a config from YAML (or defaults), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return validate(cls, apply_overrides(data, overrides))

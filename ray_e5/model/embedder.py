@@ -1,0 +1,182 @@
+"""The Embedder: a backbone, a tokenizer and the settings that turn token states into text vectors.
+
+It is a ``torch.nn.Module`` so that training wraps it unchanged (DDP, DeepSpeed); ``encode`` is the inference
+path every other stage uses. An embedder directory holds ``ray_e5.json`` (base model reference, pooling,
+normalisation, max length, template) and, after LoRA training, ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_e5.config import ModelSettings, validate
+from ray_e5.model.instructions import format_query
+from ray_e5.model.lora import add_lora, load_lora
+from ray_e5.model.pooling import pool
+from ray_e5.model.sources import Backbone, resolve_backbone
+from ray_e5.model.tokenize import check_texts, pad, token_ids
+
+EMBEDDER_FILE = "ray_e5.json"
+ADAPTER_DIR = "adapter"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_embedder_dir(path: str | Path) -> bool:
+    return (Path(path) / EMBEDDER_FILE).is_file()
+
+
+def _natural_pooling(backbone: Backbone, config) -> str:
+    if backbone.natural_pooling:
+        return backbone.natural_pooling
+    archs = config.architectures or []
+    decoder = getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in archs)
+    encoder_types = {"bert", "roberta", "xlm-roberta", "mpnet", "deberta", "deberta-v2", "distilbert", "electra",
+                     "modernbert", "nomic_bert", "new"}
+    return "last" if decoder or config.model_type not in encoder_types else "mean"
+
+
+class Embedder(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, tokenizer, settings: ModelSettings, base_reference: str):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.base_reference = base_reference
+        self._takes_position_ids = "position_ids" in inspect.signature(self._base_model().forward).parameters
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, reference: str | Path, merge_lora: bool = False, trainable: bool = False, **overrides: Any) -> "Embedder":
+        """Load an embedder directory, a packaged name, a .gguf file, a model directory or a hub id.
+
+        ``overrides`` are ModelSettings fields (pooling, normalize, max_length, dtype, lora, ...).
+        """
+        reference = str(reference)
+        if is_embedder_dir(reference):
+            saved = json.loads((Path(reference) / EMBEDDER_FILE).read_text())
+            fields = {k: v for k, v in saved.items() if k in ModelSettings.model_fields}
+            fields["name"] = saved["base_model"]
+            settings = validate(ModelSettings, {**fields, **overrides}, prefix="model.")
+            adapter = Path(reference) / ADAPTER_DIR
+            embedder = cls.from_settings(settings.model_copy(update={"lora": None}))
+            if adapter.is_dir():
+                embedder.backbone = load_lora(embedder.backbone, str(adapter), trainable=trainable)
+                embedder.settings = settings
+                if merge_lora and not trainable:
+                    embedder.backbone = embedder.backbone.merge_and_unload()
+            return embedder
+        settings = validate(ModelSettings, {"name": reference, **overrides}, prefix="model.")
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> "Embedder":
+        from transformers import AutoModel, AutoTokenizer
+
+        backbone_ref = resolve_backbone(settings.name)
+        tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
+        model = AutoModel.from_pretrained(backbone_ref.path, dtype=DTYPES[settings.dtype])
+        if settings.pooling is None:
+            settings = settings.model_copy(update={"pooling": _natural_pooling(backbone_ref, model.config)})
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if settings.lora is not None:
+            model = add_lora(model, settings.lora)
+        model.eval()
+        return cls(model, tokenizer, settings, backbone_ref.reference)
+
+    # ---- properties --------------------------------------------------------------------------------------
+    def _base_model(self) -> torch.nn.Module:
+        model = self.backbone
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def name(self) -> str:
+        return self.base_reference
+
+    @property
+    def dimension(self) -> int:
+        return int(self._base_model().config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def append_eos(self) -> bool:
+        """EOS is appended exactly when the vector is read from the last token."""
+        return self.settings.pooling == "last"
+
+    # ---- text -> tensors ---------------------------------------------------------------------------------
+    def format(self, texts: Sequence[str], instruction: str | None = None) -> list[str]:
+        """Apply the instruction template (queries); ``instruction=None`` leaves documents as they are."""
+        texts = check_texts(texts)
+        return [format_query(t, instruction, self.settings.instruction_template) for t in texts]
+
+    def token_ids(self, texts: Sequence[str], instruction: str | None = None) -> list[list[int]]:
+        return token_ids(self.tokenizer, self.format(texts, instruction), self.settings.max_length, self.append_eos)
+
+    def token_counts(self, texts: Sequence[str], instruction: str | None = None) -> list[int]:
+        """Tokens each input uses after formatting and truncation, EOS included."""
+        return [len(x) for x in self.token_ids(texts, instruction)]
+
+    def tokenize(self, texts: Sequence[str], instruction: str | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        return pad(self.token_ids(texts, instruction), self.tokenizer.pad_token_id, padding_side)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of a tokenised batch, with gradients when the caller enables them."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None and self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        vectors = pool(hidden, attention_mask, self.settings.pooling)
+        return F.normalize(vectors.float(), dim=-1) if self.settings.normalize else vectors.float()
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
+               padding_side: str = "right") -> np.ndarray:
+        """Vectors for ``texts`` as float32, shape (len(texts), dimension).
+
+        Texts are embedded in length-sorted batches to cut padding; results return in input order.
+        """
+        ids = self.token_ids(texts, instruction)
+        out = np.zeros((len(ids), self.dimension), dtype=np.float32)
+        if not ids:
+            return out
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        device = self.device
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = pad([ids[i] for i in chunk], self.tokenizer.pad_token_id, padding_side)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[chunk] = self(**batch).cpu().numpy()
+        self.train(was_training)
+        return out
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The ray_e5.json content: everything needed to rebuild this embedder besides the weights."""
+        fields = self.settings.model_dump(exclude={"name", "gradient_checkpointing"})
+        return {"format": 1, "base_model": self.base_reference, **fields, "append_eos": self.append_eos,
+                "dimension": self.dimension}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``ray_e5.json`` and, for a LoRA model, the adapter; the base model is referenced, not copied."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.backbone, "peft_config"):
+            self.backbone.save_pretrained(directory / ADAPTER_DIR)
+        (directory / EMBEDDER_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
+        return directory
