@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnknownModelError, TypeError) as err:
+    except (ConfigError, UnknownModelError) as err:
         print(f"ray-e5 {args.command}: error: {err}", file=sys.stderr)
         return 2
 
