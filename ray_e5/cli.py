@@ -41,10 +41,10 @@ def _embed(args) -> int:
     vectors = embedder.encode(args.texts, instruction=args.instruction)
     if args.similarity:
         matrix = vectors @ vectors.T if embedder.settings.normalize else _cosine(vectors)
-        print(json.dumps(np.round(matrix, 4).tolist()))
+        print(json.dumps(np.round(matrix.astype(float), 4).tolist()))
     else:
         print(json.dumps({"model": embedder.name, "dimension": embedder.dimension,
-                          "data": [np.round(v, 6).tolist() for v in vectors]}))
+                          "data": [np.round(v.astype(float), 6).tolist() for v in vectors]}))
     return 0
 
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"ray_e5.{stage}.command")
         except ModuleNotFoundError as err:
-            if err.name != f"ray_e5.{stage}.command":
+            if err.name not in (f"ray_e5.{stage}", f"ray_e5.{stage}.command"):
                 raise
             continue
         module.register(sub)
