@@ -155,7 +155,10 @@ def test_bad_items_and_empty_inputs(tiny_decoder_dir):
     assert abs(np.linalg.norm(vector) - 1) < 1e-5
 
 
-def test_hub_id_is_accepted_form_but_fails_offline_clearly():
+def test_hub_id_is_accepted_form_but_fails_offline_clearly(monkeypatch):
     from ray_e5.model.sources import resolve_backbone
 
     assert resolve_backbone("mistralai/Mistral-7B-v0.1").path == "mistralai/Mistral-7B-v0.1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownModelError, match="could not load model 'no-org/no-such-model'.*HF_HUB_OFFLINE"):
+        Embedder.load("no-org/no-such-model")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ray_e5.config import ModelSettings, validate
 from ray_e5.model.instructions import format_query
 from ray_e5.model.pooling import pool
-from ray_e5.model.sources import Backbone, resolve_backbone
+from ray_e5.model.sources import Backbone, UnknownModelError, resolve_backbone
 from ray_e5.model.tokenize import check_texts, pad, token_ids
 
 EMBEDDER_FILE = "ray_e5.json"
@@ -81,8 +81,13 @@ class Embedder(torch.nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         backbone_ref = resolve_backbone(settings.name)
-        tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
-        model = AutoModel.from_pretrained(backbone_ref.path, dtype=DTYPES[settings.dtype])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
+            model = AutoModel.from_pretrained(backbone_ref.path, dtype=DTYPES[settings.dtype])
+        except OSError as err:
+            hint = " (the hub is unreachable or HF_HUB_OFFLINE=1: use a local directory or a packaged name)" \
+                if backbone_ref.path == settings.name and not Path(settings.name).exists() else ""
+            raise UnknownModelError(f"could not load model {settings.name!r}{hint}: {err}") from err
         if settings.pooling is None:
             settings = settings.model_copy(update={"pooling": _natural_pooling(backbone_ref, model.config)})
         if tokenizer.pad_token_id is None:
