@@ -1,0 +1,167 @@
+"""Mixing sources with weights and building task-homogeneous global batches, in Ray Data.
+
+The plan is one Ray Dataset row per *global* batch (the examples of one optimiser step over all workers), with
+list columns ``query``/``positive``/``negative``/``task``. Every batch holds rows of one (source, kind) group, as
+the paper trains: in-batch negatives from another task are too easy to teach anything. Each worker reads the same
+plan and takes its own slice of every batch, so the global batch (and with it the cross-device negatives) is
+identical whatever the number of workers, and a resumed run skips exactly the steps already taken.
+
+Per epoch, each group is sampled at its source's weight (``weight < 1`` takes that fraction, ``weight > 1``
+repeats the source), shuffled, and cut into full batches (the remainder is dropped and counted); batches of all
+groups are then interleaved at random, epoch after epoch. Everything is seeded, so a plan is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from ray_e5.data.schema import is_filtered
+
+PLAN_SCHEMA = pa.schema([
+    ("order", pa.float64()), ("epoch", pa.int64()), ("source", pa.string()), ("kind", pa.string()),
+    ("size", pa.int64()), ("task", pa.list_(pa.string())), ("query", pa.list_(pa.string())),
+    ("positive", pa.list_(pa.string())), ("negative", pa.list_(pa.string())), ("stats", pa.string()),
+])
+
+
+def _key(*parts) -> list[int]:
+    return [zlib.crc32(str(p).encode()) for p in parts]
+
+
+def weighted_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` rows sampled at ``weight`` (whole copies for the integer part, a sample for the rest)."""
+    whole, frac = divmod(weight, 1.0)
+    parts = [np.arange(n)] * int(whole)
+    extra = int(round(frac * n))
+    if extra:
+        parts.append(rng.choice(n, size=extra, replace=False))
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return rng.permutation(idx)
+
+
+def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epochs: int, seed: int) -> pa.Table:
+    """The batches of one (source, kind) group for all epochs, plus one stats row (``size`` 0, ``order`` -1)."""
+    source = group.column("source")[0].as_py()
+    kind = group.column("kind")[0].as_py()
+    problems = group.column("problem").to_pylist()
+    good = np.array([i for i, p in enumerate(problems) if not p], dtype=np.int64)
+    cols = {c: group.column(c).to_pylist() for c in ("task", "query", "positive", "negative")}
+    out: dict[str, list] = {f.name: [] for f in PLAN_SCHEMA}
+    used = dropped = 0
+    for epoch in range(epochs):
+        rng = np.random.default_rng(_key(seed, source, kind, epoch))
+        idx = good[weighted_indices(len(good), weights.get(source, 1.0), rng)]
+        full = len(idx) // batch_size
+        used += full * batch_size
+        dropped += len(idx) - full * batch_size
+        for b in range(full):
+            rows = idx[b * batch_size:(b + 1) * batch_size].tolist()
+            out["order"].append(epoch + float(rng.random()) * 0.999)
+            out["epoch"].append(epoch)
+            out["source"].append(source)
+            out["kind"].append(kind)
+            out["size"].append(batch_size)
+            for c, values in cols.items():
+                out[c].append([values[i] for i in rows])
+            out["stats"].append("")
+    counts = Counter(p for p in problems if p)
+    stats = {"source": source, "kind": kind, "rows": len(problems), "valid": int(len(good)), "used": used,
+             "dropped_remainder": dropped, "filtered": {k: v for k, v in counts.items() if is_filtered(k)},
+             "skipped": {k: v for k, v in counts.items() if not is_filtered(k)}}
+    for name, value in (("order", -1.0), ("epoch", -1), ("source", source), ("kind", kind), ("size", 0),
+                        ("task", []), ("query", []), ("positive", []), ("negative", []),
+                        ("stats", json.dumps(stats))):
+        out[name].append(value)
+    return pa.table(out, schema=PLAN_SCHEMA)
+
+
+@dataclass
+class Plan:
+    """A materialised batch plan: the dataset the workers read, the number of steps, per-source statistics."""
+
+    dataset: object  # ray.data.Dataset, one row per global batch, in training order
+    steps: int
+    batch_size: int
+    sources: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(sum(s["skipped"].values()) for s in self.sources.values())
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "batch_size": self.batch_size, "skipped_rows": self.skipped,
+                "sources": self.sources}
+
+
+def merge_stats(rows: list[dict]) -> dict[str, dict]:
+    """Per-source totals from the per-group stats rows."""
+    merged: dict[str, dict] = {}
+    for stats in rows:
+        m = merged.setdefault(stats["source"], {"rows": 0, "valid": 0, "used": 0, "dropped_remainder": 0,
+                                                "filtered": Counter(), "skipped": Counter(), "kinds": []})
+        for k in ("rows", "valid", "used", "dropped_remainder"):
+            m[k] += stats[k]
+        m["filtered"].update(stats["filtered"])
+        m["skipped"].update(stats["skipped"])
+        m["kinds"].append(stats["kind"])
+    for m in merged.values():
+        m["filtered"], m["skipped"], m["kinds"] = dict(m["filtered"]), dict(m["skipped"]), sorted(m["kinds"])
+    return merged
+
+
+def plan_source(source, batch_size: int, epochs: int, seed: int) -> tuple[pa.Table, dict]:
+    """Read one source and cut its batches (one group per kind); returns the batch rows and the source's stats."""
+    from ray_e5.data.sources import read_rows
+
+    rows = read_rows(source)
+    kinds = rows.column("kind").to_pylist()
+    tables, group_stats = [], []
+    for kind in sorted(set(kinds)):
+        group = rows.filter(pa.compute.equal(rows.column("kind"), kind))
+        planned = plan_group(group, batch_size, {source.name: source.weight}, epochs, seed)
+        tables.append(planned.filter(pa.compute.greater(planned.column("size"), 0)))
+        group_stats.append(json.loads(planned.column("stats")[-1].as_py()))
+    stats = merge_stats(group_stats).get(source.name) or {
+        "rows": 0, "valid": 0, "used": 0, "dropped_remainder": 0, "filtered": {}, "skipped": {}, "kinds": []}
+    table = pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
+    return table.drop_columns(["stats"]), stats
+
+
+def interleave(*tables: pa.Table, block_rows: int = 256) -> Iterator[pa.Table]:
+    """All sources' batches in ``order`` (epoch by epoch, sources interleaved at random), in blocks."""
+    merged = pa.concat_tables(tables).sort_by("order") if tables else PLAN_SCHEMA.empty_table()
+    for start in range(0, merged.num_rows, block_rows):
+        yield merged.slice(start, block_rows)
+
+
+def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0) -> Plan:
+    """Mix the sources at their weights into task-homogeneous global batches, as a Ray Dataset.
+
+    One Ray task per source reads and plans it, one more interleaves the batches; the result is handed to Ray
+    Data, which streams it to the training workers. (Ray Data's own groupby + sort took 15 s on two cores for the
+    12k rows of SNLI + STS-B, against about one second here, and the plan has only one row per batch.)
+    """
+    import ray
+    import ray.data
+
+    if not sources:
+        raise ValueError("no training data: set train.sources, or run `generate` first so that "
+                         "<run_dir>/synthetic holds Parquet shards")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"training source names must be unique, got {names}; set train.sources[i].name")
+    plan_task = ray.remote(num_returns=2)(plan_source)
+    planned = [plan_task.remote(s, batch_size, epochs, seed) for s in sources]
+    stats = dict(zip(names, ray.get([p[1] for p in planned])))
+    blocks = list(ray.remote(num_returns="streaming")(interleave).remote(*[p[0] for p in planned]))
+    dataset = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(PLAN_SCHEMA.empty_table().drop_columns(["stats"]))
+    steps = sum(s["used"] for s in stats.values()) // batch_size
+    return Plan(dataset, steps, batch_size, stats)

@@ -1,0 +1,91 @@
+"""The training-example row contract, and the check that turns raw records into rows or counted problems.
+
+A row (ARCHITECTURE.md): ``task`` (the instruction), ``kind`` (short-long, long-short, short-short, long-long, sts,
+bitext, labeled), ``language``, ``query``, ``positive``, ``negative`` (may be empty), plus provenance. Raw records
+come as triplets (``query``/``positive``/``negative``) or as pairs (``sentence1``/``sentence2``/``score``, as the
+STS and bitext sets are stored). A record that cannot be a training example is not an error: it is skipped and its
+reason counted, so one bad line never stops a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+KINDS = ("short-long", "long-short", "short-short", "long-long", "sts", "bitext", "labeled")
+CONTRACT = ("task", "kind", "language", "query", "positive", "negative")
+PROVENANCE = ("backend", "model", "prompt_id", "prompt_tokens", "completion_tokens")
+# Columns of a normalised row: the contract, where it came from, and why it was rejected ("" when it was not).
+ROW_COLUMNS = ("source",) + CONTRACT + ("problem",)
+FILTERED_PREFIX = "filtered: "  # reasons that are a deliberate selection (min_score), not bad data
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """What a source supplies to rows that lack it."""
+
+    source: str
+    task: str = ""
+    kind: str = "labeled"
+    language: str = "en"
+    min_score: float | None = None
+
+
+def _text(record: Mapping[str, Any], key: str, required: bool) -> tuple[str, str | None]:
+    value = record.get(key)
+    if value is None:
+        return "", (f"missing {key}" if required else None)
+    if not isinstance(value, str):
+        return "", f"{key} is {type(value).__name__}, expected a string"
+    if required and not value.strip():
+        return "", f"empty {key}"
+    return value, None
+
+
+def _score(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
+    """One raw record as a row with every ROW_COLUMNS key; ``problem`` says why it cannot train ("" if it can)."""
+    row = {"source": defaults.source, "task": defaults.task, "kind": defaults.kind, "language": defaults.language,
+           "query": "", "positive": "", "negative": "", "problem": ""}
+    if not isinstance(record, Mapping):
+        row["problem"] = f"record is {type(record).__name__}, expected an object"
+        return row
+    if "query" not in record and "sentence1" in record:  # a pair: (sentence1, sentence2[, score])
+        keys = ("sentence1", "sentence2", None)
+        if defaults.min_score is not None:
+            score = _score(record.get("score"))
+            if score is None:
+                row["problem"] = f"score is {record.get('score')!r}, expected a number (min_score is set)"
+                return row
+            if score < defaults.min_score:
+                row["problem"] = f"{FILTERED_PREFIX}score below min_score {defaults.min_score:g}"
+                return row
+    else:
+        keys = ("query", "positive", "negative")
+    problems = []
+    for column, key in zip(("query", "positive", "negative"), keys):
+        if key is None:
+            continue
+        row[column], problem = _text(record, key, required=column != "negative")
+        if problem:
+            problems.append(problem)
+    for column in ("task", "kind", "language"):
+        value = record.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue  # the source's default stands
+        if not isinstance(value, str):
+            problems.append(f"{column} is {type(value).__name__}, expected a string")
+        else:
+            row[column] = value
+    row["problem"] = "; ".join(problems)
+    return row
+
+
+def is_filtered(problem: str) -> bool:
+    return problem.startswith(FILTERED_PREFIX)

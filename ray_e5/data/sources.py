@@ -1,0 +1,148 @@
+"""Training sources: where rows come from (labeled JSONL, Parquet shards, the synthetic stage's output), and
+their reading into rows of the contract.
+
+JSONL is read line by line and parsed per line, so a malformed line or a column whose type changes between lines
+becomes one counted problem rather than a failed read (Arrow's JSON reader rejects both). Paths go through
+pyarrow filesystems: local, s3:// and gs:// alike.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ray_e5 import runs
+from ray_e5.data.schema import ROW_COLUMNS, RowDefaults, normalize_record
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+INVALID_JSON = object()
+
+
+class SourceError(ValueError):
+    """A training source that cannot be read at all (missing path, no data files); names the source."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source: its files, their format, the row defaults and the sampling weight."""
+
+    name: str
+    format: str  # "jsonl" or "parquet"
+    files: tuple[str, ...]  # paths inside ``filesystem``
+    filesystem: pafs.FileSystem
+    defaults: RowDefaults
+    weight: float = 1.0
+
+
+def _files(fs: pafs.FileSystem, path: str) -> tuple[str, list[str]]:
+    """The format and data files at ``path``: a file, or a folder (train.jsonl first, then *.jsonl, *.parquet)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        suffix = PurePosixPath(path).suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            return "jsonl", [path]
+        if suffix in PARQUET_SUFFIXES:
+            return "parquet", [path]
+        raise SourceError(f"{path}: unsupported file type {suffix!r}; accepted: .jsonl, .json (JSON lines), .parquet")
+    if info.type != pafs.FileType.Directory:
+        raise SourceError(f"{path}: no such file or folder")
+    if fs.get_file_info(f"{path}/train.jsonl").type == pafs.FileType.File:
+        return "jsonl", [f"{path}/train.jsonl"]
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    names = sorted(i.path for i in listing if i.type == pafs.FileType.File and not PurePosixPath(i.path).name.startswith((".", "_")))
+    for fmt, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        found = [n for n in names if PurePosixPath(n).suffix.lower() in suffixes and PurePosixPath(n).name != "task.json"]
+        if found:
+            return fmt, found
+    raise SourceError(f"{path}: folder holds no train.jsonl, *.jsonl or *.parquet files")
+
+
+def _task_hint(fs: pafs.FileSystem, folder: str) -> str:
+    """The instruction a dataset folder suggests (task.json ``instruction_hint``), or ""."""
+    try:
+        with fs.open_input_stream(f"{folder}/task.json") as src:
+            meta = json.loads(src.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return ""
+    hint = meta.get("instruction_hint") if isinstance(meta, dict) else None
+    return hint if isinstance(hint, str) else ""
+
+
+def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, task: str | None = None,
+                   kind: str = "labeled", language: str = "en", min_score: float | None = None) -> Source:
+    """Resolve a labeled source (file or folder, local or s3://, gs://)."""
+    fs, resolved = runs.resolve(path)
+    fmt, files = _files(fs, resolved)
+    is_dir = fs.get_file_info(resolved).type == pafs.FileType.Directory
+    folder = resolved if is_dir else str(PurePosixPath(resolved).parent)
+    if task is None:
+        task = _task_hint(fs, folder)
+    if name is None:
+        stem = PurePosixPath(resolved).stem
+        name = PurePosixPath(folder).name if is_dir or stem in ("train", "data") else stem
+    return Source(name, fmt, tuple(files), fs, RowDefaults(name, task, kind, language, min_score), weight)
+
+
+def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
+    """The synthetic stage's Parquet shards under ``<run_dir>/synthetic``, or None when there are none."""
+    uri = runs.join(run_dir, "synthetic")
+    fs, path = runs.resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(i.path for i in listing if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        return None
+    return Source("synthetic", "parquet", tuple(files), fs, RowDefaults("synthetic", "", "synthetic", "en"), weight)
+
+
+def source_from_settings(settings) -> Source:
+    """A :class:`Source` from a ``train.sources`` entry (``ray_e5.train.config.SourceSettings``)."""
+    return labeled_source(settings.path, name=settings.name, weight=settings.weight, task=settings.task,
+                          kind=settings.kind, language=settings.language, min_score=settings.min_score)
+
+
+def iter_records(source: Source, batch_rows: int = 8192) -> Iterator[list]:
+    """Raw records of a source in batches; a JSON line that does not parse yields the marker ``INVALID_JSON``."""
+    for path in source.files:
+        if source.format == "jsonl":
+            batch: list = []
+            with source.filesystem.open_input_stream(path) as src:
+                for line in io.TextIOWrapper(src, encoding="utf-8", errors="replace"):
+                    if not line.strip():
+                        continue
+                    try:
+                        batch.append(json.loads(line))
+                    except ValueError:
+                        batch.append(INVALID_JSON)
+                    if len(batch) >= batch_rows:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
+        else:
+            with source.filesystem.open_input_file(path) as src:
+                for record_batch in pq.ParquetFile(src).iter_batches(batch_size=batch_rows):
+                    yield record_batch.to_pylist()
+
+
+def read_rows(source: Source) -> pa.Table:
+    """All rows of a source, normalised (ROW_COLUMNS; ``problem`` non-empty on rows that cannot train)."""
+    rows = []
+    for batch in iter_records(source):
+        for record in batch:
+            if record is INVALID_JSON:
+                row = normalize_record({}, source.defaults)
+                row["problem"] = "not valid JSON"
+            else:
+                row = normalize_record(record, source.defaults)
+            rows.append(row)
+    return pa.table({c: pa.array([r[c] for r in rows], type=pa.string()) for c in ROW_COLUMNS})

@@ -1,0 +1,78 @@
+"""The `train:` section: data sources and their weights, the contrastive loss, the optimiser, scale and limits.
+
+Defaults follow the paper (Wang et al. 2024): temperature 0.02, lr 1e-4 with 100 warmup steps and linear decay,
+weight decay 0.1, one epoch, in-batch + hard + cross-device negatives. The batch size is global: the examples of
+one optimiser step over all workers (the paper's 2048), reached on small memory through gradient caching
+(``chunk_size``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from ray_e5.config import Section
+
+
+class SourceSettings(Section):
+    """One labeled training source: a JSONL file (or a folder holding train.jsonl / Parquet shards).
+
+    Rows are triplets (``query``, ``positive``, optional ``negative``, optional ``task``) or pairs
+    (``sentence1``, ``sentence2``, optional ``score``; with ``min_score`` set, pairs scoring lower are left out).
+    """
+
+    path: str
+    name: str | None = None  # default: the folder (or file stem) name
+    weight: float = Field(1.0, gt=0.0)  # fraction of the source used per epoch (> 1 repeats it)
+    task: str | None = None  # instruction for rows without one; default: the folder's task.json instruction_hint
+    kind: str = "labeled"
+    language: str = "en"
+    min_score: float | None = None
+
+
+class TrainSettings(Section):
+    # ---- data ------------------------------------------------------------------------------------------------
+    synthetic: bool = True  # use <run_dir>/synthetic/*.parquet when present
+    synthetic_weight: float = Field(1.0, gt=0.0)
+    sources: list[SourceSettings] = Field(default_factory=list)
+    epochs: int = Field(1, gt=0)
+    seed: int = 0
+    # ---- loss ------------------------------------------------------------------------------------------------
+    batch_size: int = Field(64, gt=1)  # global: examples per optimiser step over all workers
+    chunk_size: int | None = Field(None, gt=0)  # gradient caching: texts embedded per forward; None = off
+    temperature: float = Field(0.02, gt=0.0)
+    hard_negatives: bool = True
+    cross_device_negatives: bool = True
+    mask_false_negatives: bool = True
+    # ---- optimiser -------------------------------------------------------------------------------------------
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    # ---- scale -----------------------------------------------------------------------------------------------
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, gt=0)  # per worker; default: cpus_per_worker
+    engine: Literal["deepspeed", "torch"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
+    # ---- limits, checkpoints, logging ------------------------------------------------------------------------
+    max_steps: int | None = Field(None, gt=0)  # cap on optimiser steps (the schedule is fitted to it)
+    max_time_s: float | None = Field(None, gt=0.0)  # wall-time cap; stops cleanly, saving what is trained
+    checkpoint_every: int = Field(100, gt=0)  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(3, ge=-1)  # worker failures to recover from (-1: unlimited)
+    resume: bool = True  # continue from the run directory's latest checkpoint when there is one
+    log_every: int = Field(1, gt=0)
+    progress: bool = True
+
+    @field_validator("num_workers")
+    @classmethod
+    def _batch_splits_over_workers(cls, value: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % value:
+            raise ValueError(f"batch_size ({batch}) must be a multiple of num_workers ({value}): "
+                             "each worker takes an equal slice of every global batch")
+        return value

@@ -1,0 +1,80 @@
+"""InfoNCE over cosine similarities, with in-batch, hard and cross-device negatives.
+
+Cross-device negatives: every worker gathers the embeddings of the whole global batch, with its own shard kept as
+the tensor that carries gradients, and computes the loss of the *whole* global batch. The gradient a worker gets
+is then the exact partial derivative of the global loss with respect to its own embeddings, and the sum over
+workers is the full gradient. Training engines average gradients over workers, so the loss is back-propagated
+scaled by the world size (``backward_scale``). Only an all-gather is needed (gloo and NCCL both have it), the
+G x 2G score matrix costs nothing next to the model, and the result equals one worker holding the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_keep_local(x: torch.Tensor) -> torch.Tensor:
+    """All workers' ``x`` concatenated in rank order; only the local slice is connected to the autograd graph."""
+    rank, world = distributed()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+@dataclass
+class LossInputs:
+    """One worker's share of a batch, in embeddings, with masks over the documents the loss scores.
+
+    ``negatives`` has one row per local query (zeros where a query has no hard negative). ``negative_valid`` and
+    ``false_negatives`` cover the documents scored: those of the global batch with cross-device negatives, the
+    local ones without (each worker computes them from the batch texts, which it holds).
+    """
+
+    queries: torch.Tensor  # (B, d)
+    positives: torch.Tensor  # (B, d)
+    negatives: torch.Tensor | None = None  # (B, d), or None without hard negatives
+    negative_valid: torch.Tensor | None = None  # (N,) bool, N = G or B
+    false_negatives: torch.Tensor | None = None  # (N, N or 2N) bool: documents left out for each query
+
+
+def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
+    """Mean InfoNCE over the global batch (``cross_device``) or the local one; query i's positive is document i.
+
+    Documents are the positives, then the hard negatives; masked documents (false negatives, missing hard
+    negatives) drop out of the softmax.
+    """
+    gather = gather_keep_local if cross_device else (lambda t: t)
+    q = gather(inputs.queries)
+    docs = [gather(inputs.positives)]
+    if inputs.negatives is not None:
+        docs.append(gather(inputs.negatives))
+    d = torch.cat(docs, dim=0)
+    n = q.shape[0]
+    scores = (q @ d.T) / temperature
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if inputs.false_negatives is not None:
+        fn = inputs.false_negatives.to(scores.device)
+        mask[:, :fn.shape[1]] |= fn
+    if inputs.negatives is not None and inputs.negative_valid is not None:
+        mask[:, n:] |= ~inputs.negative_valid.to(scores.device).unsqueeze(0)
+    scores = scores.masked_fill(mask, float("-inf"))
+    return F.cross_entropy(scores, torch.arange(n, device=scores.device))
+
+
+def backward_scale(cross_device: bool) -> float:
+    """Factor on the loss before backward so that worker-averaged gradients equal the global-batch gradient."""
+    return float(distributed()[1]) if cross_device else 1.0

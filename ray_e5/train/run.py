@@ -1,0 +1,186 @@
+"""`train(config)`: plan the data, run the Ray Train job, write the embedder and the loss curve.
+
+Outputs under the run directory:
+    train/data.json       the batch plan: steps, and per source rows read, used, filtered, skipped (with reasons)
+    train/run.json        this run's Ray Train name and fingerprint (what a later call resumes, or refuses to)
+    train/metrics.jsonl   per-step loss, lr, examples/s, tokens/s
+    train/loss.png        the loss curve
+    train/<name>/         Ray Train's checkpoints (adapter + optimizer state)
+    embedder/             the trained embedder (ray_e5.json + adapter/), what ``Embedder.load`` reads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from ray_e5 import runs
+from ray_e5.config import ConfigError, LoraSettings, RayE5Config
+from ray_e5.train.config import TrainSettings
+
+log = logging.getLogger("ray_e5.train")
+RUN_FILE = "run.json"
+
+
+def model_settings(config: RayE5Config):
+    """The model section with LoRA on (the paper's r=16 defaults when the config names none)."""
+    model = config.model
+    return model if model.lora is not None else model.model_copy(update={"lora": LoraSettings()})
+
+
+def _sources(config: RayE5Config, settings: TrainSettings) -> list:
+    from ray_e5.data.sources import SourceError, source_from_settings, synthetic_source
+
+    sources = []
+    if settings.synthetic:
+        synthetic = synthetic_source(config.run_dir, settings.synthetic_weight)
+        if synthetic is not None:
+            sources.append(synthetic)
+    for i, source in enumerate(settings.sources):
+        try:
+            sources.append(source_from_settings(source))
+        except SourceError as err:
+            raise ConfigError(f"train.sources.{i}.path: {err}") from None
+    if not sources:
+        raise ConfigError(f"train.sources: no training data; list labeled sources (JSONL files or folders), or run "
+                          f"`ray-e5 generate` first so that {runs.join(config.run_dir, 'synthetic')} holds Parquet "
+                          f"shards")
+    return sources
+
+
+def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, total_steps: int) -> dict:
+    """What must not change for a checkpoint to be resumed: the data plan, the model, the workers' layout."""
+    return {
+        "sources": [{"name": s.name, "files": list(s.files), "weight": s.weight, "task": s.defaults.task,
+                     "min_score": s.defaults.min_score} for s in sources],
+        "batch_size": settings.batch_size, "epochs": settings.epochs, "seed": settings.seed,
+        "total_steps": total_steps, "model": model_settings(config).model_dump(),
+        "num_workers": settings.num_workers, "engine": settings.engine,
+        "zero_stage": settings.zero_stage if settings.engine == "deepspeed" else None,
+    }
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
+    """The Ray Train run name: the previous one to resume it, or a fresh one."""
+    uri = runs.join(train_dir, RUN_FILE)
+    previous = runs.read_json(uri) if runs.exists(uri) else None
+    if settings.resume and previous:
+        if previous["fingerprint"] != _digest(fingerprint):
+            changed = sorted(k for k in fingerprint if previous.get("settings", {}).get(k) != fingerprint[k])
+            raise ConfigError(f"train.resume: {train_dir} holds a run with other settings (changed: "
+                              f"{', '.join(changed) or 'unknown'}); set train.resume=false to start a fresh run "
+                              f"there, or use another run_dir")
+        return previous["name"]
+    name = "ray_train-" + time.strftime("%Y%m%d-%H%M%S")
+    runs.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
+    return name
+
+
+def _storage_path(uri: str) -> str:
+    return runs.resolve(uri)[1] if runs.is_local(uri) else uri
+
+
+def _copy_tree(src_fs, src: str, dst_uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    dst_fs, dst = runs.resolve(dst_uri)
+    if dst_fs.get_file_info(dst).type != pafs.FileType.NotFound:
+        dst_fs.delete_dir(dst)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def _local_embedder(uri: str) -> Path:
+    """A local directory holding the embedder at ``uri`` (a copy, for run directories in object stores)."""
+    if runs.is_local(uri):
+        return Path(runs.resolve(uri)[1])
+    from ray_e5.model.sources import cache_root
+
+    target = cache_root() / "embedders" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fs, path = runs.resolve(uri)
+    import pyarrow.fs as pafs
+
+    target.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
+def train(config: RayE5Config) -> Path:
+    """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``)."""
+    settings = config.section("train", TrainSettings)
+    started = time.time()
+    deadline = started + settings.max_time_s if settings.max_time_s else None
+
+    from ray_e5.cluster import connect
+
+    connect(config.ray_address)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray_e5.data.batching import build_plan
+    from ray_e5.train.loop import EMBEDDER_DIR, STATE_FILE, train_loop_per_worker
+    from ray_e5.train.metrics import plot_loss_curve
+
+    sources = _sources(config, settings)
+    try:
+        plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed)
+    except ValueError as err:
+        raise ConfigError(f"train.sources: {err}") from None
+    train_dir = runs.join(config.run_dir, "train")
+    runs.makedirs(train_dir)
+    runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
+    for name, s in plan.sources.items():
+        skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+        print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
+              f"skipped {sum(s['skipped'].values())} ({skipped}), filtered {sum(s['filtered'].values())}")
+    if plan.steps == 0:
+        valid = sum(s["valid"] for s in plan.sources.values())
+        raise ConfigError(f"train.batch_size: no full batch of {settings.batch_size} can be made from the data "
+                          f"({valid} valid rows, batches hold one source and kind); lower train.batch_size")
+    total_steps = min(plan.steps, settings.max_steps or plan.steps)
+    fingerprint = _fingerprint(config, settings, sources, total_steps)
+    name = _run_name(train_dir, settings, fingerprint)
+    print(f"[ray-e5 train] {total_steps} steps of {settings.batch_size} examples on {settings.num_workers} "
+          f"worker(s), engine {settings.engine}"
+          + (f" ZeRO-{settings.zero_stage}" if settings.engine == "deepspeed" else "")
+          + (f", gradient caching in chunks of {settings.chunk_size}" if settings.chunk_size else ""))
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True  # row i of the plan is step i
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": settings.model_dump(), "model": model_settings(config).model_dump(),
+                           "total_steps": total_steps, "deadline": deadline, "fingerprint": _digest(fingerprint),
+                           "train_dir": train_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                               resources_per_worker={"CPU": settings.cpus_per_worker,
+                                                                     **({"GPU": 1} if settings.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=_storage_path(train_dir),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+        datasets={"train": plan.dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
+    embedder_uri = runs.join(config.run_dir, "embedder")
+    _copy_tree(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri)
+    curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
+    with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
+        state = json.loads(src.read().decode())
+    summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
+               "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
+               "run_name": name, "checkpoint": result.checkpoint.path}
+    runs.write_json(runs.join(train_dir, "summary.json"), summary)
+    print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
+          + (f"; loss curve {curve}" if curve else ""))
+    return _local_embedder(embedder_uri)

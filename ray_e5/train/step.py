@@ -1,0 +1,129 @@
+"""One optimisation step on a worker's slice of a global batch: plain, or with gradient caching.
+
+Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"):
+embed every text in chunks without a graph, compute the loss and its gradient with respect to the embeddings
+(gathered over workers), then re-embed chunk by chunk with a graph and back-propagate each chunk's embedding
+gradient. Memory holds one chunk's activations, whatever the batch size; the random state (LoRA dropout) of each
+chunk is replayed so the second forward equals the first.
+
+Every worker makes the same sequence of forward and backward calls (ZeRO-3 gathers parameters collectively in each):
+all workers embed B queries, B positives and, when any row of the global batch has a hard negative, B negatives,
+with an empty text standing in for a missing one and masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ray_e5.data.format import format_queries
+from ray_e5.data.masking import false_negative_mask
+from ray_e5.train.loss import LossInputs, backward_scale, info_nce
+
+
+@dataclass
+class StepTexts:
+    """A worker's texts for one step, and the masks over the documents the loss scores."""
+
+    queries: list[str]  # instruction-formatted
+    positives: list[str]
+    negatives: list[str]  # one per local row ("" where a row has none: embedded, then masked out of the loss)
+    negative_valid: torch.Tensor | None
+    false_negatives: torch.Tensor | None
+
+
+def prepare(row: dict, rank: int, world: int, template: str, hard_negatives: bool = True,
+            cross_device: bool = True, mask_false_negatives: bool = True) -> StepTexts:
+    """Slice a global batch row (lists of query/positive/negative/task) for ``rank`` of ``world`` workers."""
+    size = len(row["query"])
+    if size % world:
+        raise ValueError(f"a global batch of {size} cannot be split over {world} workers")
+    local = slice(rank * (size // world), (rank + 1) * (size // world))
+    scope = slice(None) if cross_device else local  # the documents the loss scores
+    negatives_all = list(row["negative"]) if hard_negatives else []
+    use_negatives = any(negatives_all)
+    negatives_local = negatives_all[local] if use_negatives else []
+    positives_scope = list(row["positive"][scope])
+    docs = positives_scope + (negatives_all[scope] if use_negatives else [])
+    return StepTexts(
+        queries=format_queries(row["query"][local], row["task"][local], template),
+        positives=list(row["positive"][local]),
+        negatives=negatives_local,
+        negative_valid=torch.tensor([bool(n) for n in negatives_all[scope]]) if use_negatives else None,
+        false_negatives=false_negative_mask(positives_scope, docs) if mask_false_negatives else None,
+    )
+
+
+class RandomState:
+    """The torch random state (CPU and the current accelerator) at one point, to replay a forward exactly."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _chunks(texts: Sequence[str], size: int | None) -> list[list[str]]:
+    if not texts:
+        return []
+    size = size or len(texts)
+    return [list(texts[i:i + size]) for i in range(0, len(texts), size)]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int  # non-padding tokens embedded by this worker (once, even with caching)
+
+
+def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_device: bool = True,
+               chunk_size: int | None = None) -> StepResult:
+    """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``)."""
+    groups = [texts.queries, texts.positives] + ([texts.negatives] if texts.negatives else [])
+    batches = [[embedder.tokenize(c) for c in _chunks(g, chunk_size)] for g in groups]
+    tokens = int(sum(int(b["attention_mask"].sum()) for group in batches for b in group))
+    scale = backward_scale(cross_device)
+    device = engine.device
+
+    if chunk_size is None:
+        embs = [torch.cat([engine.embed(b) for b in group]) for group in batches]
+        n = embs[2] if len(embs) > 2 else None
+        loss = info_nce(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
+                        temperature, cross_device)
+        engine.backward(loss * scale, boundary=True)
+        return StepResult(float(loss.detach()), tokens)
+
+    # Pass 1: embeddings without a graph, remembering each chunk's random state.
+    states, reps = [], []
+    with torch.no_grad():
+        for group in batches:
+            group_states, group_reps = [], []
+            for b in group:
+                group_states.append(RandomState(device))
+                group_reps.append(engine.embed(b))
+            states.append(group_states)
+            reps.append(torch.cat(group_reps))
+    leaves = [r.detach().requires_grad_() for r in reps]
+    n = leaves[2] if len(leaves) > 2 else None
+    loss = info_nce(LossInputs(leaves[0], leaves[1], n, texts.negative_valid, texts.false_negatives),
+                    temperature, cross_device)
+    (loss * scale).backward()  # gradients of the loss with respect to the embeddings only
+    # Pass 2: re-embed chunk by chunk with a graph, back-propagating each chunk's share of the gradient.
+    last = (len(batches) - 1, len(batches[-1]) - 1)
+    for gi, group in enumerate(batches):
+        offset = 0
+        for ci, b in enumerate(group):
+            rows = b["input_ids"].shape[0]
+            states[gi][ci].restore()
+            emb = engine.embed(b)
+            grad = leaves[gi].grad[offset:offset + rows]
+            engine.backward(torch.sum(emb * grad), boundary=(gi, ci) == last)
+            offset += rows
+    return StepResult(float(loss.detach()), tokens)
