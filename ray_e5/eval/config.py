@@ -1,0 +1,93 @@
+"""The `evaluate:` section: which models, which tasks, how the work is spread over Ray, where results go.
+
+```yaml
+evaluate:
+  models:
+    - {label: trained, ref: "{run_dir}/embedder"}          # the trained embedder of this run
+    - {label: gemma3-270m, ref: gemma3-270m}                 # the base model
+    - {label: minilm-l6, ref: minilm-l6, max_length: 256}   # the baseline to beat
+  tasks:
+    - ../shared/data/stsbenchmark                            # a local folder (task.json + data files)
+    - {path: ../shared/data/scifact, max_samples: 100}        # a local folder, subsampled
+    - STS12                                                  # an MTEB task by name (needs a reachable hub)
+  num_workers: 2
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ray_e5.config import Section
+
+LOCAL_TYPES = ("sts", "retrieval", "classification", "pair_classification", "reranking", "bitext_mining")
+
+
+class ModelEntry(Section):
+    """One model to score. ``ref`` is any Embedder reference (``{run_dir}`` is replaced by the run directory);
+    with ``endpoint`` set, vectors come from a running Serve deployment over HTTP instead (``ref`` is then the
+    served model name)."""
+
+    ref: str
+    label: str | None = None  # default: derived from ref
+    instructions: Literal["auto"] | bool = "auto"  # auto: on for last-token (E5-style) models, off otherwise
+    instruction_template: str | None = None  # endpoint mode: how queries are wrapped (default: the E5 template)
+    endpoint: str | None = None  # base URL of an OpenAI-compatible server (http://host:8000), /v1 optional
+    # Embedder overrides (ModelSettings fields), e.g. max_length: 256 for MiniLM as sentence-transformers uses
+    pooling: Literal["last", "mean", "cls"] | None = None
+    max_length: int | None = Field(None, gt=1)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    normalize: bool | None = None
+
+
+class TaskEntry(Section):
+    """One task: a local folder (``path``) or an MTEB task name (``name``). Strings in ``tasks`` are read as a
+    folder when they contain a ``/`` or name an existing directory, else as an MTEB task name."""
+
+    path: str | None = None
+    name: str | None = None  # MTEB name; for a local folder, the name it is reported under (default: folder name)
+    split: str | None = None  # default: "test" for a local folder, the task's own eval splits for an MTEB task
+    subsets: list[str] | None = None  # local multi-subset folders (languages): only these
+    max_samples: int | None = Field(None, gt=0)  # seeded subsample: rows, or queries for retrieval/reranking
+    max_corpus: int | None = Field(None, gt=0)  # retrieval: documents kept (every relevant one is always kept)
+    instruction: str | None = None  # override the instruction table for this task
+    main_score: str | None = None  # override mteb's main score for a local task
+
+    @model_validator(mode="after")
+    def _path_or_name(self) -> "TaskEntry":
+        if not self.path and not self.name:
+            raise ValueError("a task needs `path` (a local folder) or `name` (an MTEB task name)")
+        return self
+
+
+class EvaluateSettings(Section):
+    models: list[ModelEntry] = Field(default_factory=list)  # empty: <run_dir>/embedder if present, else model.name
+    tasks: list[TaskEntry | str] = Field(default_factory=list)
+    output: str | None = None  # default: <run_dir>/eval
+    # ---- scale ---------------------------------------------------------------------------------------------
+    num_workers: int = Field(1, gt=0)  # Ray actors per model, each holding one copy of the model
+    cpus_per_worker: float | None = Field(None, gt=0)  # default: the cluster's CPUs / num_workers
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU between workers (e.g. 0.5)
+    torch_threads: int | None = Field(None, gt=0)  # per worker; default: cpus_per_worker
+    max_restarts: int = Field(1, ge=0)  # a worker that dies is restarted this often; its task is retried once
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    batch_size: int = Field(32, gt=0)
+    seed: int = 42
+    overwrite: bool = False  # ignore cached per-task results and run everything again
+    instructions: dict[str, str] = Field(default_factory=dict)  # task name -> instruction override
+    report: bool = True  # write report.json, report.md and scores.png
+
+    def task_entries(self) -> list[TaskEntry]:
+        from pathlib import Path
+
+        out = []
+        for item in self.tasks:
+            if isinstance(item, TaskEntry):
+                out.append(item)
+            elif "/" in item or Path(item).is_dir():
+                out.append(TaskEntry(path=item))
+            else:
+                out.append(TaskEntry(name=item))
+        return out

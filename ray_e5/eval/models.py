@@ -1,0 +1,88 @@
+"""Resolving the configured models and building them (in the process that encodes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_e5.config import ConfigError, RayE5Config
+from ray_e5.eval.config import EvaluateSettings, ModelEntry
+
+_OVERRIDES = ("pooling", "max_length", "dtype", "normalize")
+
+
+@dataclass
+class ModelSpec:
+    label: str
+    ref: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    instructions: bool | None = None  # None: auto
+    endpoint: str | None = None
+    instruction_template: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the model does: its reference, overrides, and for a local directory its files."""
+        key = {"ref": self.ref, "overrides": self.overrides, "instructions": self.instructions,
+               "endpoint": self.endpoint, "template": self.instruction_template, "files": _dir_stats(self.ref)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def build(self):
+        """The encoding model: an Embedder, or an EndpointEmbedder in Serve mode."""
+        if self.endpoint:
+            from ray_e5.eval.endpoint import EndpointEmbedder
+
+            return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template)
+        from ray_e5.model import Embedder
+
+        return Embedder.load(self.ref, **self.overrides)
+
+
+def _dir_stats(ref: str) -> list[tuple[str, int, int]] | None:
+    path = Path(ref)
+    if not path.is_dir():
+        return None
+    return [(str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
+            for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def default_label(ref: str) -> str:
+    path = Path(ref)
+    if path.name in ("embedder", "") and path.parent.name:
+        return f"{path.parent.name}-{path.name}" if path.name else path.parent.name
+    return path.name or ref
+
+
+def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[ModelSpec]:
+    entries = list(settings.models)
+    if not entries:
+        from ray_e5 import runs
+        from ray_e5.model import is_embedder_dir
+
+        embedder = runs.join(config.run_dir, "embedder")
+        if runs.is_local(embedder) and is_embedder_dir(embedder):
+            entries = [ModelEntry(ref=embedder, label="trained")]
+        else:
+            m = config.model
+            entries = [ModelEntry(ref=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
+                                  dtype=m.dtype, normalize=m.normalize)]
+    specs = []
+    for i, entry in enumerate(entries):
+        ref = entry.ref.replace("{run_dir}", config.run_dir.rstrip("/"))
+        overrides = {k: getattr(entry, k) for k in _OVERRIDES if getattr(entry, k) is not None}
+        specs.append(ModelSpec(label=entry.label or default_label(ref), ref=ref, overrides=overrides,
+                               instructions=None if entry.instructions == "auto" else entry.instructions,
+                               endpoint=entry.endpoint, instruction_template=entry.instruction_template))
+    labels = [s.label for s in specs]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ConfigError(f"evaluate.models: two models are labelled {label!r}; give each a distinct `label`")
+    return specs

@@ -1,0 +1,208 @@
+"""The evaluate stage: every configured model on every configured task, fanned out over Ray, cached per task,
+then a report.
+
+Entry points:
+- :func:`evaluate` (``ray-e5 evaluate``, ``jobs/evaluate.py``, the quickstart): the whole stage from a config.
+- :func:`score_local_task`: one model on one local folder, in this process, returning the main score (used by
+  training and the quickstart for STS-B test Spearman, SciFact nDCG@10).
+
+Layout under ``<run_dir>/eval/``: ``results/<model>/<task>.json`` (one record per finished task, with mteb's
+full TaskResult; a rerun skips those whose model and task fingerprints still match), ``report.json``,
+``report.md``, ``scores.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_e5 import runs
+from ray_e5.config import RayE5Config
+from ray_e5.eval.config import EvaluateSettings
+from ray_e5.eval.models import ModelSpec, resolve_models, slug
+from ray_e5.eval.tasks import TaskSpec, resolve_tasks
+
+log = logging.getLogger(__name__)
+
+
+# ---- one model, one local task, this process ---------------------------------------------------------------
+def score_local_task(model, folder: str | Path, *, split: str = "test", instructions: bool | None = None,
+                     max_samples: int | None = None, max_corpus: int | None = None, batch_size: int = 32,
+                     main_score: str | None = None, seed: int = 42, return_record: bool = False):
+    """The main score (0-1) of ``model`` on a local task folder, computed by mteb in this process.
+
+    ``model`` is an Embedder (or anything with ``encode(texts, instruction, batch_size)``, ``name`` and
+    ``dimension``) or a reference for ``Embedder.load``. ``instructions=None`` applies the paper's instructions
+    to last-token (E5-style) models and not to encoders such as MiniLM. Raises on failure.
+    """
+    from ray_e5.eval.encoder import E5Encoder
+    from ray_e5.eval.local_tasks import load_local_task
+    from ray_e5.eval.runner import run_task
+
+    if isinstance(model, (str, Path)):
+        from ray_e5.model import Embedder
+
+        model = Embedder.load(str(model))
+    task = load_local_task(folder, split=split, max_samples=max_samples, max_corpus=max_corpus, seed=seed,
+                           main_score=main_score)
+    record = run_task(E5Encoder(model, getattr(model, "name", None), instructions), task, batch_size)
+    if record["status"] != "ok":
+        raise RuntimeError(f"evaluating {record['model']} on {record['task']} failed: {record['error']}")
+    return record if return_record else record["score"]
+
+
+# ---- the cache -----------------------------------------------------------------------------------------------
+def record_path(out_dir: str, model: ModelSpec, task: TaskSpec) -> str:
+    return runs.join(out_dir, "results", slug(model.label), slug(task.name) + ".json")
+
+
+def cached_record(out_dir: str, model: ModelSpec, task: TaskSpec, instructions: dict[str, str]) -> dict | None:
+    path = record_path(out_dir, model, task)
+    if not runs.exists(path):
+        return None
+    try:
+        record = runs.read_json(path)
+    except (ValueError, OSError):
+        return None
+    if (record.get("status") == "ok" and record.get("model_fingerprint") == model.fingerprint
+            and record.get("task_fingerprint") == task.fingerprint
+            and record.get("instruction_override") == instructions.get(task.name)):
+        return record
+    return None
+
+
+# ---- fan-out -------------------------------------------------------------------------------------------------
+def _worker_resources(settings: EvaluateSettings, ray) -> tuple[float, int]:
+    cpus = settings.cpus_per_worker
+    if cpus is None:
+        total = ray.cluster_resources().get("CPU", 1.0)
+        cpus = max(1.0, float(int(total // settings.num_workers)))
+    threads = settings.torch_threads or max(1, int(cpus))
+    return cpus, threads
+
+
+def _run_model(ray, spec: ModelSpec, tasks: list[TaskSpec], settings: EvaluateSettings,
+               instructions: dict[str, str], on_record) -> None:
+    """Run ``tasks`` for one model on up to ``num_workers`` actors; ``on_record`` gets each record as it lands."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from ray_e5.eval.runner import EvalWorker
+
+    cpus, threads = _worker_resources(settings, ray)
+    use_gpu = settings.gpus_per_worker > 0
+    worker_cls = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=settings.gpus_per_worker,
+                                                max_restarts=settings.max_restarts, max_task_retries=1)
+
+    def start():
+        return worker_cls.remote(spec, instructions, threads, use_gpu)
+
+    n = min(settings.num_workers, len(tasks))
+    idle = [start() for _ in range(n)]
+    try:
+        ray.get([w.ready.remote() for w in idle])
+    except (RayActorError, RayTaskError) as err:
+        for w in idle:
+            ray.kill(w)
+        message = f"model {spec.label!r} ({spec.ref}) could not be loaded: {_cause(err)}"
+        for task in tasks:
+            on_record(task, {"task": task.name, "type": task.type, "status": "error", "error": message})
+        return
+    queue = list(tasks)
+    running: dict[Any, tuple[Any, TaskSpec]] = {}
+    task_refs = {}
+    try:
+        while queue or running:
+            while queue and idle:
+                worker, task = idle.pop(), queue.pop(0)
+                if task.name not in task_refs:
+                    task_refs[task.name] = ray.put(task)
+                running[worker.run.remote(task_refs[task.name], settings.batch_size)] = (worker, task)
+            done, _ = ray.wait(list(running), num_returns=1)
+            worker, task = running.pop(done[0])
+            try:
+                record = ray.get(done[0])
+                idle.append(worker)
+            except (RayActorError, RayTaskError) as err:
+                record = {"task": task.name, "type": task.type, "status": "error",
+                          "error": f"the worker died: {_cause(err)}"}
+                ray.kill(worker)
+                idle.append(start())
+            on_record(task, record)
+    finally:
+        for w in idle + [w for w, _ in running.values()]:
+            ray.kill(w)
+
+
+def _cause(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return next((line for line in reversed(text) if line.strip()), type(err).__name__)[:500]
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+def evaluate(config: RayE5Config) -> dict[str, Any]:
+    """Evaluate the configured models on the configured tasks; write results and the report under
+    ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
+    settings = config.section("evaluate", EvaluateSettings)
+    out_dir = settings.output or runs.join(config.run_dir, "eval")
+    tasks = resolve_tasks(settings.task_entries(), settings.seed)
+    models = resolve_models(config, settings)
+    overrides = dict(settings.instructions)
+    overrides.update({t.name: t.entry.instruction for t in tasks if t.entry.instruction})
+
+    records: dict[str, dict[str, dict]] = {m.label: {} for m in models}
+    ran, cached = [], []
+    pending: dict[str, list[TaskSpec]] = {}
+    for model in models:
+        for task in tasks:
+            hit = None if settings.overwrite else cached_record(out_dir, model, task, overrides)
+            if hit is not None:
+                records[model.label][task.name] = hit
+                cached.append(f"{model.label}/{task.name}")
+            else:
+                pending.setdefault(model.label, []).append(task)
+
+    started = time.perf_counter()
+    if pending:
+        from ray_e5.cluster import connect
+
+        ray = connect(config.ray_address)
+        for model in models:
+            if model.label not in pending:
+                continue
+
+            def on_record(task: TaskSpec, record: dict, model: ModelSpec = model) -> None:
+                record.update(model_label=model.label, model_ref=model.ref, model_fingerprint=model.fingerprint,
+                              task_fingerprint=task.fingerprint, instruction_override=overrides.get(task.name))
+                records[model.label][task.name] = record
+                ran.append(f"{model.label}/{task.name}")
+                if record.get("status") == "ok":
+                    runs.write_json(record_path(out_dir, model, task), record)
+                    log.info("%s / %s: %s = %.4f (%.1fs)", model.label, task.name, task.type,
+                             record["score"], record.get("seconds", 0))
+                else:
+                    log.warning("%s / %s failed: %s", model.label, task.name, record.get("error"))
+
+            _run_model(ray, model, pending[model.label], settings, overrides, on_record)
+
+    from ray_e5.eval.report import build_report, write_report
+
+    report = build_report(
+        [{"label": m.label, "ref": m.ref, "endpoint": m.endpoint} for m in models],
+        [{"name": t.name, "type": t.type, "main_score": _main_score(t, records), "local": t.local,
+          "path": t.entry.path} for t in tasks],
+        records)
+    report.update(ran=ran, cached=cached, wall_seconds=round(time.perf_counter() - started, 3), output=out_dir)
+    if settings.report:
+        report["paths"] = write_report(out_dir, report)
+    return report
+
+
+def _main_score(task: TaskSpec, records: dict[str, dict[str, dict]]) -> str:
+    if task.task is not None:
+        return task.task.metadata.main_score
+    for by_task in records.values():
+        if by_task.get(task.name, {}).get("main_score"):
+            return by_task[task.name]["main_score"]
+    return "main_score"

@@ -1,0 +1,76 @@
+"""Resolving the configured tasks: local folders become loaded mteb tasks on the driver (so bad folders fail
+before any model is loaded, and workers on other machines need no copy of the data); MTEB names are checked
+against mteb's registry here and loaded by the worker that runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_e5.config import ConfigError
+from ray_e5.eval.config import TaskEntry
+from ray_e5.eval.local_tasks import load_local_task
+
+
+@dataclass
+class TaskSpec:
+    """One configured task: its reported name, its type, and how to build it."""
+
+    name: str
+    type: str  # mteb task type (STS, Retrieval, ...)
+    entry: TaskEntry
+    local: bool
+    fingerprint: str
+    task: Any = field(default=None, repr=False)  # the loaded local task (None for hub tasks)
+
+    def build(self):
+        """The mteb task object (hub tasks are created here, in the process that will run them)."""
+        if self.task is not None:
+            return self.task
+        return hub_task(self.entry)
+
+
+def hub_task(entry: TaskEntry):
+    import mteb
+
+    try:
+        return mteb.get_task(entry.name, eval_splits=[entry.split] if entry.split else None)
+    except KeyError as err:
+        raise ConfigError(f"task {entry.name!r}: not an MTEB task name ({err}); give a local folder as `path`, "
+                          "or a name from mteb.get_tasks()") from None
+
+
+def resolve_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
+    if entry.path:
+        task = load_local_task(entry.path, name=entry.name, split=entry.split or "test", subsets=entry.subsets,
+                               max_samples=entry.max_samples, max_corpus=entry.max_corpus, seed=seed,
+                               main_score=entry.main_score)
+        md = task.metadata
+        key = {"path": str(Path(entry.path).resolve()), "data": md.dataset["revision"], "split": md.eval_splits,
+               "subsets": entry.subsets, "max_samples": entry.max_samples, "max_corpus": entry.max_corpus,
+               "seed": seed, "main_score": md.main_score}
+        return TaskSpec(md.name, md.type, entry, True, _digest(key), task)
+    task = hub_task(entry)
+    md = task.metadata
+    key = {"name": md.name, "revision": md.dataset.get("revision"), "splits": list(task.eval_splits)}
+    return TaskSpec(md.name, md.type, entry, False, _digest(key))
+
+
+def resolve_tasks(entries: list[TaskEntry], seed: int = 42) -> list[TaskSpec]:
+    specs = [resolve_task(e, seed) for e in entries]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(f"two tasks are named {spec.name!r}; give one of them a distinct `name`")
+        seen[spec.name] = spec.type
+    if not specs:
+        raise ConfigError("evaluate.tasks is empty: list local folders (e.g. ../shared/data/stsbenchmark) "
+                          "or MTEB task names")
+    return specs
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
