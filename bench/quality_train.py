@@ -4,10 +4,10 @@ Trains on ../shared/data/snli_triplets plus STS-B train pairs scoring >= 4 (conf
 sources), then scores base and trained model, each with and without the instruction:
   - STS-B test: Spearman correlation of cosine similarity with the gold score (1379 pairs);
   - SciFact (BEIR test, 300 claims): nDCG@10, on a corpus subsample (every relevant abstract plus seeded random
-    others, ``--corpus`` documents in all) to keep CPU time reasonable. Scores on a subsample are higher than on
+    others, ``--corpus`` documents in all, truncated to ``--eval-max-length`` tokens) to keep CPU time reasonable. Scores on a subsample are higher than on
     the full corpus; both models see the same subsample.
 
-    python bench/quality_train.py --run-dir runs/quality [--max-time-s 840] [--skip-train] [--corpus 2000]
+    python bench/quality_train.py --run-dir runs/quality [--max-time-s 840] [--max-steps N] [--skip-train] [--corpus 1000]
 
 Scores use ``ray_e5.eval.score_local_task`` when the eval stage provides it, else scipy (Spearman) and
 pytrec_eval (nDCG@10, the scorer mteb uses).
@@ -95,13 +95,14 @@ def evaluate(embedder, label: str, scifact) -> dict:
     return out
 
 
-def train_config(run_dir: str, max_time_s: float, max_length: int, batch_size: int, lr: float, epochs: int):
+def train_config(run_dir: str, max_time_s: float, max_length: int, batch_size: int, lr: float, epochs: int,
+                 max_steps: int | None):
     from ray_e5.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     overrides = [f"run_dir={run_dir}", f"model.max_length={max_length}", f"train.batch_size={batch_size}",
                  f"train.lr={lr}", f"train.epochs={epochs}", f"train.max_time_s={max_time_s}",
-                 "train.synthetic=false", "train.resume=false"]
+                 "train.synthetic=false", "train.resume=false"] + ([f"train.max_steps={max_steps}"] if max_steps else [])
     return load_config(root / "configs" / "quickstart.yaml", overrides)
 
 
@@ -111,12 +112,13 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="evaluate <run-dir>/embedder as it is")
     parser.add_argument("--skip-base", action="store_true")
     parser.add_argument("--max-time-s", type=float, default=840.0, help="training wall-time cap")
+    parser.add_argument("--max-steps", type=int, default=None, help="training step cap (the lr schedule fits it)")
     parser.add_argument("--max-length", type=int, default=64, help="training max length (tokens)")
-    parser.add_argument("--eval-max-length", type=int, default=256, help="max length when scoring (SciFact docs)")
+    parser.add_argument("--eval-max-length", type=int, default=128, help="max length when scoring (SciFact docs)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--corpus", type=int, default=2000, help="SciFact corpus subsample size")
+    parser.add_argument("--corpus", type=int, default=1000, help="SciFact corpus subsample size")
     args = parser.parse_args()
 
     import torch
@@ -129,7 +131,8 @@ def main() -> None:
         from ray_e5.train.run import train
 
         began = time.time()
-        config = train_config(args.run_dir, args.max_time_s, args.max_length, args.batch_size, args.lr, args.epochs)
+        config = train_config(args.run_dir, args.max_time_s, args.max_length, args.batch_size, args.lr, args.epochs,
+                              args.max_steps)
         train(config)
         results["train_seconds"] = round(time.time() - began, 1)
         results["train"] = json.loads((Path(args.run_dir) / "train" / "summary.json").read_text())

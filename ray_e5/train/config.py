@@ -3,7 +3,7 @@
 Defaults follow the paper (Wang et al. 2024): temperature 0.02, lr 1e-4 with 100 warmup steps and linear decay,
 weight decay 0.1, one epoch, in-batch + hard + cross-device negatives. The batch size is global: the examples of
 one optimiser step over all workers (the paper's 2048), reached on small memory through gradient caching
-(``chunk_size``).
+(``gradient_cache`` with ``chunk_size``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class TrainSettings(Section):
     seed: int = 0
     # ---- loss ------------------------------------------------------------------------------------------------
     batch_size: int = Field(64, gt=1)  # global: examples per optimiser step over all workers
-    chunk_size: int | None = Field(None, gt=0)  # gradient caching: texts embedded per forward; None = off
+    chunk_size: int | None = Field(None, gt=0)  # texts per forward pass, grouped by length (None: all at once)
+    gradient_cache: bool = False  # embed chunks without a graph first: memory of one chunk, any batch size
     temperature: float = Field(0.02, gt=0.0)
     hard_negatives: bool = True
     cross_device_negatives: bool = True

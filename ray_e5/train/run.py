@@ -118,6 +118,8 @@ def train(config: RayE5Config) -> Path:
     started = time.time()
     deadline = started + settings.max_time_s if settings.max_time_s else None
 
+    sources = _sources(config, settings)  # bad paths fail here, before a cluster starts
+
     from ray_e5.cluster import connect
 
     connect(config.ray_address)
@@ -128,12 +130,12 @@ def train(config: RayE5Config) -> Path:
     from ray_e5.train.loop import EMBEDDER_DIR, STATE_FILE, train_loop_per_worker
     from ray_e5.train.metrics import plot_loss_curve
 
-    sources = _sources(config, settings)
     try:
         plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
-    train_dir = runs.join(config.run_dir, "train")
+    run_dir = config.run_dir if not runs.is_local(config.run_dir) else runs.resolve(config.run_dir)[1]
+    train_dir = runs.join(run_dir, "train")  # absolute: the workers run in another working directory
     runs.makedirs(train_dir)
     runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
     for name, s in plan.sources.items():
@@ -150,7 +152,7 @@ def train(config: RayE5Config) -> Path:
     print(f"[ray-e5 train] {total_steps} steps of {settings.batch_size} examples on {settings.num_workers} "
           f"worker(s), engine {settings.engine}"
           + (f" ZeRO-{settings.zero_stage}" if settings.engine == "deepspeed" else "")
-          + (f", gradient caching in chunks of {settings.chunk_size}" if settings.chunk_size else ""))
+          + (f", gradient caching in chunks of {settings.chunk_size}" if settings.gradient_cache else ""))
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # row i of the plan is step i
@@ -172,7 +174,7 @@ def train(config: RayE5Config) -> Path:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
-    embedder_uri = runs.join(config.run_dir, "embedder")
+    embedder_uri = runs.join(run_dir, "embedder")
     _copy_tree(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri)
     curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:

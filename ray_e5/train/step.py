@@ -20,6 +20,7 @@ import torch
 
 from ray_e5.data.format import format_queries
 from ray_e5.data.masking import false_negative_mask
+from ray_e5.model.tokenize import pad
 from ray_e5.train.loss import LossInputs, backward_scale, info_nce
 
 
@@ -70,11 +71,27 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _chunks(texts: Sequence[str], size: int | None) -> list[list[str]]:
+def length_chunks(embedder, texts: Sequence[str], size: int | None) -> list[tuple[list[int], dict]]:
+    """Texts tokenised and grouped by length into padded chunks of at most ``size``: (row indices, tensors).
+
+    Grouping by length cuts padding (on CPU, Gemma 270M fwd+bwd of 64 SNLI premises: 9.1 s in one batch, 4.9 s in
+    length-sorted chunks of 16). Every worker gets the same number of chunks for the same number of texts.
+    """
     if not texts:
         return []
-    size = size or len(texts)
-    return [list(texts[i:i + size]) for i in range(0, len(texts), size)]
+    ids = embedder.token_ids(list(texts))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    size = size or len(order)
+    pad_id = embedder.tokenizer.pad_token_id
+    return [(order[i:i + size], pad([ids[j] for j in order[i:i + size]], pad_id, "right"))
+            for i in range(0, len(order), size)]
+
+
+def _unsort(parts: list[torch.Tensor], chunks) -> torch.Tensor:
+    """Chunk outputs (in length order) back in row order; differentiable."""
+    stacked = torch.cat(parts)
+    index = torch.tensor([i for rows, _ in chunks for i in rows], dtype=torch.long, device=stacked.device)
+    return torch.empty_like(stacked).index_copy(0, index, stacked)
 
 
 @dataclass
@@ -84,46 +101,48 @@ class StepResult:
 
 
 def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_device: bool = True,
-               chunk_size: int | None = None) -> StepResult:
-    """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``)."""
+               chunk_size: int | None = None, gradient_cache: bool = False) -> StepResult:
+    """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``).
+
+    Texts are embedded in length-grouped chunks of ``chunk_size``; with ``gradient_cache`` the chunks are first
+    embedded without a graph, so memory holds one chunk's activations whatever the batch size.
+    """
     groups = [texts.queries, texts.positives] + ([texts.negatives] if texts.negatives else [])
-    batches = [[embedder.tokenize(c) for c in _chunks(g, chunk_size)] for g in groups]
-    tokens = int(sum(int(b["attention_mask"].sum()) for group in batches for b in group))
+    chunked = [length_chunks(embedder, g, chunk_size) for g in groups]
+    tokens = int(sum(int(b["attention_mask"].sum()) for group in chunked for _, b in group))
     scale = backward_scale(cross_device)
     device = engine.device
 
-    if chunk_size is None:
-        embs = [torch.cat([engine.embed(b) for b in group]) for group in batches]
+    def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
-        loss = info_nce(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
+        return info_nce(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
                         temperature, cross_device)
+
+    if not gradient_cache:
+        embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
+        loss = loss_of(embs)
         engine.backward(loss * scale, boundary=True)
         return StepResult(float(loss.detach()), tokens)
 
     # Pass 1: embeddings without a graph, remembering each chunk's random state.
     states, reps = [], []
     with torch.no_grad():
-        for group in batches:
-            group_states, group_reps = [], []
-            for b in group:
+        for group in chunked:
+            group_states, parts = [], []
+            for _, b in group:
                 group_states.append(RandomState(device))
-                group_reps.append(engine.embed(b))
+                parts.append(engine.embed(b))
             states.append(group_states)
-            reps.append(torch.cat(group_reps))
+            reps.append(_unsort(parts, group))
     leaves = [r.detach().requires_grad_() for r in reps]
-    n = leaves[2] if len(leaves) > 2 else None
-    loss = info_nce(LossInputs(leaves[0], leaves[1], n, texts.negative_valid, texts.false_negatives),
-                    temperature, cross_device)
+    loss = loss_of(leaves)
     (loss * scale).backward()  # gradients of the loss with respect to the embeddings only
     # Pass 2: re-embed chunk by chunk with a graph, back-propagating each chunk's share of the gradient.
-    last = (len(batches) - 1, len(batches[-1]) - 1)
-    for gi, group in enumerate(batches):
-        offset = 0
-        for ci, b in enumerate(group):
-            rows = b["input_ids"].shape[0]
+    last = (len(chunked) - 1, len(chunked[-1]) - 1)
+    for gi, group in enumerate(chunked):
+        for ci, (rows, b) in enumerate(group):
             states[gi][ci].restore()
             emb = engine.embed(b)
-            grad = leaves[gi].grad[offset:offset + rows]
+            grad = leaves[gi].grad[torch.tensor(rows, dtype=torch.long, device=emb.device)]
             engine.backward(torch.sum(emb * grad), boundary=(gi, ci) == last)
-            offset += rows
     return StepResult(float(loss.detach()), tokens)

@@ -71,9 +71,9 @@ def lora_embedder(model_dir: str, seed: int = 0, max_length: int = 64):
 
 
 def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_settings: dict,
-                   chunk_sizes: list, temperature: float = 0.05, cross_device: bool = True) -> dict:
-    """Loss and worker-averaged gradients of one step on ``row``, once per entry of ``chunk_sizes``
-    (None: no gradient caching). The engine steps with lr 0 between runs, so every run sees the same weights."""
+                   variants: list, temperature: float = 0.05, cross_device: bool = True) -> dict:
+    """Loss and worker-averaged gradients of one step on ``row``, once per (chunk_size, gradient_cache) entry of
+    ``variants``. The engine steps with lr 0 between runs, so every run sees the same weights."""
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
 
@@ -82,8 +82,9 @@ def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_sett
     engine = make_engine(embedder, opts, total_steps=10, dtype="fp32", micro_batch=len(row["query"]) // world)
     texts = prepare(row, rank, world, embedder.settings.instruction_template, cross_device=cross_device)
     runs = []
-    for chunk in chunk_sizes:
-        result = train_step(engine, engine.module, texts, temperature, cross_device=cross_device, chunk_size=chunk)
+    for chunk, cache in variants:
+        result = train_step(engine, engine.module, texts, temperature, cross_device=cross_device, chunk_size=chunk,
+                            gradient_cache=cache)
         runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
         engine.step()
     return {"runs": runs}

@@ -1,0 +1,11 @@
+"""Entry point for `ray job submit -- python jobs/train.py --config configs/e5-mistral-7b.yaml [--set k=v ...]`.
+
+Inside a Ray job, RAY_ADDRESS is set, so training joins the job's cluster.
+"""
+
+import sys
+
+from ray_e5.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

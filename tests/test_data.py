@@ -1,0 +1,194 @@
+"""Training data: row contract, readers with bad rows, weights, task-homogeneous batches, masks, the Ray plan."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_e5.data import (RowDefaults, SourceError, false_negative_mask, format_queries, labeled_source,
+                         normalize_record, plan_group, plan_source, read_rows, synthetic_source)
+from ray_e5.data.batching import build_plan
+
+DEFAULTS = RowDefaults(source="src", task="Find the answer", kind="labeled", language="en")
+
+
+def write_jsonl(path, records, raw_lines=()):
+    lines = [json.dumps(r) for r in records] + list(raw_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def triplets(n, prefix="q", negatives=True):
+    return [{"query": f"{prefix} query {i}", "positive": f"{prefix} positive {i}",
+             **({"negative": f"{prefix} negative {i}"} if negatives else {})} for i in range(n)]
+
+
+# ---- the row contract ---------------------------------------------------------------------------------------
+def test_normalize_triplet_takes_source_defaults_and_row_values():
+    row = normalize_record({"query": "a", "positive": "b", "negative": "c"}, DEFAULTS)
+    assert row == {"source": "src", "task": "Find the answer", "kind": "labeled", "language": "en",
+                   "query": "a", "positive": "b", "negative": "c", "problem": ""}
+    own = normalize_record({"query": "a", "positive": "b", "task": "Own task", "kind": "short-long"}, DEFAULTS)
+    assert (own["task"], own["kind"], own["negative"], own["problem"]) == ("Own task", "short-long", "", "")
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"query": "a"}, "missing positive"),
+    ({"query": "a", "positive": "   "}, "empty positive"),
+    ({"query": "", "positive": "b"}, "empty query"),
+    ({"query": 3, "positive": "b"}, "query is int, expected a string"),
+    ({"query": "a", "positive": "b", "negative": ["x"]}, "negative is list, expected a string"),
+    ({"query": "a", "positive": "b", "task": 7}, "task is int, expected a string"),
+    (["a", "b"], "record is list, expected an object"),
+])
+def test_bad_records_name_their_problem(record, reason):
+    assert normalize_record(record, DEFAULTS)["problem"] == reason
+
+
+def test_pairs_become_query_positive_and_min_score_filters():
+    sts = RowDefaults(source="sts", task="Retrieve semantically similar text.", min_score=4.0)
+    kept = normalize_record({"sentence1": "a", "sentence2": "b", "score": 4.2}, sts)
+    assert (kept["query"], kept["positive"], kept["negative"], kept["problem"]) == ("a", "b", "", "")
+    assert normalize_record({"sentence1": "a", "sentence2": "b", "score": 3.9}, sts)["problem"].startswith("filtered")
+    assert "expected a number" in normalize_record({"sentence1": "a", "sentence2": "b", "score": "x"}, sts)["problem"]
+
+
+# ---- readers ------------------------------------------------------------------------------------------------
+def test_jsonl_reader_skips_and_counts_bad_lines(tmp_path):
+    folder = tmp_path / "nli"
+    folder.mkdir()
+    (folder / "task.json").write_text(json.dumps({"instruction_hint": "Given a premise, retrieve a hypothesis"}))
+    good = triplets(5)
+    write_jsonl(folder / "train.jsonl", good + [{"query": "x"}, {"query": 5, "positive": "y"}],
+                raw_lines=["{not json", "[1, 2]"])
+    source = labeled_source(str(folder))
+    assert source.name == "nli" and source.defaults.task == "Given a premise, retrieve a hypothesis"
+    rows = read_rows(source).to_pylist()
+    assert [r["query"] for r in rows if not r["problem"]] == [g["query"] for g in good]
+    assert all(r["task"] == "Given a premise, retrieve a hypothesis" for r in rows if not r["problem"])
+    assert Counter(r["problem"] for r in rows if r["problem"]) == {
+        "missing positive": 1, "query is int, expected a string": 1, "not valid JSON": 1,
+        "record is list, expected an object": 1}
+
+
+def test_source_errors_name_the_path(tmp_path):
+    with pytest.raises(SourceError, match="no such file or folder"):
+        labeled_source(str(tmp_path / "absent.jsonl"))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(SourceError, match="unsupported file type '.csv'"):
+        labeled_source(str(tmp_path / "data.csv"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no train.jsonl"):
+        labeled_source(str(tmp_path / "empty"))
+
+
+def test_synthetic_parquet_source(tmp_path):
+    assert synthetic_source(str(tmp_path)) is None
+    shard = tmp_path / "synthetic" / "shard-00000.parquet"
+    shard.parent.mkdir()
+    rows = [{"task": f"Task {i % 3}", "kind": ["short-long", "sts"][i % 2], "language": "en", "query": f"q{i}",
+             "positive": f"p{i}", "negative": f"n{i}" if i % 4 else None, "backend": "llama.cpp",
+             "model": "gemma3-270m", "prompt_id": f"id{i}"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    source = synthetic_source(str(tmp_path))
+    out = read_rows(source).to_pylist()
+    assert [r["kind"] for r in out] == [r["kind"] for r in rows]
+    assert [r["negative"] for r in out] == [r["negative"] or "" for r in rows]
+    assert all(r["problem"] == "" for r in out)
+
+
+# ---- weights and task-homogeneous batches -------------------------------------------------------------------
+def _group_table(n, source="src", kind="labeled"):
+    rows = [normalize_record(t, RowDefaults(source=source, kind=kind)) for t in triplets(n)]
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("weight, expected_used", [(1.0, 96), (0.5, 48), (2.0, 192)])
+def test_weights_scale_how_much_of_a_source_is_used(weight, expected_used):
+    planned = plan_group(_group_table(100), batch_size=16, weights={"src": weight}, epochs=1, seed=0)
+    batches = [r for r in planned.to_pylist() if r["size"]]
+    stats = json.loads(planned.column("stats")[-1].as_py())
+    assert stats["used"] == expected_used == 16 * len(batches)
+    assert stats["dropped_remainder"] == round(100 * weight) - expected_used
+    seen = Counter(q for b in batches for q in b["query"])
+    assert max(seen.values()) == (2 if weight == 2.0 else 1)
+
+
+def test_plan_is_seeded_and_epochs_reshuffle():
+    a = plan_group(_group_table(64), 16, {}, epochs=2, seed=1).to_pylist()
+    b = plan_group(_group_table(64), 16, {}, epochs=2, seed=1).to_pylist()
+    c = plan_group(_group_table(64), 16, {}, epochs=2, seed=2).to_pylist()
+    assert [r["query"] for r in a] == [r["query"] for r in b]
+    assert [r["query"] for r in a] != [r["query"] for r in c]
+    epoch0 = [r["query"] for r in a if r["epoch"] == 0]
+    epoch1 = [r["query"] for r in a if r["epoch"] == 1]
+    assert epoch0 != epoch1 and sorted(sum(epoch0, [])) == sorted(sum(epoch1, []))
+
+
+def test_plan_source_batches_hold_one_kind(tmp_path):
+    records = [{**t, "kind": "short-long" if i % 3 else "sts", "task": f"task {i % 5}"}
+               for i, t in enumerate(triplets(60))]
+    source = labeled_source(str(write_jsonl(tmp_path / "mixed.jsonl", records)))
+    table, stats = plan_source(source, batch_size=8, epochs=1, seed=0)
+    by_query = {r["query"]: r["kind"] for r in records}
+    for batch in table.to_pylist():
+        assert {by_query[q] for q in batch["query"]} == {batch["kind"]}
+    assert stats["kinds"] == ["short-long", "sts"] and stats["valid"] == 60
+    assert stats["used"] == 8 * table.num_rows
+
+
+# ---- instructions and false negatives -----------------------------------------------------------------------
+def test_instruction_goes_on_queries_only():
+    from ray_e5.train.step import prepare
+
+    row = {"query": ["q0", "q1"], "positive": ["p0", "p1"], "negative": ["n0", ""], "task": ["Task A", "Task B"]}
+    texts = prepare(row, rank=0, world=1, template="Instruct: {task}\nQuery: {text}")
+    assert texts.queries == ["Instruct: Task A\nQuery: q0", "Instruct: Task B\nQuery: q1"]
+    assert texts.positives == ["p0", "p1"] and texts.negatives == ["n0", ""]
+    assert texts.negative_valid.tolist() == [True, False]
+    assert format_queries(["q"], [""]) == ["q"]
+
+
+def test_false_negative_mask():
+    positives = ["cat", "dog", "cat"]
+    documents = positives + ["dog", "bird", "fish"]  # negatives follow the positives
+    mask = false_negative_mask(positives, documents)
+    assert mask.tolist() == [
+        [False, False, True, False, False, False],  # query 0: the other "cat" positive is masked, not its own
+        [False, False, False, True, False, False],  # query 1: negative "dog" equals its positive
+        [True, False, False, False, False, False],
+    ]
+
+
+# ---- the Ray plan -------------------------------------------------------------------------------------------
+def test_build_plan_mixes_sources_in_homogeneous_global_batches(ray_cluster, tmp_path):
+    nli = write_jsonl(tmp_path / "nli.jsonl", triplets(40, "nli") + [{"query": "only a query"}])
+    sts = write_jsonl(tmp_path / "sts.jsonl", [{"sentence1": f"s{i}", "sentence2": f"t{i}", "score": i % 6}
+                                               for i in range(60)])
+    sources = [labeled_source(str(nli)), labeled_source(str(sts), name="sts", min_score=4.0, weight=2.0)]
+    plan = build_plan(sources, batch_size=8, epochs=2, seed=0)
+    rows = list(plan.dataset.iter_rows())
+    assert len(rows) == plan.steps
+    assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows)
+    for r in rows:
+        prefix = "nli" if r["source"] == "nli" else "s"
+        assert all(q.startswith(prefix) for q in r["query"]) and len(r["query"]) == 8
+    assert {r["source"] for r in rows if r["epoch"] == 0} == {"nli", "sts"}
+    assert plan.sources["nli"]["skipped"] == {"missing positive": 1}
+    sts_valid = sum(1 for i in range(60) if i % 6 >= 4)
+    assert plan.sources["sts"]["valid"] == sts_valid
+    assert plan.sources["sts"]["used"] == 2 * (2 * sts_valid // 8 * 8)  # weight 2, two epochs
+    assert plan.steps == (plan.sources["nli"]["used"] + plan.sources["sts"]["used"]) // 8
+
+
+def test_stsb_train_pairs_above_min_score(shared_data):
+    path = shared_data / "stsbenchmark" / "train.jsonl"
+    expected = sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["score"] >= 4)
+    source = labeled_source(str(path), name="stsb", min_score=4.0)
+    rows = read_rows(source).to_pylist()
+    assert sum(1 for r in rows if not r["problem"]) == expected
+    assert all(r["problem"].startswith("filtered") for r in rows if r["problem"])

@@ -1,0 +1,72 @@
+"""The contrastive loss: InfoNCE with masks, and cross-device negatives equal to one worker with the whole batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ray_e5.train.loss import LossInputs, info_nce
+from ray_e5.train.testing import spawn, step_gradients
+
+
+def _unit(rows, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(rows, dim, generator=g), dim=-1)
+
+
+def _reference(q, docs, keep, t):
+    """Mean over queries of -log softmax(cos/t)[i] over the documents kept for query i (plain Python)."""
+    total = 0.0
+    for i in range(q.shape[0]):
+        logits = [float(q[i] @ docs[j]) / t for j in range(docs.shape[0]) if keep[i][j]]
+        own = float(q[i] @ docs[i]) / t
+        total += -(own - math.log(sum(math.exp(x) for x in logits)))
+    return total / q.shape[0]
+
+
+def test_info_nce_matches_the_formula_with_masks():
+    q, p, n = _unit(4, seed=1), _unit(4, seed=2), _unit(4, seed=3)
+    valid = torch.tensor([True, False, True, True])
+    fn = torch.zeros(4, 8, dtype=torch.bool)
+    fn[0, 2] = fn[3, 5] = True
+    loss = info_nce(LossInputs(q, p, n, valid, fn), temperature=0.05)
+    docs = torch.cat([p, n])
+    keep = [[not fn[i, j] and (j < 4 or bool(valid[j - 4])) for j in range(8)] for i in range(4)]
+    assert float(loss) == pytest.approx(_reference(q, docs, keep, 0.05), rel=1e-5)
+    # Without masks every document counts, and the loss differs.
+    assert float(info_nce(LossInputs(q, p, n), 0.05)) != pytest.approx(float(loss), rel=1e-3)
+    # In-batch only.
+    plain = info_nce(LossInputs(q, p), temperature=0.05)
+    assert float(plain) == pytest.approx(_reference(q, p, [[True] * 4] * 4, 0.05), rel=1e-5)
+
+
+def _global_batch(size=8):
+    return {"query": [f"query number {i} about the fox" for i in range(size)],
+            # rows 1 and 7 share a positive (a false negative for each other)
+            "positive": [f"positive document {i} quick brown" for i in range(size - 1)] + ["positive document 1 quick brown"],
+            "negative": [f"negative {i} lazy dog" if i % 3 else "" for i in range(size)],
+            "task": ["Retrieve the matching document"] * size}
+
+
+def _assert_same(a: dict, b: dict, atol=1e-5):
+    assert a["loss"] == pytest.approx(b["loss"], abs=atol)
+    assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+    for name in a["grads"]:
+        torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=0, atol=atol, msg=name)
+
+
+def test_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
+    """Loss and gradients (fp32) of 2 gloo workers x batch 4 with cross-device negatives == 1 worker x batch 8."""
+    row = _global_batch(8)
+    variants = [(None, False), (3, True)]  # plain, and gradient-cached in chunks of 3
+    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    largest = max(float(g.abs().max()) for g in one["runs"][0]["grads"].values())
+    assert largest > 0.1  # gradients worth comparing
+    for k in range(len(variants)):
+        for rank in range(2):
+            _assert_same(two[rank]["runs"][k], one["runs"][0])
+    # The local tokens differ per worker and sum to the single worker's.
+    assert two[0]["runs"][0]["tokens"] + two[1]["runs"][0]["tokens"] == one["runs"][0]["tokens"]
