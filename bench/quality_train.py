@@ -82,13 +82,25 @@ def scifact_ndcg(embedder, instruction: str | None, data, doc_vectors=None) -> t
     return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()])), doc_vectors
 
 
-def evaluate(embedder, label: str, scifact) -> dict:
+def evaluate(embedder, label: str, scifact, corpus: int) -> dict:
     out = {}
     began = time.time()
-    out["stsb_spearman"] = sts_spearman(embedder, None)
-    out["stsb_spearman_instruction"] = sts_spearman(embedder, STS_INSTRUCTION)
-    out["scifact_ndcg10"], docs = scifact_ndcg(embedder, None, scifact)
-    out["scifact_ndcg10_instruction"], _ = scifact_ndcg(embedder, SCIFACT_INSTRUCTION, scifact, docs)
+    try:
+        from ray_e5.eval.run import score_local_task  # mteb on the local folders, the paper's instructions
+    except ImportError:
+        score_local_task = None
+    if score_local_task is not None:
+        for flag, suffix in ((False, ""), (True, "_instruction")):
+            out["stsb_spearman" + suffix] = score_local_task(embedder, DATA / "stsbenchmark", instructions=flag)
+            out["scifact_ndcg10" + suffix] = score_local_task(embedder, DATA / "scifact", instructions=flag,
+                                                              max_corpus=corpus, batch_size=16)
+        out["scorer"] = "ray_e5.eval.score_local_task (mteb)"
+    else:
+        out["stsb_spearman"] = sts_spearman(embedder, None)
+        out["stsb_spearman_instruction"] = sts_spearman(embedder, STS_INSTRUCTION)
+        out["scifact_ndcg10"], docs = scifact_ndcg(embedder, None, scifact)
+        out["scifact_ndcg10_instruction"], _ = scifact_ndcg(embedder, SCIFACT_INSTRUCTION, scifact, docs)
+        out["scorer"] = "scipy + pytrec_eval"
     out["eval_seconds"] = round(time.time() - began, 1)
     print(f"{label:8s} " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) and k != "eval_seconds" else f"{k}={v}"
                                      for k, v in out.items()), flush=True)
@@ -140,9 +152,10 @@ def main() -> None:
     scifact = scifact_subsample(args.corpus)
     results["scifact_queries"] = len(scifact[0])
     if not args.skip_base:
-        results["base"] = evaluate(Embedder.load("gemma3-270m", max_length=args.eval_max_length), "base", scifact)
+        results["base"] = evaluate(Embedder.load("gemma3-270m", max_length=args.eval_max_length), "base", scifact,
+                                   args.corpus)
     trained = Embedder.load(Path(args.run_dir) / "embedder", merge_lora=True, max_length=args.eval_max_length)
-    results["trained"] = evaluate(trained, "trained", scifact)
+    results["trained"] = evaluate(trained, "trained", scifact, args.corpus)
     out = Path(args.run_dir) / "quality.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"written {out}")

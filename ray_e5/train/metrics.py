@@ -1,7 +1,8 @@
 """Per-step training metrics in ``<run_dir>/train/metrics.jsonl``, and the loss curve drawn from them.
 
 Rank 0 writes one JSON line per logged step (step, epoch, loss, lr, examples/s, tokens/s, seconds, source, kind).
-A resumed run first drops the lines after the step it resumes from, so the file always describes one history.
+A resumed run first drops the lines after the step it resumes from, so the file always describes one history, and
+adds an event line ``{"event": "resumed", "step": N}``.
 Local run directories are appended to line by line; object stores (which have no append) get the whole file
 rewritten at every checkpoint.
 """
@@ -53,7 +54,7 @@ class MetricsLog:
 
 def plot_loss_curve(train_dir: str, title: str = "") -> str | None:
     """Draw loss (and lr) per step to ``<train_dir>/loss.png``; returns its URI, or None without metrics."""
-    metrics = read_metrics(train_dir)
+    metrics = [m for m in read_metrics(train_dir) if "loss" in m]  # events (a resume) carry no loss
     if not metrics:
         return None
     import matplotlib
