@@ -1,0 +1,8 @@
+"""Entry point for `ray job submit -- python jobs/serve.py --config configs/e5-mistral-7b.yaml [--model DIR]`."""
+
+import sys
+
+from ray_e5.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,195 @@
+"""The Ray Serve application: OpenAI-compatible /v1/embeddings with dynamic, token-budgeted batching.
+
+Each input text becomes one call into a ``@serve.batch`` method whose batch size is counted in tokens
+(``batch_size_fn``), so concurrent requests share forward passes. Inside a batch, texts are sorted by length and cut
+into sub-batches whose padded size stays under ``max_batch_tokens``, as TEI's max-batch-tokens does. The forward
+runs in a thread, so the replica keeps accepting requests (and forming the next batch) while the model computes.
+"""
+
+
+import asyncio
+import hmac
+import os
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ray_e5.serve.config import ServeSettings
+from ray_e5.serve.protocol import ApiError, embedding_response, parse_request, shape_vectors
+
+api = FastAPI(title="ray-e5 embeddings", version="1")
+
+
+def _error(err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+KNOWN_ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
+
+
+def vllm_engine_kwargs(settings: ServeSettings, model_dir: str) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM`` serving a merged (``ray-e5 export``) model as an embedder on a GPU node."""
+    kwargs = {"model": model_dir, "runner": "pooling", "tensor_parallel_size": settings.vllm.tensor_parallel_size,
+              "gpu_memory_utilization": settings.vllm.gpu_memory_utilization, "dtype": settings.vllm.dtype,
+              "override_pooler_config": {"pooling_type": "LAST", "normalize": True}}
+    if settings.vllm.max_model_len:
+        kwargs["max_model_len"] = settings.vllm.max_model_len
+    return kwargs
+
+
+@serve.deployment(name="ray-e5-embeddings")
+@serve.ingress(api)
+class EmbeddingServer:
+    def __init__(self, settings: dict[str, Any], model_ref: str):
+        from ray.serve.metrics import Counter, Histogram
+
+        from ray_e5.model import Embedder
+
+        self.settings = ServeSettings.model_validate(settings)
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        self.embedder = Embedder.load(model_ref, merge_lora=True)
+        if self.settings.num_gpus > 0:
+            self.embedder.to("cuda")
+        self.model_ref = model_ref
+        self.names = {self.settings.model_name, model_ref}
+        self.max_tokens = min(self.settings.max_tokens_per_input or self.embedder.settings.max_length,
+                              self.embedder.settings.max_length)
+        key = self.settings.api_key or (os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None)
+        self.api_key = key or None
+        self.embed_one.set_max_batch_size(self.settings.max_batch_tokens)
+        self.embed_one.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        tags = ("model",)
+        self.m_requests = Counter("ray_e5_requests", "embedding requests by status", tag_keys=("model", "status"))
+        self.m_tokens = Counter("ray_e5_prompt_tokens", "tokens embedded", tag_keys=tags)
+        self.m_batch = Histogram("ray_e5_batch_texts", "texts per forward pass", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=tags)
+        self.m_latency = Histogram("ray_e5_request_latency_s", "request latency",
+                                   boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=tags)
+
+    # ---- batching ----------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(len(i) for i in items))
+    async def embed_one(self, items: list[list[int]]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._forward, items)
+
+    def _forward(self, items: list[list[int]]) -> list:
+        import torch
+
+        from ray_e5.model.tokenize import pad
+
+        out: list = [None] * len(items)
+        order = sorted(range(len(items)), key=lambda i: len(items[i]), reverse=True)
+        budget = self.settings.max_batch_tokens
+        device = self.embedder.device
+        start = 0
+        while start < len(order):
+            width = len(items[order[start]])  # the longest in this sub-batch: sets its padded size
+            count = max(1, min(len(order) - start, budget // max(width, 1)))
+            chunk = order[start:start + count]
+            batch = {k: v.to(device) for k, v in pad([items[i] for i in chunk], self.embedder.tokenizer.pad_token_id,
+                                                    "right").items()}
+            with torch.inference_mode():
+                vectors = self.embedder(**batch).cpu().numpy()
+            self.m_batch.observe(len(chunk), tags={"model": self.settings.model_name})
+            for row, i in enumerate(chunk):
+                out[i] = vectors[row]
+            start += count
+        return out  # type: ignore[return-value]
+
+    # ---- routes ------------------------------------------------------------------------------------------
+    def _check_auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", kind="authentication_error")
+
+    def _token_ids(self, texts: list[str], instruction: str | None) -> list[list[int]]:
+        from ray_e5.model.tokenize import token_ids
+
+        formatted = self.embedder.format(texts, instruction)
+        if self.settings.on_long_input == "error":
+            full = token_ids(self.embedder.tokenizer, formatted, 10**9, self.embedder.append_eos)
+            long = next((i for i, ids in enumerate(full) if len(ids) > self.max_tokens), None)
+            if long is not None:
+                raise ApiError(413, f"input[{long}] has {len(full[long])} tokens; the limit is {self.max_tokens}",
+                               param=f"input[{long}]", code="input_too_long")
+        return token_ids(self.embedder.tokenizer, formatted, self.max_tokens, self.embedder.append_eos)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        started = time.perf_counter()
+        status = "ok"
+        try:
+            self._check_auth(request)
+            body = await request.body()
+            req = parse_request(body, max_body_bytes=self.settings.max_body_bytes,
+                                max_inputs=self.settings.max_inputs_per_request, dimension=self.embedder.dimension,
+                                model_names=self.names)
+            ids = self._token_ids(req.texts, req.instruction)
+            vectors = np.stack(await asyncio.gather(*(self.embed_one(x) for x in ids)))
+            tokens = sum(len(x) for x in ids)
+            self.m_tokens.inc(tokens, tags={"model": self.settings.model_name})
+            return embedding_response(shape_vectors(vectors, req.dimensions), req.encoding_format, req.model, tokens)
+        except ApiError as err:
+            status = str(err.status)
+            return _error(err)
+        finally:
+            self.m_requests.inc(tags={"model": self.settings.model_name, "status": status})
+            self.m_latency.observe(time.perf_counter() - started, tags={"model": self.settings.model_name})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._check_auth(request)
+        except ApiError as err:
+            return _error(err)
+        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "owned_by": "ray-e5",
+                                            "root": self.model_ref, "dimension": self.embedder.dimension,
+                                            "max_tokens": self.max_tokens}]}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.settings.model_name}
+
+    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    async def unknown_route(self, request: Request, path: str):
+        """Unknown routes and wrong methods get OpenAI-style JSON errors too (declared after the real routes)."""
+        route = "/" + path.strip("/")
+        if route in KNOWN_ROUTES:
+            return _error(ApiError(405, f"{request.method} is not allowed on {route}; use {KNOWN_ROUTES[route]}",
+                                   code="method_not_allowed"))
+        return _error(ApiError(404, f"no route {request.method} {route}; routes: POST /v1/embeddings, "
+                                    "GET /v1/models, GET /health", code="not_found"))
+
+
+def build_app(settings: ServeSettings, model_ref: str):
+    """The bound application, with the config's replicas, autoscaling and resources applied."""
+    auto = settings.autoscaling
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+    }
+    if auto.max_replicas > 1 or auto.min_replicas != 1:
+        options["autoscaling_config"] = {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+                                         "target_ongoing_requests": auto.target_ongoing_requests}
+    else:
+        options["num_replicas"] = 1
+    return EmbeddingServer.options(**options).bind(settings.model_dump(), model_ref)
+
+
+def app_builder(args: dict[str, Any]):
+    """For `serve deploy` / `serve run ray_e5.serve.app:app_builder model=...`: args are ServeSettings fields."""
+    from ray_e5.config import validate
+
+    settings = validate(ServeSettings, dict(args), prefix="serve.")
+    return build_app(settings, settings.model or "gemma3-270m")

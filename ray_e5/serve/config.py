@@ -1,0 +1,52 @@
+"""The `serve:` section: what to serve, under which name, batching, limits, scaling, auth."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ray_e5.config import Section
+
+
+class AutoscalingSettings(Section):
+    """Ray Serve autoscaling: replicas follow the ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(32, gt=0)
+
+
+class VllmPoolingSettings(Section):
+    """vLLM's pooling runner for GPU nodes (``task="embed"``): a merged model directory, last-token pooling."""
+
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class ServeSettings(Section):
+    model: str | None = None  # embedder dir, merged model dir or packaged name; default <run_dir>/embedder or model.name
+    model_name: str = "ray-e5"  # the `model` clients send; the served reference is accepted too
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    api_key: str | None = None  # when set (or api_key_env names a set variable), Bearer auth is required
+    api_key_env: str | None = "RAY_E5_API_KEY"
+    backend: Literal["embedder", "vllm"] = "embedder"
+    vllm: VllmPoolingSettings = Field(default_factory=VllmPoolingSettings)
+    # ---- batching (TEI's max-batch-tokens idea on top of Ray Serve's @serve.batch) --------------------------
+    max_batch_tokens: int = Field(16384, gt=0)  # padded tokens per forward pass
+    max_batch_requests: int = Field(64, gt=0)  # requests merged into one batch
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # ---- limits ------------------------------------------------------------------------------------------
+    max_inputs_per_request: int = Field(2048, gt=0)
+    max_tokens_per_input: int | None = Field(None, gt=1)  # default: the model's max_length
+    on_long_input: Literal["truncate", "error"] = "truncate"  # error: 413
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # ---- resources ---------------------------------------------------------------------------------------
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)  # a fraction shares one GPU between replicas (e.g. 0.5)
+    torch_threads: int | None = Field(None, gt=0)
+    max_ongoing_requests: int = Field(256, gt=0)

@@ -1,0 +1,45 @@
+"""Start and stop the embeddings application on the connected Ray cluster."""
+
+from __future__ import annotations
+
+from ray_e5 import runs
+from ray_e5.config import RayE5Config
+from ray_e5.serve.config import ServeSettings
+
+APP_NAME = "ray-e5"
+
+
+def model_reference(config: RayE5Config, settings: ServeSettings) -> str:
+    """serve.model, else the run's trained embedder when it exists, else model.name."""
+    if settings.model:
+        return settings.model
+    trained = runs.join(config.run_dir, "embedder")
+    if runs.is_local(trained) and runs.exists(runs.join(trained, "ray_e5.json")):
+        return trained
+    return config.model.name
+
+
+def serve(config: RayE5Config, blocking: bool = True) -> str:
+    """Deploy the application; return the base URL for the openai client (``http://host:port/v1``)."""
+    from ray import serve as ray_serve
+
+    from ray_e5.cluster import connect
+    from ray_e5.serve.app import build_app
+
+    settings = config.section("serve", ServeSettings)
+    connect(config.ray_address)
+    ray_serve.start(http_options={"host": settings.host, "port": settings.port})
+    ray_serve.run(build_app(settings, model_reference(config, settings)), name=APP_NAME, route_prefix="/")
+    url = f"http://{settings.host}:{settings.port}/v1"
+    if blocking:
+        from ray_e5.pipeline.run import wait_forever
+
+        print(f"[ray-e5] serving {settings.model_name} at {url}")
+        wait_forever()
+    return url
+
+
+def shutdown() -> None:
+    from ray import serve as ray_serve
+
+    ray_serve.shutdown()

@@ -1,0 +1,211 @@
+"""Ray Serve over real HTTP on 127.0.0.1 with the official openai client and the real packaged models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from ray_e5.serve.config import ServeSettings
+
+KEY = "test-secret-key"
+TEXTS = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.", ""]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster):
+    from ray import serve
+
+    from ray_e5.serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = dict(num_cpus=0.5, max_inputs_per_request=8, max_body_bytes=64 * 1024, max_tokens_per_input=32,
+                 api_key_env=None)
+    serve.run(build_app(ServeSettings(model_name="minilm", **small), "minilm-l6"), name="main", route_prefix="/")
+    serve.run(build_app(ServeSettings(model_name="minilm", api_key=KEY, on_long_input="error", **small), "minilm-l6"),
+              name="strict", route_prefix="/strict")
+    base = f"http://127.0.0.1:{port}"
+    yield base
+    serve.shutdown()
+
+
+def _client(base: str, prefix: str = "", key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base}{prefix}/v1", api_key=key, max_retries=0)
+
+
+def test_vectors_equal_in_process_embedder(server, minilm):
+    client = _client(server)
+    response = client.embeddings.create(model="minilm", input=TEXTS)
+    got = np.array([d.embedding for d in response.data])
+    assert [d.index for d in response.data] == list(range(len(TEXTS)))
+    assert _cos(got, minilm.encode(TEXTS)).min() > 0.9999
+    assert response.model == "minilm"
+    assert response.usage.prompt_tokens == sum(minilm.token_counts(TEXTS))
+    single = client.embeddings.create(model="minilm", input="A man is playing a guitar.")
+    assert len(single.data) == 1 and _cos(np.array([single.data[0].embedding]), got[:1])[0] > 0.9999
+
+
+def test_instruction_extension_embeds_queries(server, minilm):
+    task = "Given a web search query, retrieve relevant passages"
+    response = _client(server).embeddings.create(model="minilm", input=["rockets"], extra_body={"instruction": task})
+    got = np.array([response.data[0].embedding])
+    assert _cos(got, minilm.encode(["rockets"], instruction=task))[0] > 0.9999
+    assert _cos(got, minilm.encode(["rockets"]))[0] < 0.9999
+
+
+def test_base64_and_dimensions(server, minilm):
+    client = _client(server)
+    # The openai client asks for base64 by default when numpy is present and decodes it: check the raw bytes too.
+    raw = httpx.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": TEXTS[:2], "encoding_format": "base64"})
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=np.float32) for d in raw.json()["data"]])
+    assert _cos(decoded, minilm.encode(TEXTS[:2])).min() > 0.9999
+    short = client.embeddings.create(model="minilm", input=TEXTS[:2], dimensions=64)
+    vectors = np.array([d.embedding for d in short.data])
+    assert vectors.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    full = minilm.encode(TEXTS[:2])[:, :64]
+    assert _cos(vectors, full).min() > 0.9999
+
+
+def test_models_and_health(server):
+    models = _client(server).models.list()
+    assert [m.id for m in models.data] == ["minilm"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_api_key_and_long_input_limits(server):
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        _client(server, "/strict", key="wrong").embeddings.create(model="minilm", input=["x"])
+    assert httpx.post(f"{server}/strict/v1/embeddings", json={"model": "minilm", "input": "x"}).status_code == 401
+    ok = _client(server, "/strict", key=KEY).embeddings.create(model="minilm", input=["short text"])
+    assert len(ok.data[0].embedding) == 384
+    long_text = "word " * 200
+    strict = httpx.post(f"{server}/strict/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"model": "minilm", "input": ["fine", long_text]})
+    assert strict.status_code == 413 and strict.json()["error"]["param"] == "input[1]"
+    truncated = httpx.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": [long_text]})
+    assert truncated.status_code == 200 and truncated.json()["usage"]["prompt_tokens"] == 32
+
+
+J = "application/json"
+MALFORMED = [
+    ("no body", b"", J),
+    ("whitespace body", b"   ", J),
+    ("invalid json", b"{not json", J),
+    ("truncated json", b'{"model": "minilm", "input": ["a"', J),
+    ("json array", b'["a", "b"]', J),
+    ("json string", b'"hello"', J),
+    ("json number", b"42", J),
+    ("json null", b"null", J),
+    ("non-utf8 bytes", b'{"model": "minilm", "input": "\xff\xfe"}', J),
+    ("missing input", json.dumps({"model": "minilm"}).encode(), J),
+    ("missing model", json.dumps({"input": "a"}).encode(), J),
+    ("wrong model", json.dumps({"model": "gpt-4", "input": "a"}).encode(), J),
+    ("model not a string", json.dumps({"model": 3, "input": "a"}).encode(), J),
+    ("empty model", json.dumps({"model": "", "input": "a"}).encode(), J),
+    ("input null", json.dumps({"model": "minilm", "input": None}).encode(), J),
+    ("input number", json.dumps({"model": "minilm", "input": 5}).encode(), J),
+    ("input object", json.dumps({"model": "minilm", "input": {"a": 1}}).encode(), J),
+    ("empty list", json.dumps({"model": "minilm", "input": []}).encode(), J),
+    ("list with number", json.dumps({"model": "minilm", "input": ["a", 1]}).encode(), J),
+    ("list with null", json.dumps({"model": "minilm", "input": ["a", None]}).encode(), J),
+    ("token arrays", json.dumps({"model": "minilm", "input": [[1, 2, 3]]}).encode(), J),
+    ("too many inputs", json.dumps({"model": "minilm", "input": ["a"] * 9}).encode(), J),
+    ("huge body", json.dumps({"model": "minilm", "input": "x" * 100_000}).encode(), J),
+    ("bad encoding_format", json.dumps({"model": "minilm", "input": "a", "encoding_format": "int8"}).encode(), J),
+    ("encoding_format number", json.dumps({"model": "minilm", "input": "a", "encoding_format": 1}).encode(), J),
+    ("negative dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": -1}).encode(), J),
+    ("zero dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": 0}).encode(), J),
+    ("too many dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": 385}).encode(), J),
+    ("string dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": "64"}).encode(), J),
+    ("float dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": 6.5}).encode(), J),
+    ("bool dimensions", json.dumps({"model": "minilm", "input": "a", "dimensions": True}).encode(), J),
+    ("user not a string", json.dumps({"model": "minilm", "input": "a", "user": 7}).encode(), J),
+    ("instruction not a string", json.dumps({"model": "minilm", "input": "a", "instruction": ["x"]}).encode(), J),
+    ("unknown parameter", json.dumps({"model": "minilm", "input": "a", "temperature": 1}).encode(), J),
+    ("form body", b"model=minilm&input=a", "application/x-www-form-urlencoded"),
+]
+
+
+def test_malformed_requests_get_4xx_json_errors(server):
+    assert len(MALFORMED) >= 30
+    with httpx.Client(timeout=30) as client:
+        for name, body, ctype in MALFORMED:
+            r = client.post(f"{server}/v1/embeddings", content=body, headers={"Content-Type": ctype})
+            assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:200]}"
+            error = r.json()["error"]
+            assert error["message"] and error["type"], name
+        for method, path in (("GET", "/v1/embeddings"), ("POST", "/v1/nothing"), ("DELETE", "/v1/models")):
+            r = client.request(method, f"{server}{path}")
+            assert 400 <= r.status_code < 500 and "error" in r.json(), (method, path, r.status_code)
+        still = client.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": ["still serving"]})
+        assert still.status_code == 200 and len(still.json()["data"][0]["embedding"]) == 384
+
+
+async def _load(url: str, seconds: float, clients: int) -> tuple[int, list[str]]:
+    done, errors = 0, []
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int, client: httpx.AsyncClient):
+        nonlocal done
+        n = 0
+        while time.monotonic() < deadline:
+            texts = [f"client {i} request {n} text {k} about embeddings" for k in range(1 + n % 4)]
+            try:
+                r = await client.post(url, json={"model": "minilm", "input": texts})
+                if r.status_code != 200 or len(r.json()["data"]) != len(texts):
+                    errors.append(f"{r.status_code}: {r.text[:100]}")
+                else:
+                    done += 1
+            except httpx.HTTPError as err:
+                errors.append(repr(err))
+            n += 1
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
+        await asyncio.gather(*(worker(i, client) for i in range(clients)))
+    return done, errors
+
+
+@pytest.mark.slow
+def test_load_60s_32_clients_no_errors(server):
+    done, errors = asyncio.run(_load(f"{server}/v1/embeddings", 60, 32))
+    print(f"load test: {done} requests in 60 s at 32 concurrent clients, {len(errors)} errors")
+    assert errors == [] and done > 32
+
+
+@pytest.mark.slow
+def test_gemma_served_equals_in_process(server, gemma):
+    from ray import serve
+
+    from ray_e5.serve.app import build_app
+
+    serve.run(build_app(ServeSettings(model_name="gemma", num_cpus=0.5, api_key_env=None), "gemma3-270m"),
+              name="gemma", route_prefix="/gemma")
+    try:
+        response = _client(server, "/gemma").embeddings.create(model="gemma", input=TEXTS)
+        got = np.array([d.embedding for d in response.data])
+        assert got.shape == (len(TEXTS), 640)
+        assert _cos(got, gemma.encode(TEXTS)).min() > 0.9999
+    finally:
+        serve.delete("gemma")
