@@ -67,14 +67,15 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
     evaluate["tasks"] = _keep_present(evaluate.get("tasks", []), data_dir, "path", log)
     generate = data.setdefault("generate", {})
     generate["time_budget_s"] = min(generate.get("time_budget_s") or 1e9, budget.seconds("generate"))
-    if smoke:  # the reduced size CI runs: a handful of examples, a few dozen steps, small eval sets
-        apply_overrides(data, ["generate.num_examples=2", "train.max_steps=30", "train.batch_size=16",
-                               "train.checkpoint_every=15"])
-        for task in evaluate["tasks"]:
-            if isinstance(task, dict):
-                task["max_samples"] = min(task.get("max_samples") or 10**9, 200)
-                if "max_corpus" in task or "scifact" in task.get("path", ""):
-                    task["max_corpus"] = min(task.get("max_corpus") or 10**9, 1000)
+    if smoke:  # the reduced size CI runs: two examples, a few steps, the trained and base model on a small STS set
+        apply_overrides(data, ["generate.num_examples=2", "generate.max_tokens=96", "train.max_steps=20",
+                               "train.batch_size=8", "train.checkpoint_every=10", "model.max_length=64"])
+        evaluate["models"] = [m for m in evaluate.get("models", []) if not str(m.get("ref", "")).startswith("minilm")]
+        for m in evaluate["models"]:
+            if "max_length" in m:
+                m["max_length"] = 64
+        sts = [t for t in evaluate["tasks"] if isinstance(t, dict) and "sts" in str(t.get("path", ""))]
+        evaluate["tasks"] = [{**t, "max_samples": 200} for t in sts[:1]]
     apply_overrides(data, overrides)
     return validate(RayE5Config, data)
 
@@ -113,9 +114,9 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print) -
                        ("eval", "report.md, report.json, scores.png, per-task results")):
         log(f"  {runs.join(run_dir, name):40s} {what}")
     report = results.get("evaluate")
-    if isinstance(report, dict) and report.get("markdown"):
+    if isinstance(report, dict) and report.get("paths"):
         log("")
-        log(report["markdown"])
+        log(runs.read_text(report["paths"]["markdown"]))
     log("")
     log(f"[ray-e5] the embedder is served at {base_url}; with the openai client:")
     log(snippet)
