@@ -1,0 +1,47 @@
+"""The offline quickstart end to end at reduced size (--smoke): real llama.cpp generation, Ray Train, mteb
+evaluation, Ray Serve answering the openai client; the trained model must beat the base model on local STS."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ray_e5 import runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path):
+    from openai import OpenAI
+
+    from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
+    from ray_e5.serve.run import shutdown
+
+    config = quickstart_config(None, str(tmp_path / "run"), str(shared_data), Budget(20 * 60), smoke=True,
+                               overrides=[f"serve.port={_free_port()}"])
+    lines: list[str] = []
+    try:
+        results = run_quickstart(config, log=lines.append)
+        run = config.run_dir
+        for path in ("synthetic/manifest.json", "train/metrics.jsonl", "embedder/ray_e5.json", "embedder/adapter",
+                     "eval/report.json", "eval/report.md", "eval/scores.png"):
+            assert runs.exists(runs.join(run, path)), path
+        manifest = runs.read_json(runs.join(run, "synthetic", "manifest.json"))
+        assert manifest["examples"] + sum(manifest["drops_this_run"].values()) >= 2
+        assert any(run in line for line in lines) and any("OpenAI(base_url=" in line for line in lines)
+
+        client = OpenAI(base_url=results["serve"], api_key="unused", max_retries=0)
+        response = client.embeddings.create(model="ray-e5-quickstart", input=["A man plays a guitar.", "Rockets."])
+        assert len(response.data) == 2 and len(response.data[0].embedding) == 640
+
+        scores = {m: t["stsbenchmark"] for m, t in runs.read_json(runs.join(run, "eval", "report.json"))["scores"].items()}
+        print(f"quickstart smoke STS-B (200 pairs) Spearman: {scores}")
+        assert scores["trained"] > scores["gemma3-270m"] + 5  # x100 Spearman
+    finally:
+        shutdown()
