@@ -55,7 +55,7 @@ class GenerateSettings(Section):
     # ---- filters ---------------------------------------------------------------------------------------------
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(20000, gt=1)
-    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    near_duplicate_threshold: float = Field(0.9, gt=0, lt=1)
     contamination_paths: list[str] = Field(default_factory=list)  # eval files/folders whose text must not leak
     contamination_ngram: int = Field(13, gt=2)
     shard_size: int = Field(1000, gt=0)

@@ -217,7 +217,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
             ray = connect(config.ray_address)
             ds = ray.data.from_items(pending).map_batches(
                 Generator, fn_constructor_kwargs={"settings": settings, "base_url": base_url, "deadline": deadline},
-                batch_size=max(1, settings.concurrency * 2), concurrency=(1, settings.actors), num_cpus=0.5)
+                batch_size=max(1, settings.concurrency * 8), concurrency=(1, settings.actors), num_cpus=0.5)
             for batch in ds.iter_rows():
                 tokens["prompt"] += int(batch["prompt_tokens"])
                 tokens["completion"] += int(batch["completion_tokens"])
