@@ -253,9 +253,15 @@ class LocalClassificationTask(_LocalTask, AbsTaskClassification):
                 if not train or not test:
                     raise self._error(f"{path.name} has {len(rows)} rows: too few to split into train and test")
 
+            # Labels become class ids (sorted names), as mteb's hub datasets store them: its binary metrics
+            # (average precision) expect 0/1.
+            names = sorted({str(r["label"]) for r in train + test})
+            ids = {name: i for i, name in enumerate(names)}
+            self.label_names = names
+
             def as_dataset(items):
                 return Dataset.from_dict({"text": [str(r["text"]) for r in items],
-                                          "label": [str(r["label"]) for r in items]})
+                                          "label": [ids[str(r["label"])] for r in items]})
 
             return DatasetDict({"train": as_dataset(train), self.split: as_dataset(test)})
 

@@ -83,9 +83,10 @@ def _worker_resources(settings: EvaluateSettings, ray) -> tuple[float, int]:
     return cpus, threads
 
 
-def _run_model(ray, spec: ModelSpec, tasks: list[TaskSpec], settings: EvaluateSettings,
-               instructions: dict[str, str], on_record) -> None:
-    """Run ``tasks`` for one model on up to ``num_workers`` actors; ``on_record`` gets each record as it lands."""
+def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSettings,
+             instructions: dict[str, str], on_record) -> None:
+    """Run (model, task) pairs on up to ``num_workers`` actors, in the given (model-major) order; ``on_record``
+    gets each record as it lands. A worker that dies loses only the task it was running."""
     from ray.exceptions import RayActorError, RayTaskError
 
     from ray_e5.eval.runner import EvalWorker
@@ -96,42 +97,33 @@ def _run_model(ray, spec: ModelSpec, tasks: list[TaskSpec], settings: EvaluateSe
                                                 max_restarts=settings.max_restarts, max_task_retries=1)
 
     def start():
-        return worker_cls.remote(spec, instructions, threads, use_gpu)
+        return worker_cls.remote(instructions, threads, use_gpu)
 
-    n = min(settings.num_workers, len(tasks))
-    idle = [start() for _ in range(n)]
-    try:
-        ray.get([w.ready.remote() for w in idle])
-    except (RayActorError, RayTaskError) as err:
-        for w in idle:
-            ray.kill(w)
-        message = f"model {spec.label!r} ({spec.ref}) could not be loaded: {_cause(err)}"
-        for task in tasks:
-            on_record(task, {"task": task.name, "type": task.type, "status": "error", "error": message})
-        return
-    queue = list(tasks)
-    running: dict[Any, tuple[Any, TaskSpec]] = {}
-    task_refs = {}
+    idle = [start() for _ in range(min(settings.num_workers, len(work)))]
+    queue = list(work)
+    running: dict[Any, tuple[Any, ModelSpec, TaskSpec]] = {}
+    refs: dict[int, Any] = {}  # one object-store copy of each task, shared by every model and worker
     try:
         while queue or running:
             while queue and idle:
-                worker, task = idle.pop(), queue.pop(0)
-                if task.name not in task_refs:
-                    task_refs[task.name] = ray.put(task)
-                running[worker.run.remote(task_refs[task.name], settings.batch_size)] = (worker, task)
+                worker = idle.pop()
+                model, task = queue.pop(0)
+                if id(task) not in refs:
+                    refs[id(task)] = ray.put(task)
+                running[worker.run.remote(model, refs[id(task)], settings.batch_size)] = (worker, model, task)
             done, _ = ray.wait(list(running), num_returns=1)
-            worker, task = running.pop(done[0])
+            worker, model, task = running.pop(done[0])
             try:
                 record = ray.get(done[0])
                 idle.append(worker)
             except (RayActorError, RayTaskError) as err:
                 record = {"task": task.name, "type": task.type, "status": "error",
-                          "error": f"the worker died: {_cause(err)}"}
+                          "error": f"task {task.name!r}: the worker died: {_cause(err)}"}
                 ray.kill(worker)
                 idle.append(start())
-            on_record(task, record)
+            on_record(model, task, record)
     finally:
-        for w in idle + [w for w, _ in running.values()]:
+        for w in idle + [w for w, _, _ in running.values()]:
             ray.kill(w)
 
 
@@ -168,23 +160,20 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
         from ray_e5.cluster import connect
 
         ray = connect(config.ray_address)
-        for model in models:
-            if model.label not in pending:
-                continue
 
-            def on_record(task: TaskSpec, record: dict, model: ModelSpec = model) -> None:
-                record.update(model_label=model.label, model_ref=model.ref, model_fingerprint=model.fingerprint,
-                              task_fingerprint=task.fingerprint, instruction_override=overrides.get(task.name))
-                records[model.label][task.name] = record
-                ran.append(f"{model.label}/{task.name}")
-                if record.get("status") == "ok":
-                    runs.write_json(record_path(out_dir, model, task), record)
-                    log.info("%s / %s: %s = %.4f (%.1fs)", model.label, task.name, task.type,
-                             record["score"], record.get("seconds", 0))
-                else:
-                    log.warning("%s / %s failed: %s", model.label, task.name, record.get("error"))
+        def on_record(model: ModelSpec, task: TaskSpec, record: dict) -> None:
+            record.update(model_label=model.label, model_ref=model.ref, model_fingerprint=model.fingerprint,
+                          task_fingerprint=task.fingerprint, instruction_override=overrides.get(task.name))
+            records[model.label][task.name] = record
+            ran.append(f"{model.label}/{task.name}")
+            if record.get("status") == "ok":
+                runs.write_json(record_path(out_dir, model, task), record)
+                log.info("%s / %s: %s = %.4f (%.1fs)", model.label, task.name, task.type,
+                         record["score"], record.get("seconds", 0))
+            else:
+                log.warning("%s / %s failed: %s", model.label, task.name, record.get("error"))
 
-            _run_model(ray, model, pending[model.label], settings, overrides, on_record)
+        _run_all(ray, [(m, t) for m in models for t in pending.get(m.label, [])], settings, overrides, on_record)
 
     from ray_e5.eval.report import build_report, write_report
 

@@ -21,7 +21,7 @@ def run_task(encoder, task, batch_size: int = 32) -> dict[str, Any]:
 
     md = task.metadata
     record: dict[str, Any] = {"task": md.name, "type": md.type, "main_score": md.main_score,
-                              "model": encoder.mteb_model_meta.name, "host": os.uname().nodename}
+                              "model": encoder.mteb_model_meta.name, "host": os.uname().nodename, "pid": os.getpid()}
     start = time.perf_counter()
     try:
         result = mteb.evaluate(encoder, task, cache=None, co2_tracker=False, raise_error=True,
@@ -34,35 +34,62 @@ def run_task(encoder, task, batch_size: int = 32) -> dict[str, Any]:
                       result=task_result.to_dict())
     except Exception as err:  # noqa: BLE001 - recorded, the other tasks go on
         log.warning("task %s failed: %s", md.name, err)
-        record.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        record.update(status="error", error=f"task {md.name!r}: {type(err).__name__}: {err}", traceback=traceback.format_exc())
     record["seconds"] = round(time.perf_counter() - start, 3)
     record["instructions"] = {k.split(":", 1)[1]: v for k, v in encoder.seen.items() if k.startswith(md.name + ":")}
     return record
 
 
 class EvalWorker:
-    """A Ray actor holding one model; each MTEB task is one call to :meth:`run` (one Ray task per MTEB task)."""
+    """A Ray actor that evaluates (model, task) pairs; each MTEB task is one call to :meth:`run`.
 
-    def __init__(self, spec, instructions: dict[str, str], torch_threads: int | None = None, use_gpu: bool = False):
+    The worker keeps the model of its last call loaded, and the driver sends work model by model, so each worker
+    loads each model once and a whole evaluation starts only ``num_workers`` processes. A model that cannot be
+    loaded fails its tasks (with the load error) without killing the worker.
+    """
+
+    def __init__(self, instructions: dict[str, str], torch_threads: int | None = None, use_gpu: bool = False):
         os.environ.setdefault("TQDM_DISABLE", "1")  # mteb's progress bars would flood the driver's log
         import torch
 
         if torch_threads:
             torch.set_num_threads(max(1, min(int(torch_threads), os.cpu_count() or 1)))
+        self.instructions = instructions
+        self.use_gpu = use_gpu
+        self.key: tuple[str, str] | None = None
+        self.encoder = None
+        self.load_error: str | None = None
+
+    def _load(self, spec) -> None:
+        key = (spec.label, spec.fingerprint)
+        if key == self.key:
+            return
+        import gc
+
+        import torch
+
         from ray_e5.eval.encoder import E5Encoder
 
-        model = spec.build()
-        if use_gpu and torch.cuda.is_available() and hasattr(model, "to"):
-            model = model.to("cuda")
-        self.encoder = E5Encoder(model, spec.label, spec.instructions, instructions, revision=spec.fingerprint)
+        self.key, self.encoder, self.load_error = key, None, None
+        gc.collect()  # free the previous model before loading the next
+        try:
+            model = spec.build()
+            if self.use_gpu and torch.cuda.is_available() and hasattr(model, "to"):
+                model = model.to("cuda")
+            self.encoder = E5Encoder(model, spec.label, spec.instructions, self.instructions,
+                                     revision=spec.fingerprint)
+        except Exception as err:  # noqa: BLE001 - every task of this model reports it
+            self.load_error = f"model {spec.label!r} ({spec.ref}) could not be loaded: {type(err).__name__}: {err}"
 
-    def ready(self) -> dict[str, Any]:
-        return {"host": os.uname().nodename, "pid": os.getpid(), "dimension": self.encoder.model.dimension}
-
-    def run(self, task_spec, batch_size: int) -> dict[str, Any]:
+    def run(self, spec, task_spec, batch_size: int) -> dict[str, Any]:
+        self._load(spec)
+        failed = {"task": task_spec.name, "type": task_spec.type, "status": "error", "seconds": 0.0,
+                  "pid": os.getpid(), "host": os.uname().nodename}
+        if self.encoder is None:
+            return {**failed, "error": self.load_error}
         try:
             task = task_spec.build()
         except Exception as err:  # noqa: BLE001
-            return {"task": task_spec.name, "type": task_spec.type, "status": "error",
-                    "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(), "seconds": 0.0}
+            return {**failed, "error": f"task {task_spec.name!r}: {type(err).__name__}: {err}",
+                    "traceback": traceback.format_exc()}
         return run_task(self.encoder, task, batch_size)
