@@ -17,10 +17,15 @@ ROW = {"query": [f"query number {i} about the fox" for i in range(8)],
 @pytest.mark.parametrize("stage", [2, 3])
 def test_gradient_cache_under_zero(tiny_decoder_dir, stage):
     variants = [(None, False), (3, True), (1, True)]  # uncached; cached in chunks of 3; cached one text at a time
-    ranks = spawn(step_gradients, 2, str(tiny_decoder_dir), ROW, {"engine": "deepspeed", "zero_stage": stage},
-                  variants)
+    # Partition every parameter, however small (DeepSpeed keeps ones under 1e5 elements whole by default, which
+    # would leave the tiny decoder unpartitioned under ZeRO-3).
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    ranks = spawn(step_gradients, 2, str(tiny_decoder_dir), ROW,
+                  {"engine": "deepspeed", "zero_stage": stage, "deepspeed": extra}, variants)
     reference = step_gradients(0, 1, str(tiny_decoder_dir), ROW, {"engine": "torch"}, [(None, False)])["runs"][0]
     for rank in ranks:
+        if stage == 3:
+            assert rank["partitioned"] == rank["trainable"] > 0
         uncached = rank["runs"][0]
         assert all(g is not None for g in uncached["grads"].values())
         for run in rank["runs"]:

@@ -8,7 +8,7 @@ one optimiser step over all workers (the paper's 2048), reached on small memory 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -59,6 +59,7 @@ class TrainSettings(Section):
     engine: Literal["deepspeed", "torch"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config, merged over the generated one
     # ---- limits, checkpoints, logging ------------------------------------------------------------------------
     max_steps: int | None = Field(None, gt=0)  # cap on optimiser steps (the schedule is fitted to it)
     max_time_s: float | None = Field(None, gt=0.0)  # wall-time cap; stops cleanly, saving what is trained

@@ -117,10 +117,10 @@ def deepspeed_config(settings, dtype: str, micro_batch: int) -> dict:
     """The DeepSpeed config for a train section; one optimiser step per global batch (accumulation is ours)."""
     zero: dict = {"stage": settings.zero_stage, "contiguous_gradients": True, "overlap_comm": bool(settings.use_gpu)}
     if settings.zero_stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 0})
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we save the (gathered) adapter ourselves
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(settings.use_gpu)}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
@@ -131,6 +131,15 @@ def deepspeed_config(settings, dtype: str, micro_batch: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return _merge(config, getattr(settings, "deepspeed", None) or {})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` merged into ``base``, nested mappings key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class DeepSpeedEngine:

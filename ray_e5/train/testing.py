@@ -48,7 +48,7 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
 def settings(**overrides) -> SimpleNamespace:
     """Train settings for engine tests (a namespace, so that lr may be 0: gradients without moving the weights)."""
     base = dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=None, engine="torch", zero_stage=0,
-                offload_optimizer=False, use_gpu=False)
+                offload_optimizer=False, use_gpu=False, deepspeed={})
     base.update(overrides)
     return SimpleNamespace(**base)
 
@@ -87,4 +87,6 @@ def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_sett
                             gradient_cache=cache)
         runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
         engine.step()
-    return {"runs": runs}
+    # ZeRO-3 leaves each worker an empty local tensor for a partitioned parameter (outside forward and backward).
+    partitioned = sum(1 for _, p in engine.named if p.numel() == 0 and getattr(p, "ds_numel", 0) > 0)
+    return {"runs": runs, "partitioned": partitioned, "trainable": len(engine.named)}
