@@ -89,3 +89,18 @@ def test_instructions_off_and_model_meta(tiny_decoder_dir, toys):
     meta = encoder.mteb_model_meta
     assert meta.name == "ray-e5/tiny" and meta.embed_dim == 64
     assert meta.similarity_fn_name.value == "cosine" and meta.use_instructions is False
+
+
+def test_every_mteb_english_task_has_the_papers_instruction():
+    """The paper's 56 MTEB English tasks: each non-STS task is in the table; STS tasks share the STS instruction."""
+    from ray_e5.eval.tasks import benchmark_tasks
+
+    specs = benchmark_tasks("MTEB(eng, v1)")
+    assert len(specs) == 56
+    for spec in specs:
+        instruction = task_instruction(spec.name, spec.type, spec.task.metadata.prompt)
+        if spec.type == "STS":
+            assert instruction == STS, spec.name
+        else:
+            assert instruction == table_instruction(spec.name) and instruction, spec.name
+    assert {s.name: s.task.hf_subsets for s in specs}["STS17"] == ["en-en"]  # the benchmark's filtering is kept

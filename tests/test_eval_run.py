@@ -12,7 +12,7 @@ import pytest
 from ray_e5.cli import main
 from ray_e5.config import ConfigError, load_config
 from ray_e5.eval.run import evaluate
-from ray_e5.eval.testing import serve_embeddings, toy_tasks
+from ray_e5.eval.testing import toy_tasks
 
 TOYS = ["toy_retrieval", "toy_sts", "toy_bitext"]
 
@@ -105,21 +105,37 @@ def test_a_dying_worker_loses_only_its_task(ray_cluster, tiny_decoder_dir, toys)
 
 
 def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_path):
-    """Vectors over HTTP (an OpenAI-compatible /v1/embeddings server) give the same scores as in-process."""
+    """Vectors from the ray-e5 Serve deployment over HTTP give the scores of the same model in-process, with the
+    instruction applied by the server (its `instruction` parameter) or by the client (plain OpenAI text)."""
+    import socket
+
+    from ray import serve
+
     from ray_e5.eval.run import score_local_task
     from ray_e5.model import Embedder
+    from ray_e5.serve.app import build_app
+    from ray_e5.serve.config import ServeSettings
 
-    embedder = Embedder.load(str(tiny_decoder_dir))
-    url, stop = serve_embeddings(embedder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        report = evaluate(_config(tmp_path, [{"label": "served", "ref": "tiny", "endpoint": url}],
-                                  [str(toys["toy_retrieval"]), str(toys["toy_sts"])]))
+        serve.run(build_app(ServeSettings(model_name="tiny", num_cpus=0.5, api_key_env=None), str(tiny_decoder_dir)),
+                  name="eval-tiny", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        models = [{"label": "served", "ref": "tiny", "endpoint": url},
+                  {"label": "served-client", "ref": "tiny", "endpoint": url + "/v1", "instruction_mode": "client"}]
+        report = evaluate(_config(tmp_path, models, [str(toys["toy_retrieval"]), str(toys["toy_sts"])],
+                                  num_workers=2))
     finally:
-        stop()
+        serve.shutdown()
     assert report["errors"] == []
-    for name in ("toy_retrieval", "toy_sts"):  # instructions on (applied client-side) in both paths
-        assert report["scores"]["served"][name] == pytest.approx(100 * score_local_task(embedder, toys[name]),
-                                                                 abs=1e-3)
+    embedder = Embedder.load(str(tiny_decoder_dir))
+    for name in ("toy_retrieval", "toy_sts"):  # instructions on in every path
+        expected = 100 * score_local_task(embedder, toys[name])
+        assert report["scores"]["served"][name] == pytest.approx(expected, abs=1e-3)
+        assert report["scores"]["served-client"][name] == pytest.approx(expected, abs=1e-3)
 
 
 def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsys):

@@ -33,8 +33,11 @@ class ModelEntry(Section):
     ref: str
     label: str | None = None  # default: derived from ref
     instructions: Literal["auto"] | bool = "auto"  # auto: on for last-token (E5-style) models, off otherwise
-    instruction_template: str | None = None  # endpoint mode: how queries are wrapped (default: the E5 template)
     endpoint: str | None = None  # base URL of an OpenAI-compatible server (http://host:8000), /v1 optional
+    # endpoint mode: "server" sends the instruction as ray-e5 Serve's `instruction` parameter (the server applies
+    # its model's template); "client" wraps queries here in instruction_template, for any other server
+    instruction_mode: Literal["server", "client"] = "server"
+    instruction_template: str | None = None  # client mode (default: the E5 template)
     # Embedder overrides (ModelSettings fields), e.g. max_length: 256 for MiniLM as sentence-transformers uses
     pooling: Literal["last", "mean", "cls"] | None = None
     max_length: int | None = Field(None, gt=1)
@@ -65,6 +68,7 @@ class TaskEntry(Section):
 class EvaluateSettings(Section):
     models: list[ModelEntry] = Field(default_factory=list)  # empty: <run_dir>/embedder if present, else model.name
     tasks: list[TaskEntry | str] = Field(default_factory=list)
+    benchmark: str | None = None  # an mteb benchmark whose tasks are added, e.g. "MTEB(eng, v1)" (the paper's 56)
     output: str | None = None  # default: <run_dir>/eval
     # ---- scale ---------------------------------------------------------------------------------------------
     num_workers: int = Field(1, gt=0)  # Ray actors per model, each holding one copy of the model

@@ -23,12 +23,14 @@ class ModelSpec:
     instructions: bool | None = None  # None: auto
     endpoint: str | None = None
     instruction_template: str | None = None
+    instruction_mode: str = "server"
 
     @property
     def fingerprint(self) -> str:
         """Changes when the model does: its reference, overrides, and for a local directory its files."""
         key = {"ref": self.ref, "overrides": self.overrides, "instructions": self.instructions,
-               "endpoint": self.endpoint, "template": self.instruction_template, "files": _dir_stats(self.ref)}
+               "endpoint": self.endpoint, "template": self.instruction_template, "mode": self.instruction_mode,
+               "files": _dir_stats(self.ref)}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def build(self):
@@ -36,10 +38,27 @@ class ModelSpec:
         if self.endpoint:
             from ray_e5.eval.endpoint import EndpointEmbedder
 
-            return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template)
+            return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template, self.instruction_mode)
         from ray_e5.model import Embedder
 
-        return Embedder.load(self.ref, **self.overrides)
+        return Embedder.load(localize(self.ref), **self.overrides)
+
+
+def localize(ref: str) -> str:
+    """A local copy of an embedder directory on an object store (s3://, gs://): ray_e5.json and the adapter are
+    small, and the base model they name is loaded as usual. Other references are returned unchanged."""
+    from ray_e5 import runs
+
+    if runs.is_local(ref):
+        return ref.removeprefix("file://")
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    target = Path(tempfile.mkdtemp(prefix="ray-e5-embedder-"))
+    fs, path = runs.resolve(ref)
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return str(target)
 
 
 def _dir_stats(ref: str) -> list[tuple[str, int, int]] | None:
@@ -80,7 +99,8 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
         overrides = {k: getattr(entry, k) for k in _OVERRIDES if getattr(entry, k) is not None}
         specs.append(ModelSpec(label=entry.label or default_label(ref), ref=ref, overrides=overrides,
                                instructions=None if entry.instructions == "auto" else entry.instructions,
-                               endpoint=entry.endpoint, instruction_template=entry.instruction_template))
+                               endpoint=entry.endpoint, instruction_template=entry.instruction_template,
+                               instruction_mode=entry.instruction_mode))
     labels = [s.label for s in specs]
     for label in labels:
         if labels.count(label) > 1:

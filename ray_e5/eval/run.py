@@ -138,7 +138,7 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
     settings = config.section("evaluate", EvaluateSettings)
     out_dir = settings.output or runs.join(config.run_dir, "eval")
-    tasks = resolve_tasks(settings.task_entries(), settings.seed)
+    tasks = resolve_tasks(settings.task_entries(), settings.seed, settings.benchmark)
     models = resolve_models(config, settings)
     overrides = dict(settings.instructions)
     overrides.update({t.name: t.entry.instruction for t in tasks if t.entry.instruction})

@@ -24,7 +24,7 @@ class TaskSpec:
     entry: TaskEntry
     local: bool
     fingerprint: str
-    task: Any = field(default=None, repr=False)  # the loaded local task (None for hub tasks)
+    task: Any = field(default=None, repr=False)  # the loaded local task, a benchmark's (unloaded) task, or None
 
     def build(self):
         """The mteb task object (hub tasks are created here, in the process that will run them)."""
@@ -59,8 +59,28 @@ def resolve_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
     return TaskSpec(md.name, md.type, entry, False, _digest(key))
 
 
-def resolve_tasks(entries: list[TaskEntry], seed: int = 42) -> list[TaskSpec]:
+def benchmark_tasks(name: str) -> list[TaskSpec]:
+    """The tasks of an mteb benchmark, as the benchmark filters them (languages, subsets, splits)."""
+    import mteb
+
+    try:
+        benchmark = mteb.get_benchmark(name)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"evaluate.benchmark: {name!r} is not an mteb benchmark ({err})") from None
+    specs = []
+    for task in benchmark.tasks:
+        md = task.metadata
+        key = {"name": md.name, "revision": md.dataset.get("revision"), "splits": list(task.eval_splits),
+               "subsets": list(task.hf_subsets)}
+        specs.append(TaskSpec(md.name, md.type, TaskEntry(name=md.name), False, _digest(key), task))
+    return specs
+
+
+def resolve_tasks(entries: list[TaskEntry], seed: int = 42, benchmark: str | None = None) -> list[TaskSpec]:
     specs = [resolve_task(e, seed) for e in entries]
+    if benchmark:
+        named = {s.name for s in specs}
+        specs += [s for s in benchmark_tasks(benchmark) if s.name not in named]
     seen: dict[str, str] = {}
     for spec in specs:
         if spec.name in seen:
@@ -68,7 +88,7 @@ def resolve_tasks(entries: list[TaskEntry], seed: int = 42) -> list[TaskSpec]:
         seen[spec.name] = spec.type
     if not specs:
         raise ConfigError("evaluate.tasks is empty: list local folders (e.g. ../shared/data/stsbenchmark) "
-                          "or MTEB task names")
+                          "or MTEB task names, or set evaluate.benchmark")
     return specs
 
 

