@@ -111,7 +111,7 @@ def _train_workers():
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.train.run import train
 
-    config = RayE5Config.model_validate(_config(tmp_path, tiny_decoder_dir, max_steps=300, epochs=50,
+    config = RayE5Config.model_validate(_config(tmp_path, tiny_decoder_dir, max_steps=120, epochs=20,
                                                 checkpoint_every=10))
     run_dir = tmp_path / "run"
     outcome: dict = {}
@@ -139,7 +139,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
             killed_at = [m["step"] for m in _metrics(run_dir) if "loss" in m][-1]
             break
         time.sleep(0.05)
-    assert killed_at is not None and killed_at < 300, "the run ended before a worker could be killed"
+    assert killed_at is not None and killed_at < 120, "the run ended before a worker could be killed"
     thread.join(timeout=240)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     assert outcome["path"] == run_dir / "embedder"
@@ -150,9 +150,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
     resumed_step = resumed[0]["step"]
     assert resumed_step % 10 == 0 and 10 <= resumed_step <= killed_at
     # One history: every step once, the steps after the checkpoint re-done after the restart.
-    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 301))
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 121))
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
-    assert summary["steps"] == 300
+    assert summary["steps"] == 120
     Embedder.load(run_dir / "embedder")
 
 
@@ -187,14 +187,18 @@ def test_config_errors_name_the_key(ray_cluster, tiny_decoder_dir, tmp_path, cap
 
 
 def test_resume_refuses_a_run_with_other_settings(ray_cluster, tiny_decoder_dir, tmp_path):
-    from ray_e5.train.run import train
+    from ray_e5.train.config import TrainSettings
+    from ray_e5.train.run import _run_name, train
 
     config = _config(tmp_path, tiny_decoder_dir, max_steps=2)
     train(RayE5Config.model_validate(config))
+    first = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
     config["train"]["batch_size"] = 4
     with pytest.raises(ConfigError, match=r"train\.resume: .* other settings \(changed: batch_size"):
         train(RayE5Config.model_validate(config))
-    config["train"]["resume"] = False  # a fresh run beside the old one
-    train(RayE5Config.model_validate(config))
-    runs = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
-    assert runs["settings"]["batch_size"] == 4
+    # resume=false starts a fresh Ray Train run beside the old one.
+    settings = TrainSettings.model_validate({**config["train"], "resume": False})
+    fresh = _run_name(str(tmp_path / "run" / "train"), settings, {**first["settings"], "batch_size": 4})
+    assert fresh != first["name"]  # names carry the start time; the first run took seconds
+    saved = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
+    assert saved["name"] == fresh and saved["settings"]["batch_size"] == 4

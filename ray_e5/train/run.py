@@ -154,6 +154,7 @@ def train(config: RayE5Config) -> Path:
           + (f" ZeRO-{settings.zero_stage}" if settings.engine == "deepspeed" else "")
           + (f", gradient caching in chunks of {settings.chunk_size}" if settings.gradient_cache else ""))
 
+    plan.dataset.context.enable_progress_bars = False  # the workers' own progress bar says where training is
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # row i of the plan is step i
     trainer = TorchTrainer(
