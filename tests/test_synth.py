@@ -1,22 +1,38 @@
-"""Synthetic generation: taxonomy, planning, parsing, the fault-injecting server through the real openai client and
-a real Ray Data pipeline, resume, bad config, and one end-to-end run on the real llama.cpp Gemma server."""
+"""Synthetic generation: the paper's taxonomy, planning, parsing, filters, the ledger and the vLLM processor; then the
+real Ray Data pipeline through the real openai client against the fault-injecting test server (faults counted, no
+valid row lost, a real kill and resume, time and money budgets, the API key kept out of everything), the CLI, and
+one end-to-end run on the real llama.cpp server with the packaged Gemma."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from ray_e5.config import ConfigError, RayE5Config
+from ray_e5.config import ConfigError, RayE5Config, load_config
 from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.parse import Dropped, parse_json, validate_answer
-from ray_e5.synth.run import generate, plan
-from ray_e5.synth.taxonomy import KINDS, language_weights
+from ray_e5.synth.plan import brainstorm_requests, expand, per_brainstorm, plan_slots
+from ray_e5.synth.run import generate
+from ray_e5.synth.taxonomy import KINDS, LANGUAGE_NAMES, LANGUAGES, language_weights
 from ray_e5.synth.testserver import FAULTS, TestServer
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAINSTORM_OPENING = "Think up a list"
 
 
 def _config(tmp_path, base_url, **generate_kw) -> RayE5Config:
     gen = {"backend": "endpoint", "base_url": base_url, "model": "test-model", "num_examples": 24, "max_retries": 3,
-           "request_timeout_s": 2.0, "concurrency": 4, **generate_kw}
+           "request_timeout_s": 2.0, "concurrency": 4, "progress": False, **generate_kw}
     return RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": gen})
 
 
@@ -25,23 +41,72 @@ def _rows(tmp_path) -> list[dict]:
     return [row for shard in shards for row in pq.read_table(str(shard)).to_pylist()]
 
 
+def _example_calls(calls):
+    return [c for c in calls if not c.prompt.startswith(BRAINSTORM_OPENING)]
+
+
+# ---- the taxonomy and the plan ---------------------------------------------------------------------------------
 def test_taxonomy_matches_the_paper():
-    assert KINDS["short-long"].placeholders["num_words"] == [50, 100, 200, 300, 400, 500]
-    assert KINDS["sts"].fixed_task == "Retrieve semantically similar text." and not KINDS["sts"].brainstorm
-    assert KINDS["bitext"].placeholders["low_score"] == [1.5, 2, 2.5]
-    assert KINDS["long-short"].output_keys == ("input_text", "label", "misleading_label")
-    weights = language_weights(0.43)
-    assert len(weights) >= 90 and abs(sum(weights.values()) - 1) < 1e-9 and weights["en"] == 0.43
+    sl, ls, sts, bt = KINDS["short-long"], KINDS["long-short"], KINDS["sts"], KINDS["bitext"]
+    assert sl.placeholders == {"query_type": ["extremely long-tail", "long-tail", "common"],
+                               "query_length": ["less than 5 words", "5 to 15 words", "at least 10 words"],
+                               "clarity": ["clear", "understandable with some effort", "ambiguous"],
+                               "num_words": [50, 100, 200, 300, 400, 500], "difficulty": ["high school", "college", "PhD"]}
+    assert sl.output_keys == ("user_query", "positive_document", "hard_negative_document")
+    assert ls.placeholders["num_words"] == ["less than 10", "at least 10", "at least 50", "at least 100", "at least 200"]
+    assert ls.output_keys == ("input_text", "label", "misleading_label")
+    assert KINDS["short-short"].output_keys == KINDS["long-long"].output_keys == ("input", "positive_document")
+    assert KINDS["long-long"].min_words == 300
+    assert sts.placeholders["high_score"] == [4, 4.5, 5] and sts.placeholders["low_score"] == [2.5, 3, 3.5]
+    assert bt.placeholders["high_score"] == [4, 4.5, 5] and bt.placeholders["low_score"] == [1.5, 2, 2.5]
+    assert sts.placeholders["difficulty"] == ["elementary school", "high school", "college"]
+    assert sts.output_keys == bt.output_keys == ("S1", "S2", "S3")
+    assert (sts.fixed_task, bt.fixed_task) == ("Retrieve semantically similar text.", "Retrieve parallel sentences.")
+    assert {k for k, kind in KINDS.items() if kind.brainstorm} == {"short-long", "long-short", "short-short", "long-long"}
+    assert len(LANGUAGES) == 93 and all(LANGUAGE_NAMES[c] and LANGUAGE_NAMES[c] != c for c in LANGUAGES)
 
 
-def test_plan_is_seeded_and_mixes_kinds():
-    settings = GenerateSettings(num_examples=300, mix={"short-long": 1, "sts": 1}, seed=3)
-    first, again = plan(settings, {"short-long": ["Task A.", "Task B."]}), plan(settings, {"short-long": ["Task A.", "Task B."]})
-    assert [i["id"] for i in first] == [i["id"] for i in again] and len({i["id"] for i in first}) == 300
-    assert {i["kind"] for i in first} == {"short-long", "sts"}
-    assert 0.3 < sum(i["language"] == "en" for i in first) / 300 < 0.56
+def test_language_weights_favour_high_resource_and_are_configurable():
+    w = language_weights(0.43)
+    assert abs(sum(w.values()) - 1) < 1e-9 and w["en"] == pytest.approx(0.43)
+    assert w["zh"] > w["cs"] > w["sw"] > 0
+    assert language_weights(0.6, only=["en", "de"])["en"] == pytest.approx(0.6 / (0.6 + w["de"] / 0.57 * 0.4))
+    assert language_weights(explicit={"fr": 3, "de": 1}) == {"fr": 0.75, "de": 0.25}
 
 
+def test_plan_is_seeded_stable_under_extension_and_follows_the_mix():
+    settings = GenerateSettings(num_examples=600, seed=3)
+    slots = plan_slots(settings)
+    assert slots == plan_slots(settings) and slots != plan_slots(settings.model_copy(update={"seed": 4}))
+    assert plan_slots(settings.model_copy(update={"num_examples": 800}))[:600] == slots  # more examples: appended
+    counts = Counter(s.kind for s in slots)
+    total = sum(settings.mix.values())
+    for kind, weight in settings.mix.items():  # smooth round-robin: within one example of the exact share
+        assert abs(counts[kind] - 600 * weight / total) <= 1, kind
+    assert 0.36 < sum(s.language == "en" for s in slots) / 600 < 0.50
+    requests = brainstorm_requests(settings, slots)
+    group = per_brainstorm(settings)
+    for kind in ("short-long", "long-short", "short-short", "long-long"):
+        assert sum(r["kind"] == kind for r in requests) == -(-counts[kind] // group)
+    assert "about 20" in requests[0]["prompt"]
+    tasks = {r["key"]: [f"Task {r['key']} number {i} for testing." for i in range(20)] for r in requests}
+    items, waiting = expand(settings, slots, tasks)
+    assert not waiting and len({i["id"] for i in items}) == 600
+    for slot, item in zip(slots, items):
+        kind = KINDS[slot.kind]
+        for value in slot.values.values():
+            assert str(value) in item["prompt"]
+        assert LANGUAGE_NAMES[slot.language] in item["prompt"]
+        assert item["task"] == (kind.fixed_task or tasks[slot.brainstorm][slot.pick % 20])
+        if slot.kind == "bitext":
+            assert slot.tgt_language and slot.tgt_language != slot.language and "en" in (slot.language, slot.tgt_language)
+    # A group whose brainstorm is missing leaves exactly its slots waiting.
+    missing = requests[0]["key"]
+    items2, waiting2 = expand(settings, slots, {k: v for k, v in tasks.items() if k != missing})
+    assert {s.brainstorm for s in waiting2} == {missing} and len(items2) + len(waiting2) == 600
+
+
+# ---- parsing and rows ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, reason", [
     ("", "empty_answer"), ("Sure, here you go!", "not_json"), ('{"S1": "a", "S2": ', "truncated_json"),
     ('{"S1": "a" "S2": "b"}', "malformed_json"), ("[1, 2]", "not_an_object"),
@@ -52,69 +117,286 @@ def test_parse_drops_with_reasons(text, reason):
     assert err.value.reason == reason
 
 
-def test_validation_drops_bad_fields():
-    for answer, reason in (({"S1": "a", "S2": "b"}, "missing_keys"), ({"S1": "a", "S2": "", "S3": "c"}, "empty_field"),
-                           ({"S1": "a", "S2": ["b"], "S3": "c"}, "wrong_type")):
+def test_validation_drops_bad_fields_and_maps_rows_per_kind():
+    from ray_e5.synth.backends import Completion
+    from ray_e5.synth.stage import finish
+
+    for answer, reason in (({"S1": "a", "S2": "b"}, "missing_keys"), ({"S1": "a", "S2": " ", "S3": "c"}, "empty_field"),
+                           ({"S1": "a", "S2": ["b"], "S3": "c"}, "wrong_type"),
+                           ({"S1": "a", "S2": "b" * 50, "S3": "c"}, "length_out_of_bounds")):
         with pytest.raises(Dropped, match=reason):
-            validate_answer(answer, KINDS["sts"], 1, 1000)
-    assert validate_answer(parse_json('```json\n{"S1": "a", "S2": "b", "S3": "c"}\n```'), KINDS["sts"], 1, 100)["S2"] == "b"
+            validate_answer(answer, KINDS["sts"], 1, 40)
+    assert validate_answer(parse_json('```json\n{"S1": "a", "S2": "b", "S3": "c"}\n```'), KINDS["sts"], 1, 9)["S2"] == "b"
+    with pytest.raises(Dropped, match="too_short"):
+        validate_answer({"input": "word " * 300, "positive_document": "only a few words"}, KINDS["long-long"], 1, 10**5)
+
+    settings = GenerateSettings(backend="endpoint", base_url="http://x", model="m")
+    base = {"id": "i", "task": "Classify things.", "language": "de", "tgt_language": "", "prompt_id": "p"}
+    row = finish("example", {**base, "kind": "long-short"}, Completion(json.dumps(
+        {"input_text": "Ein Text", "label": "gut", "misleading_label": "schlecht"}), 10, 5), settings)
+    assert (row["query"], row["positive"], row["negative"], row["drop"]) == ("Ein Text", "gut", "schlecht", "")
+    assert (row["backend"], row["model"], row["prompt_tokens"], row["completion_tokens"]) == ("endpoint", "m", 10, 5)
+    row = finish("example", {**base, "kind": "bitext", "tgt_language": "en"}, Completion(json.dumps(
+        {"S1": "Hallo Welt", "S2": "Hello world", "S3": "Hi planet"}), 1, 1), settings)
+    assert (row["language"], row["query"], row["positive"], row["negative"]) == ("de-en", "Hallo Welt", "Hello world", "Hi planet")
+    row = finish("example", {**base, "kind": "sts"}, Completion('{"S1": "a", "S2', 1, 1, "length"), settings)
+    assert row["drop"] == "truncated_max_tokens" and row["query"] == ""
 
 
+# ---- configuration ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, key", [
-    ({"mix": {"poems": 1}}, "generate.mix"), ({"languages": ["en", "xx"]}, "generate.languages"),
-    ({"num_examples": -5}, "generate.num_examples"), ({"backend": "openai", "api_key_env": "RAY_E5_NO_SUCH_KEY"}, "RAY_E5_NO_SUCH_KEY"),
+    ({"mix": {"poems": 1}}, "generate.mix"), ({"mix": {"sts": -1}}, "generate.mix"),
+    ({"languages": ["en", "xx"]}, "generate.languages"), ({"language_weights": {"qq": 1}}, "generate.language_weights"),
+    ({"num_examples": -5}, "generate.num_examples"), ({"concurrency": 0}, "generate.concurrency"),
+    ({"backend": "openai", "api_key_env": "RAY_E5_NO_SUCH_KEY"}, "RAY_E5_NO_SUCH_KEY"),
+    ({"backend": "azure", "base_url": "https://x.openai.azure.com"}, "AZURE_OPENAI_API_KEY"),
+    ({"backend": "endpoint"}, "generate.base_url"),
+    ({"backend": "endpoint", "base_url": "http://x", "model": "my-model", "budget_usd": 5}, "generate.prices"),
+    ({"tokens_per_minute": -1}, "generate.tokens_per_minute"), ({"unknown_key": 1}, "generate.unknown_key"),
 ])
 def test_bad_config_is_refused_before_any_request(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         RayE5Config.model_validate({"generate": bad}).section("generate", GenerateSettings)
 
 
-def test_api_key_never_appears_in_errors(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
-    with pytest.raises(ConfigError) as err:
-        RayE5Config.model_validate({"generate": {"backend": "openai", "temperature": -1}}).section("generate", GenerateSettings)
-    assert "sk-secret-123" not in str(err.value)
+def test_config_sections_of_the_shipped_configs_validate(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    quick = load_config(ROOT / "configs" / "quickstart.yaml").section("generate", GenerateSettings)
+    assert quick.backend == "llamacpp" and quick.num_examples <= 64 and quick.time_budget_s
+    paper = load_config(ROOT / "configs" / "e5-mistral-7b.yaml").section("generate", GenerateSettings)
+    assert paper.backend == "openai" and paper.num_examples == 500_000 and paper.price() is not None
+    assert paper.mix == {"short-long": 167, "long-short": 122, "sts": 99, "bitext": 89, "long-long": 17, "short-short": 13}
 
 
-def test_faults_are_dropped_and_counted_and_resume_repeats_nothing(ray_cluster, tmp_path):
-    faults = ["ok", "ok", *FAULTS, "ok", "bad_body"]
-    with TestServer(faults=faults, hang_s=5) as server:
-        manifest = generate(_config(tmp_path, server.base_url, mix={"short-long": 1, "sts": 1, "long-short": 1}))
-        calls_first = len(server.calls)
-        rows = _rows(tmp_path)
-        assert manifest["examples"] == len(rows) > 0
-        assert len({r["id"] for r in rows}) == len(rows)
-        for row in rows:
-            assert row["query"] and row["positive"] and row["kind"] in KINDS and row["backend"] == "endpoint"
-        drops = manifest["drops_this_run"]
-        # 429/500/timeouts are retried by the openai client; content faults are dropped and named.
-        assert {"missing_keys", "empty_field", "not_json"} <= set(drops) and "truncated_json" in drops or "malformed_json" in drops
-        assert manifest["examples"] + sum(v for k, v in drops.items() if not k.startswith("brainstorm")) == 24
-        assert manifest["tokens"]["prompt"] > 0
-        # Resume: a rerun only asks for what was not written; no duplicates.
-        generate(_config(tmp_path, server.base_url, mix={"short-long": 1, "sts": 1, "long-short": 1}))
-        rerun_calls = len(server.calls) - calls_first
-        again = _rows(tmp_path)
-        assert len({r["id"] for r in again}) == len(again) >= len(rows)
-        assert rerun_calls <= 24 - len(rows) + 3 * 4  # only the missing ones (plus their retries)
+# ---- filters and the ledger ------------------------------------------------------------------------------------
+def test_dedup_drops_exact_and_near_duplicates():
+    from ray_e5.synth.filters import Deduplicator
+
+    dedup = Deduplicator(0.8)
+    base = " ".join(f"token{i}" for i in range(60))
+    assert dedup.check({"query": "q", "positive": base}) is None
+    assert dedup.check({"query": "Q", "positive": base + " "}) == "duplicate_exact"  # case and spacing ignored
+    assert dedup.check({"query": "q", "positive": base + " token61"}) == "duplicate_near"
+    assert dedup.check({"query": "q", "positive": " ".join(f"other{i}" for i in range(60))}) is None
+
+
+def test_contamination_filter_drops_rows_overlapping_eval_sets(tmp_path):
+    from ray_e5.synth.filters import ContaminationFilter
+
+    sentence = "the quick brown fox jumps over the lazy dog near the old river bank today at noon"
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "test.jsonl").write_text(json.dumps({"sentence1": sentence, "score": 3.0}) + "\n"
+                                                   + json.dumps({"text": "A short title here"}) + "\n")
+    f = ContaminationFilter([str(tmp_path / "evals")], 13)
+    assert f.check({"query": "x", "positive": "Intro. " + sentence.upper() + " and more.", "negative": ""}) == "contaminated"
+    assert f.check({"query": "a  SHORT title, here!", "positive": "y", "negative": ""}) == "contaminated"
+    assert f.check({"query": "the quick brown fox", "positive": "a lazy dog by the river", "negative": ""}) is None
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ContaminationFilter([str(tmp_path / "nowhere")], 13)
+
+
+def test_ledger_spaces_requests_and_never_overshoots_the_budget():
+    from ray_e5.synth.ledger import Ledger
+
+    async def run():
+        limited = Ledger(requests_per_minute=600)  # 10 per second, about one second of burst
+        start = time.monotonic()
+        for _ in range(25):
+            assert await limited.acquire(10, 10)
+        spacing = time.monotonic() - start
+        money = Ledger(budget_usd=1.0, price=(1000.0, 1000.0))  # $0.001 a token: worst case 0.2 per request
+        granted = [await money.acquire(100, 100) for _ in range(8)]
+        for _ in range(sum(granted)):
+            await money.settle(100, 100, 50, 50)  # each really cost 0.1
+        after = [await money.acquire(100, 100) for _ in range(8)]
+        return spacing, granted, after, await money.state()
+
+    spacing, granted, after, state = asyncio.run(run())
+    assert spacing >= 1.3  # 25 requests at 10/s with a burst of 10 take at least 1.5 s
+    assert granted == [True] * 5 + [False] * 3  # five worst cases fill the budget
+    assert state["spent_usd"] == pytest.approx(0.5) and sum(after) == 2  # 0.5 spent leaves room for two more
+    assert state["spent_usd"] + state["reserved_usd"] <= 1.0
+
+
+# ---- vLLM on GPU nodes: the processor config is built here -----------------------------------------------------
+def test_vllm_processor_config_and_rows(ray_cluster, tiny_decoder_dir):
+    from ray.data.llm import build_processor
+
+    from ray_e5.synth.backends import vllm_completion, vllm_postprocess, vllm_preprocess, vllm_processor_config
+    from ray_e5.synth.stage import finish
+
+    settings = GenerateSettings(backend="vllm", temperature=0.7, max_tokens=333, vllm={
+        "model": str(tiny_decoder_dir), "concurrency": 3, "tensor_parallel_size": 2, "batch_size": 16})
+    config = vllm_processor_config(settings)
+    assert (config.model_source, config.concurrency, config.batch_size) == (str(tiny_decoder_dir), 3, 16)
+    assert config.engine_kwargs["tensor_parallel_size"] == 2 and config.should_continue_on_error
+    processor = build_processor(config, preprocess=vllm_preprocess(settings), postprocess=vllm_postprocess)
+    stages = {type(s).__name__: s for s in processor.stages.values()}
+    assert list(stages) == ["ChatTemplateStage", "TokenizeStage", "vLLMEngineStage", "DetokenizeStage"]
+    engine = stages["vLLMEngineStage"]
+    assert engine.map_batches_kwargs["compute"].max_size == 3
+    assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 2
+
+    schema = {"type": "object", "properties": {"S1": {"type": "string"}}, "required": ["S1"]}
+    row = vllm_preprocess(settings)({"id": "x", "prompt": "Write S1.", "schema": json.dumps(schema), "max_tokens": 333})
+    assert row["messages"] == [{"role": "user", "content": "Write S1."}]
+    assert row["sampling_params"] == {"temperature": 0.7, "top_p": 1.0, "max_tokens": 333,
+                                      "structured_outputs": {"json": schema}}
+    item = {"id": "x", "kind": "sts", "task": "t", "language": "en", "tgt_language": "", "prompt_id": "p"}
+    ok = finish("example", item, vllm_completion({**item, "generated_text": '{"S1": "a", "S2": "b", "S3": "c"}',
+                                                   "num_input_tokens": 7, "num_generated_tokens": 9}), settings)
+    assert (ok["query"], ok["completion_tokens"], ok["model"], ok["drop"]) == ("a", 9, str(tiny_decoder_dir), "")
+    failed = finish("example", item, vllm_completion({**item, "__inference_error__": "CUDA OOM"}), settings)
+    assert failed["drop"] == "request_engine_error"
+
+
+# ---- the pipeline against the fault-injecting server -----------------------------------------------------------
+def test_faults_are_dropped_and_counted_and_no_valid_row_is_lost(ray_cluster, tmp_path):
+    faults = ["ok", "ok", *FAULTS, "ok", "bad_body", "cut", "ok"]
+    with TestServer(faults=faults, hang_s=3, retry_after_s=0.05) as server:
+        manifest = generate(_config(tmp_path, server.base_url, num_examples=30, request_timeout_s=1.0,
+                                    mix={"short-long": 1, "sts": 1, "long-short": 1}))
+        calls = list(server.calls)
+    rows = _rows(tmp_path)
+    assert manifest["examples"] == len(rows) == len({r["id"] for r in rows}) > 0
+    for row in rows:
+        assert row["query"] and row["positive"] and row["negative"] and row["backend"] == "endpoint"
+        assert row["task"] and row["kind"] in KINDS and row["prompt_id"].startswith(row["kind"])
+    drops = manifest["drops_this_run"]
+    modes = Counter(c.mode for c in _example_calls(calls))
+    # Every answer the server sent is accounted for: content faults are dropped under their own names ...
+    expected = {"missing_keys": modes["wrong_keys"], "empty_field": modes["empty"], "not_json": modes["prose"],
+                "truncated_json": modes["truncated"], "malformed_json": modes["malformed"],
+                "request_bad_response": modes["bad_body"], "truncated_max_tokens": modes["cut"]}
+    assert {k: drops.get(k, 0) for k in expected} == expected and sum(expected.values()) > 0
+    # ... 429/500/timeouts were retried by the openai client (only a timeout on every try drops a row) ...
+    assert modes["429"] and modes["500"] and modes["timeout"]
+    assert set(drops) <= set(expected) | {"request_timeout", "request_http_429", "request_http_500"}
+    # ... and every good answer became a row.
+    assert manifest["examples"] == modes["ok"]
+    assert manifest["examples"] + sum(drops.values()) == 30 == manifest["requests_this_run"]
+    assert manifest["tokens"]["prompt"] > 0 and manifest["brainstorm"]["groups"] == 2
+
+
+def test_kill_and_resume_writes_no_duplicate_and_repeats_no_request(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    config = _config(tmp_path, "", num_examples=40, concurrency=2, shard_size=3, flush_every_s=0.5,
+                     mix={"short-short": 1, "sts": 1})
+    with TestServer(latency_s=0.15, slots=2) as server:
+        config.generate["base_url"] = server.base_url
+        payload = json.dumps({**config.model_dump(), "ray_address": address})
+        code = ("import json, sys; from ray_e5.config import RayE5Config; from ray_e5.synth.run import generate; "
+                "generate(RayE5Config.model_validate(json.loads(sys.argv[1])))")
+        proc = subprocess.Popen([sys.executable, "-c", code, payload], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        out = tmp_path / "run" / "synthetic"
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as with a preempted node
+        proc.wait()
+        settled = len(server.calls)  # let the dead driver's actors be reaped before counting the rerun's calls
+        while True:
+            time.sleep(1.5)
+            if len(server.calls) == settled:
+                break
+            settled = len(server.calls)
+        first = _rows(tmp_path)
+        assert 0 < len(first) < 40, "the run was not caught mid-way"
+        assert (out / "brainstorm.json").exists()
+        calls_before = len(server.calls)
+        manifest = generate(config)
+        rerun_prompts = [c.prompt for c in server.calls[calls_before:]]
+    rows = _rows(tmp_path)
+    assert len(rows) == len({r["id"] for r in rows}) == manifest["examples"] == 40  # every slot exactly once
+    from ray_e5.synth.run import _Run
+
+    run = _Run(config)
+    slots = plan_slots(run.settings)
+    items, _ = expand(run.settings, slots, {k: v["tasks"] for k, v in run.store.load_brainstorm().items()})
+    plan = {i["id"]: i["prompt"] for i in items}
+    written_first = {plan[r["id"]] for r in first}
+    assert not written_first & set(rerun_prompts)  # nothing already written was asked for again
+    assert not any(p.startswith(BRAINSTORM_OPENING) for p in rerun_prompts)  # the brainstorm was reused
+    assert len(rerun_prompts) == 40 - len(first)
+    assert manifest["runs"] == 2 and manifest["written_this_run"] == 40 - len(first)
 
 
 def test_time_budget_stops_cleanly(ray_cluster, tmp_path):
-    with TestServer(latency_s=0.5, slots=1) as server:  # 60 examples need 30 s; the budget is 12 s
-        manifest = generate(_config(tmp_path, server.base_url, mix={"sts": 1}, num_examples=60, time_budget_s=12,
+    with TestServer(latency_s=0.5, slots=1) as server:  # 60 requests need 30 s; the budget is 15 s
+        manifest = generate(_config(tmp_path, server.base_url, mix={"sts": 1}, num_examples=60, time_budget_s=15,
                                     concurrency=2))
-    assert 0 < manifest["examples"] < 60
-    assert manifest["drops_this_run"]["skipped_time_budget"] == 60 - manifest["examples"]
+    assert 0 < manifest["examples"] < 60 and len(_rows(tmp_path)) == manifest["examples"]
+    assert manifest["drops_this_run"] == {"skipped_time_budget": 60 - manifest["examples"]}
+    assert manifest["wall_seconds_this_run"] < 15 + 10  # stopped at the budget, not after the 30 s of work
+
+
+def test_budget_cap_and_rate_limit_hold_across_resumes(ray_cluster, tmp_path):
+    # $1000 per 1M tokens: each request's worst case is about $0.35, its real cost about $0.15.
+    kw = dict(mix={"sts": 1}, num_examples=30, max_tokens=100, prices={"test-model": [1000, 1000]}, budget_usd=2.0,
+              requests_per_minute=240, concurrency=4)
+    with TestServer() as server:
+        manifest = generate(_config(tmp_path, server.base_url, **kw))
+        first_calls = list(server.calls)
+        again = generate(_config(tmp_path, server.base_url, **kw))
+        second_calls = server.calls[len(first_calls):]
+    assert 0 < manifest["examples"] < 30 and manifest["drops_this_run"]["skipped_budget"] == 30 - manifest["examples"]
+    assert manifest["cost_usd"] <= 2.0 and len(first_calls) == manifest["examples"]
+    assert again["cost_usd"] <= 2.0 and len(second_calls) + len(first_calls) == again["examples"]
+    span = first_calls[-1].at - first_calls[0].at  # 4 requests per second, about one second of burst
+    assert span >= (len(first_calls) - 4) / 4 * 0.9
+
+
+def test_hosted_backend_through_the_cli_keeps_the_key_out_of_everything(ray_cluster, tmp_path):
+    secret = "sk-ray-e5-test-3b1f9c0d7e"
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "OPENAI_API_KEY": secret}
+    with TestServer(faults=["ok", "prose", "429", "ok"]) as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ray_e5.cli", "generate", "--address", address, "--num-examples", "6",
+             "--set", f"run_dir={tmp_path / 'run'}", "--set", "generate.backend=openai", "--set", "generate.model=gpt-4o-mini",
+             "--set", f"generate.base_url={server.base_url}", "--set", "generate.mix={sts: 1, short-short: 1}",
+             "--set", "generate.progress=false"], env=env, capture_output=True, text=True, timeout=300)
+        auth = {c.authorization for c in server.calls}
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert auth == {f"Bearer {secret}"}  # the key reached the server (read on the driver, not from the workers' env)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["examples"] >= 1 and summary["cost_usd"] > 0
+    assert secret not in proc.stdout + proc.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    session = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in session.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_refused_key_stops_with_a_clear_error_that_does_not_show_it(ray_cluster, tmp_path, monkeypatch):
+    from ray_e5.synth.run import GenerateError
+
+    secret = "sk-ray-e5-refused-8842"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    with TestServer(faults=["401"]) as server:
+        with pytest.raises(GenerateError) as err:
+            generate(_config(tmp_path, server.base_url, backend="openai", model="gpt-4o", mix={"short-long": 1}))
+        assert len(server.calls) <= 2  # the brainstorm request (and no retry of a 401) told us; no example was sent
+    message = str(err.value)
+    assert "401" in message and "OPENAI_API_KEY" in message and secret not in message
+    assert not _rows(tmp_path)
 
 
 @pytest.mark.slow
 def test_end_to_end_llama_cpp_gemma(ray_cluster, tmp_path):
     config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": {
         "backend": "llamacpp", "num_examples": 2, "mix": {"sts": 1}, "languages": ["en"], "max_tokens": 96,
-        "temperature": 0.7, "concurrency": 2}})
+        "temperature": 0.7, "concurrency": 2, "progress": False}})
     manifest = generate(config)
-    assert manifest["tokens"]["completion"] > 0
+    assert manifest["tokens"]["completion"] > 0 and manifest["model"] == "gemma3-270m"
     assert manifest["examples"] + sum(manifest["drops_this_run"].values()) == 2
-    if manifest["examples"]:
-        rows = _rows(tmp_path)
-        assert all(r["kind"] == "sts" and r["query"] and r["positive"] and r["model"] == "gemma3-270m" for r in rows)
+    rows = _rows(tmp_path)
+    assert len(rows) == manifest["examples"]
+    for row in rows:
+        assert row["kind"] == "sts" and row["query"].strip() and row["positive"].strip() and row["backend"] == "llamacpp"
+        assert row["task"] == "Retrieve semantically similar text." and row["completion_tokens"] > 0
+

@@ -74,9 +74,10 @@ def slug(text: str) -> str:
 
 
 def default_label(ref: str) -> str:
-    path = Path(ref)
-    if path.name in ("embedder", "") and path.parent.name:
-        return f"{path.parent.name}-{path.name}" if path.name else path.parent.name
+    """``runs/x/embedder`` -> ``x-embedder``; ``org/name`` or a path -> its last part."""
+    path = Path(ref.rstrip("/"))
+    if path.name == "embedder" and path.parent.name:
+        return f"{path.parent.name}-embedder"
     return path.name or ref
 
 

@@ -1,22 +1,30 @@
-"""LLM backends behind one interface: hosted OpenAI / Azure, any OpenAI-compatible endpoint, the embedded llama.cpp
-server, and vLLM inside Ray Data for GPU clusters.
+"""LLM backends behind one interface: a completion of one prompt under a JSON schema.
 
-Retries with backoff on 429/5xx/timeouts (honouring Retry-After) are the openai client's own (``max_retries``).
-What the client does not have, client-side requests- and tokens-per-minute limits, is a small limiter here.
+- hosted OpenAI / Azure OpenAI and any OpenAI-compatible endpoint (vLLM's server, llama.cpp's server): the official
+  async ``openai`` client. Retries with backoff on 429/5xx/timeouts, honouring Retry-After, are the client's own
+  (``max_retries``); the shared client-side rate limits and the budget are :mod:`ray_e5.synth.ledger`.
+- the embedded default: llama-cpp-python's OpenAI-compatible server on the packaged Gemma 3 270M GGUF, started on a
+  free loopback port and stopped after (:class:`LlamaCppServer`).
+- vLLM inside Ray Data through ``ray.data.llm`` for GPU clusters (:func:`vllm_processor_config`).
+JSON-schema constrained decoding is asked for in each backend's own dialect.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
-from ray_e5.synth.config import PRICES, GenerateSettings
+from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.parse import Dropped
+
+# HTTP statuses that mean "this configuration can never work" (bad key, no access, unknown model or deployment).
+FATAL_STATUSES = (401, 403, 404)
 
 
 @dataclass
@@ -24,90 +32,66 @@ class Completion:
     text: str | None
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str | None = None
 
 
-class RateLimiter:
-    """Requests and tokens per minute, enforced before each request (a one-minute sliding window)."""
-
-    def __init__(self, rpm: int | None, tpm: int | None):
-        self.rpm, self.tpm = rpm, tpm
-        self.events: list[tuple[float, int]] = []
-        self.lock = asyncio.Lock()
-
-    async def acquire(self, tokens: int) -> None:
-        if not self.rpm and not self.tpm:
-            return
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.events = [(t, n) for t, n in self.events if now - t < 60]
-                over_r = self.rpm and len(self.events) >= self.rpm
-                over_t = self.tpm and sum(n for _, n in self.events) + tokens > self.tpm and self.events
-                if not over_r and not over_t:
-                    self.events.append((now, tokens))
-                    return
-                await asyncio.sleep(max(0.05, 60 - (now - self.events[0][0])))
-
-
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    price = next((p for name, p in sorted(PRICES.items(), key=lambda kv: -len(kv[0])) if model.startswith(name)), None)
-    return 0.0 if price is None else (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+def response_format(style: str, schema: dict) -> dict | None:
+    """The ``response_format`` that constrains decoding to ``schema`` in a server's dialect."""
+    if style == "json_schema":  # OpenAI, Azure OpenAI, vLLM's server
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    if style == "json_object_schema":  # llama-cpp-python's server (grammar from the schema)
+        return {"type": "json_object", "schema": schema}
+    if style == "json_object":
+        return {"type": "json_object"}
+    return None
 
 
 class ChatBackend:
     """Chat completions through the official async openai client, against any OpenAI-compatible server."""
 
-    def __init__(self, settings: GenerateSettings, base_url: str | None = None):
+    def __init__(self, settings: GenerateSettings, base_url: str | None = None, api_key: str | None = None):
         import openai
 
         self.settings = settings
-        key = os.environ.get(settings.api_key_env) or "unused"
-        common = dict(api_key=key, max_retries=settings.max_retries, timeout=settings.request_timeout_s)
+        common = dict(api_key=api_key or "EMPTY", max_retries=settings.max_retries, timeout=settings.request_timeout_s)
         if settings.backend == "azure":
             self.client = openai.AsyncAzureOpenAI(azure_endpoint=settings.base_url,
                                                   api_version=settings.azure_api_version, **common)
         else:
             self.client = openai.AsyncOpenAI(base_url=base_url or settings.base_url, **common)
-        self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
+        self.style = settings.response_format_style()
 
-    def _response_format(self, schema: dict) -> dict | None:
-        if not self.settings.json_schema:
-            return None
-        if self.settings.backend == "llamacpp":
-            return {"type": "json_object", "schema": schema}
-        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-
-    async def complete(self, prompt: str, schema: dict, max_tokens: int | None = None) -> Completion:
+    async def complete(self, prompt: str, schema: dict, max_tokens: int) -> Completion:
+        """One chat completion; a failed call raises :class:`Dropped` with a reason (never the server's text,
+        which could echo a key)."""
         import openai
 
-        await self.limiter.acquire(len(prompt) // 4 + (max_tokens or self.settings.max_tokens))
         kwargs = {}
-        fmt = self._response_format(schema)
+        fmt = response_format(self.style, schema)
         if fmt:
             kwargs["response_format"] = fmt
         try:
             response = await self.client.chat.completions.create(
-                model=self.settings.model, messages=[{"role": "user", "content": prompt}],
-                max_tokens=max_tokens or self.settings.max_tokens, temperature=self.settings.temperature,
-                top_p=self.settings.top_p, **kwargs)
+                model=self.settings.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=self.settings.temperature, top_p=self.settings.top_p, **kwargs)
         except openai.APITimeoutError:
             raise Dropped("request_timeout") from None
-        except openai.RateLimitError:
-            raise Dropped("request_rate_limited") from None
         except openai.APIStatusError as err:
             raise Dropped(f"request_http_{err.status_code}") from None
         except openai.APIConnectionError:
             raise Dropped("request_connection_error") from None
-        except Exception:  # a body the client could not decode, and the like: dropped, counted, never fatal
+        except Exception:  # a body the client could not decode, and the like: dropped and counted, never fatal
             raise Dropped("request_bad_response") from None
         if not hasattr(response, "choices"):  # a 200 whose body is not a chat completion
             raise Dropped("request_bad_response")
-        usage = response.usage
+        usage = getattr(response, "usage", None)
         choice = response.choices[0] if response.choices else None
-        text = choice.message.content if choice and choice.message else None
-        if choice is not None and choice.finish_reason == "length":
-            text = text or ""
-        return Completion(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+        message = getattr(choice, "message", None)
+        return Completion(getattr(message, "content", None), getattr(usage, "prompt_tokens", 0) or 0,
+                          getattr(usage, "completion_tokens", 0) or 0, getattr(choice, "finish_reason", None))
+
+    async def aclose(self) -> None:
+        await self.client.close()
 
 
 def free_port() -> int:
@@ -117,12 +101,24 @@ def free_port() -> int:
 
 
 class LlamaCppServer:
-    """llama-cpp-python's OpenAI-compatible server on the packaged Gemma GGUF, on a free loopback port."""
+    """llama-cpp-python's OpenAI-compatible server on a GGUF (default: the packaged Gemma 3 270M), on a free
+    loopback port; a context manager that stops it on exit. Its log goes to a file (a pipe nobody reads would
+    fill up and stall the server after a few hundred requests)."""
 
-    def __init__(self, gguf: str | None = None, n_ctx: int = 2048, threads: int | None = None, startup_s: float = 180):
-        self.gguf, self.n_ctx, self.threads, self.startup_s = gguf, n_ctx, threads or os.cpu_count() or 1, startup_s
+    def __init__(self, gguf: str | None = None, n_ctx: int = 4096, threads: int | None = None,
+                 startup_s: float = 180):
+        self.gguf, self.n_ctx, self.startup_s = gguf, n_ctx, startup_s
+        self.threads = threads or os.cpu_count() or 1
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
+        self.log_path = ""
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()[-2000:]
+        except OSError:
+            return ""
 
     def __enter__(self) -> "LlamaCppServer":
         import httpx
@@ -132,24 +128,26 @@ class LlamaCppServer:
 
             self.gguf = str(assemble())
         port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1", "--port", str(port),
-             "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--verbose", "False"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        fd, self.log_path = tempfile.mkstemp(prefix="ray-e5-llamacpp-", suffix=".log")
+        with os.fdopen(fd, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
+                 "--port", str(port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
+                 "--verbose", "False"],
+                stdout=log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
-                raise RuntimeError(f"llama.cpp server exited with code {self.proc.returncode}: {err}")
+                raise RuntimeError(f"llama.cpp server exited with code {self.proc.returncode}: {self._log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.3)
         self.__exit__(None, None, None)
-        raise RuntimeError(f"llama.cpp server did not answer within {self.startup_s:.0f} s")
+        raise RuntimeError(f"llama.cpp server did not answer within {self.startup_s:.0f} s: {self._log_tail()}")
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
@@ -158,29 +156,52 @@ class LlamaCppServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self.proc = None
+        if self.log_path:
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
 
 
+# ---- vLLM in Ray Data (GPU clusters) ----------------------------------------------------------------------------
 def vllm_processor_config(settings: GenerateSettings):
-    """The ray.data.llm processor config for vLLM on GPU nodes (guided JSON decoding per row)."""
+    """The ``ray.data.llm`` vLLM engine processor config: ``vllm.concurrency`` engine replicas of
+    ``tensor_parallel_size`` GPUs each; a row that fails comes back with ``__inference_error__`` instead of
+    failing the job."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     v = settings.vllm
     return vLLMEngineProcessorConfig(
         model_source=v.model, concurrency=v.concurrency, batch_size=v.batch_size,
+        accelerator_type=v.accelerator_type, should_continue_on_error=True,
         engine_kwargs={"tensor_parallel_size": v.tensor_parallel_size, "max_model_len": v.max_model_len,
-                       "enable_prefix_caching": True})
+                       "gpu_memory_utilization": v.gpu_memory_utilization, "enable_prefix_caching": True})
 
 
 def vllm_preprocess(settings: GenerateSettings):
-    """Turn a planned row (prompt + schema) into the vLLM stage's input, with guided JSON decoding."""
+    """A planned request (``prompt``, ``schema`` as JSON, ``max_tokens``) as the vLLM stage's input: chat messages
+    and sampling parameters with structured (JSON-schema) outputs."""
 
     def preprocess(row: dict) -> dict:
-        import json
-
-        return {**row, "messages": [{"role": "user", "content": row["prompt"]}],
-                "sampling_params": {"temperature": settings.temperature, "top_p": settings.top_p,
-                                    "max_tokens": settings.max_tokens,
-                                    "guided_decoding": {"json": json.loads(row["schema"])}}}
+        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "max_tokens": int(row["max_tokens"])}
+        if settings.json_mode != "off":
+            sampling["structured_outputs"] = {"json": json.loads(row["schema"])}
+        return {**row, "messages": [{"role": "user", "content": row["prompt"]}], "sampling_params": sampling}
 
     return preprocess
+
+
+def vllm_postprocess(row: dict) -> dict:
+    """The vLLM stage's output as the columns every backend returns (rows that failed bypass this, see
+    :func:`vllm_completion`)."""
+    return {**{k: v for k, v in row.items() if k not in ("messages", "sampling_params")},
+            "__inference_error__": ""}
+
+
+def vllm_completion(row: dict) -> Completion | Dropped:
+    if row.get("__inference_error__"):
+        return Dropped("request_engine_error")
+    return Completion(row.get("generated_text"), int(row.get("num_input_tokens") or 0),
+                      int(row.get("num_generated_tokens") or 0))

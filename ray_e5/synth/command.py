@@ -1,4 +1,4 @@
-"""`ray-e5 generate`: synthetic training examples on Ray Data."""
+"""`ray-e5 generate`: synthetic training examples on Ray Data (the paper's two-step prompting)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from __future__ import annotations
 def register(subparsers) -> None:
     from ray_e5.cli import add_config_arguments
 
-    parser = subparsers.add_parser("generate", help="LLM-written training examples (the paper's two-step prompting)",
-                                   description="Writes Parquet shards and manifest.json under <run_dir>/synthetic; "
-                                               "a rerun continues a killed run.")
+    parser = subparsers.add_parser(
+        "generate", help="LLM-written training examples (the paper's two-step prompting)",
+        description="Writes Parquet shards and manifest.json under <run_dir>/synthetic. Rerunning into the same run "
+                    "directory continues a killed run: no duplicate rows, no repeated request for written work.")
     add_config_arguments(parser)
-    parser.add_argument("--num-examples", type=int, help="generate.num_examples")
+    parser.add_argument("--num-examples", type=int, help="shorthand for --set generate.num_examples=N")
     parser.set_defaults(func=_generate)
 
 
@@ -20,8 +21,10 @@ def _generate(args) -> int:
     from ray_e5.cli import config_from_args
     from ray_e5.synth.run import generate
 
-    if args.num_examples:
+    if args.num_examples is not None:
         args.overrides.append(f"generate.num_examples={args.num_examples}")
     manifest = generate(config_from_args(args))
-    print(json.dumps({k: manifest[k] for k in ("examples", "by_kind", "drops_this_run", "tokens", "cost_usd")}))
+    keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "tokens_this_run", "cost_usd",
+            "wall_seconds_this_run")
+    print(json.dumps({k: manifest[k] for k in keys}))
     return 0

@@ -1,5 +1,6 @@
-"""Quality filters on generated rows: exact and near-duplicates (MinHash LSH) and evaluation-set contamination
-(word n-gram overlap with the evaluation texts, as in the paper's appendix)."""
+"""Quality filters on generated rows: exact and near-duplicates (MinHash LSH, datasketch) and evaluation-set
+contamination (word n-gram overlap with the evaluation texts, as in the paper's appendix: case and spacing are
+ignored; a text shorter than n words is compared whole)."""
 
 from __future__ import annotations
 
@@ -8,88 +9,139 @@ import json
 import re
 from pathlib import Path
 
-from ray_e5 import runs
-
 _WORD = re.compile(r"\w+", re.U)
+EVAL_SUFFIXES = (".jsonl", ".json", ".txt", ".tsv", ".parquet")
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
 class Deduplicator:
+    """Drops a row whose (query, positive) pair repeats one seen before, exactly or nearly (Jaccard similarity of
+    word 3-gram shingles estimated by MinHash at or above ``threshold``)."""
+
     def __init__(self, threshold: float, num_perm: int = 64):
         from datasketch import MinHashLSH
 
         self.threshold, self.num_perm = threshold, num_perm
         self.exact: set[str] = set()
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1 else None
         self.count = 0
 
     def _minhash(self, text: str):
         from datasketch import MinHash
 
+        w = words(text)
+        shingles = {" ".join(w[i:i + 3]) for i in range(max(1, len(w) - 2))} or {text}
         m = MinHash(num_perm=self.num_perm)
-        words = _words(text)
-        for shingle in {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}:
-            m.update(shingle.encode())
+        m.update_batch([s.encode() for s in shingles])
         return m
 
     def check(self, row: dict) -> str | None:
         """None when new (and remember it); else the drop reason."""
         text = f"{row['query']}\n{row['positive']}"
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        digest = hashlib.sha256(" ".join(words(text)).encode()).hexdigest()
         if digest in self.exact:
             return "duplicate_exact"
-        m = self._minhash(text)
-        if self.lsh.query(m):
-            return "duplicate_near"
+        m = None
+        if self.lsh is not None:
+            m = self._minhash(text)
+            if self.lsh.query(m):
+                return "duplicate_near"
         self.exact.add(digest)
-        self.lsh.insert(str(self.count), m)
+        if m is not None:
+            self.lsh.insert(str(self.count), m)
         self.count += 1
         return None
 
-    def seed_from(self, out_dir: str) -> None:
-        """Remember the rows an earlier run already wrote."""
-        import pyarrow.parquet as pq
-        from pyarrow import fs as pafs
 
-        fs, path = runs.resolve(out_dir)
-        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-            if info.path.endswith(".parquet"):
-                for row in pq.read_table(info.path, columns=["query", "positive"], filesystem=fs).to_pylist():
-                    self.check(row)
+def eval_files(path: str) -> list[Path]:
+    """The evaluation files under ``path`` (a file or a folder, searched recursively)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(EVAL_SUFFIXES))
+    return []
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _texts(file: Path):
+    name = file.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(file)
+        for column in table.column_names:
+            if str(table.schema.field(column).type) in ("string", "large_string"):
+                yield from (v for v in table.column(column).to_pylist() if v)
+        return
+    with file.open(errors="replace") as fh:
+        if name.endswith(".json"):
+            try:
+                yield from _strings(json.load(fh))
+            except json.JSONDecodeError:
+                return
+            return
+        for line in fh:
+            if name.endswith(".jsonl"):
+                try:
+                    yield from _strings(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            elif name.endswith(".tsv"):
+                yield from line.rstrip("\n").split("\t")
+            else:
+                yield line
 
 
 class ContaminationFilter:
-    """Drops rows sharing any word n-gram with the given evaluation files (JSONL; every string field is read)."""
+    """Drops rows that share a word n-gram with an evaluation text (every string field of the given files), or that
+    equal a short evaluation text (fewer than n words) up to case, spacing and punctuation."""
 
     def __init__(self, paths: list[str], n: int):
         self.n = n
-        self.grams: set[int] = set()
+        self.grams: set[bytes] = set()
+        self.short: set[bytes] = set()
+        self.files = 0
         for path in paths:
-            files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.jsonl"))
+            files = eval_files(path)
             if not files:
-                raise FileNotFoundError(f"generate.contamination_paths: {path!r} holds no .jsonl files")
+                raise FileNotFoundError(f"generate.contamination_paths: {path!r} is not a file or a folder holding "
+                                        f"{', '.join(EVAL_SUFFIXES)} files")
             for file in files:
-                with file.open() as fh:
-                    for line in fh:
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue
-                        for value in record.values() if isinstance(record, dict) else []:
-                            if isinstance(value, str):
-                                self.grams.update(self._grams(value))
+                self.files += 1
+                for text in _texts(file):
+                    w = words(text)
+                    if len(w) >= self.n:
+                        self.grams.update(self._grams(w))
+                    elif len(w) >= 3:  # shorter texts match whole; one or two words are too common to count
+                        self.short.add(self._key(w))
 
-    def _grams(self, text: str) -> set[int]:
-        words = _words(text)
-        return {hash(" ".join(words[i:i + self.n])) for i in range(len(words) - self.n + 1)}
+    @staticmethod
+    def _key(w: list[str]) -> bytes:
+        return hashlib.blake2b(" ".join(w).encode(), digest_size=12).digest()
+
+    def _grams(self, w: list[str]) -> set[bytes]:
+        return {self._key(w[i:i + self.n]) for i in range(len(w) - self.n + 1)}
 
     def check(self, row: dict) -> str | None:
-        if not self.grams:
+        if not self.grams and not self.short:
             return None
         for key in ("query", "positive", "negative"):
-            if self._grams(row[key]) & self.grams:
+            w = words(row.get(key) or "")
+            if not w:
+                continue
+            if (len(w) >= self.n and not self.grams.isdisjoint(self._grams(w))) or self._key(w) in self.short:
                 return "contaminated"
         return None

@@ -66,4 +66,11 @@ def parse_tasks(text: str | None) -> list[str]:
     tasks = value.get("tasks")
     if not isinstance(tasks, list):
         raise Dropped("missing_keys")
-    return [t.strip() for t in tasks if isinstance(t, str) and len(t.strip()) > 10]
+    found: list[str] = []
+    for task in tasks:
+        task = " ".join(task.split()) if isinstance(task, str) else ""
+        if 10 < len(task) <= 500 and task not in found:  # a definition, not a word or an essay
+            found.append(task)
+    if not found:
+        raise Dropped("no_tasks")
+    return found

@@ -1,6 +1,6 @@
-"""The paper's task taxonomy: kinds, their placeholder value sets, output keys, and how answers map to rows.
+"""The paper's task taxonomy: kinds, their placeholder value sets, output keys, languages, and how answers map to rows.
 
-Wang et al. 2024 (Table 1, Appendix C): asymmetric kinds (short-long, long-short, short-short, long-long) are
+Wang et al. 2024 (Section 3.1, Appendix C): asymmetric kinds (short-long, long-short, short-short, long-long) are
 brainstormed first (an LLM lists task definitions), then one example per (task, placeholders) is generated;
 symmetric kinds (STS, bitext) skip the brainstorm and use a fixed task.
 """
@@ -19,8 +19,8 @@ UNITS = ["sentence", "phrase", "passage"]
 @dataclass(frozen=True)
 class Kind:
     name: str
-    placeholders: dict[str, list]  # besides task and language
-    output_keys: tuple[str, ...]
+    placeholders: dict[str, list]  # besides task and language (bitext: besides src_lang and tgt_lang)
+    output_keys: tuple[str, ...]  # the JSON keys the LLM answers with, in (query, positive, negative) order
     brainstorm: bool
     fixed_task: str | None = None
     min_words: int = 1  # per output text (long-long: 300)
@@ -47,48 +47,80 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 # The paper's counts per kind (thousands): the default mix.
 PAPER_MIX = {"short-long": 167, "long-short": 122, "sts": 99, "bitext": 89, "long-long": 17, "short-short": 13}
 
-# The XLM-R languages (CC-100), by ISO code; weights favour high-resource languages (English gets
-# `english_share`, the rest share the remainder by rough resource size).
-HIGH = ["zh", "es", "fr", "de", "ru", "ja", "pt", "it", "ar", "ko", "nl", "pl", "tr", "vi", "id", "fa", "sv", "hi"]
-MID = ["cs", "ro", "hu", "el", "da", "fi", "no", "th", "uk", "bg", "he", "ca", "sk", "hr", "lt", "sl", "sr", "et",
-       "lv", "ms", "bn", "ta", "ur", "te", "ml", "mr", "kn", "gu", "ka", "hy", "az", "kk", "sq", "mk", "is", "tl"]
-LOW = ["af", "am", "as", "be", "br", "bs", "cy", "eo", "eu", "fy", "ga", "gd", "gl", "ha", "jv", "km", "ku", "ky",
-       "la", "lo", "mg", "mn", "my", "ne", "om", "or", "pa", "ps", "sa", "sd", "si", "so", "su", "sw", "ug", "uz",
-       "xh", "yi"]
-LANGUAGES = ["en", *HIGH, *MID, *LOW]
-LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "es": "Spanish", "fr": "French", "de": "German", "ru": "Russian",
-                  "ja": "Japanese", "pt": "Portuguese", "it": "Italian", "ar": "Arabic", "ko": "Korean", "nl": "Dutch",
-                  "pl": "Polish", "tr": "Turkish", "vi": "Vietnamese", "id": "Indonesian", "fa": "Persian",
-                  "sv": "Swedish", "hi": "Hindi"}
+# The XLM-R (CC-100) languages the paper samples from, by ISO 639-1 code, grouped by how much web text they have.
+# Default weights: English gets `english_share` (0.43, as in the paper), the rest share the remainder 8 : 3 : 1
+# (high : mid : low resource), so a high-resource language is drawn eight times as often as a low-resource one.
+LANGUAGE_NAMES = {
+    "en": "English",
+    # high resource
+    "zh": "Chinese", "es": "Spanish", "fr": "French", "de": "German", "ru": "Russian", "ja": "Japanese",
+    "pt": "Portuguese", "it": "Italian", "ar": "Arabic", "ko": "Korean", "nl": "Dutch", "pl": "Polish",
+    "tr": "Turkish", "vi": "Vietnamese", "id": "Indonesian", "fa": "Persian", "sv": "Swedish", "hi": "Hindi",
+    # mid resource
+    "cs": "Czech", "ro": "Romanian", "hu": "Hungarian", "el": "Greek", "da": "Danish", "fi": "Finnish",
+    "no": "Norwegian", "th": "Thai", "uk": "Ukrainian", "bg": "Bulgarian", "he": "Hebrew", "ca": "Catalan",
+    "sk": "Slovak", "hr": "Croatian", "lt": "Lithuanian", "sl": "Slovenian", "sr": "Serbian", "et": "Estonian",
+    "lv": "Latvian", "ms": "Malay", "bn": "Bengali", "ta": "Tamil", "ur": "Urdu", "te": "Telugu",
+    "ml": "Malayalam", "mr": "Marathi", "kn": "Kannada", "gu": "Gujarati", "ka": "Georgian", "hy": "Armenian",
+    "az": "Azerbaijani", "kk": "Kazakh", "sq": "Albanian", "mk": "Macedonian", "is": "Icelandic",
+    "tl": "Tagalog",
+    # low resource
+    "af": "Afrikaans", "am": "Amharic", "as": "Assamese", "be": "Belarusian", "br": "Breton", "bs": "Bosnian",
+    "cy": "Welsh", "eo": "Esperanto", "eu": "Basque", "fy": "Western Frisian", "ga": "Irish",
+    "gd": "Scottish Gaelic", "gl": "Galician", "ha": "Hausa", "jv": "Javanese", "km": "Khmer", "ku": "Kurdish",
+    "ky": "Kyrgyz", "la": "Latin", "lo": "Lao", "mg": "Malagasy", "mn": "Mongolian", "my": "Burmese",
+    "ne": "Nepali", "om": "Oromo", "or": "Odia", "pa": "Punjabi", "ps": "Pashto", "sa": "Sanskrit",
+    "sd": "Sindhi", "si": "Sinhala", "so": "Somali", "su": "Sundanese", "sw": "Swahili", "ug": "Uyghur",
+    "uz": "Uzbek", "xh": "Xhosa", "yi": "Yiddish",
+}
+LANGUAGES = list(LANGUAGE_NAMES)
+HIGH = LANGUAGES[1:19]
+MID = LANGUAGES[19:55]
+LOW = LANGUAGES[55:]
+GROUP_WEIGHTS = ((HIGH, 8.0), (MID, 3.0), (LOW, 1.0))
 
 
-def language_weights(english_share: float) -> dict[str, float]:
-    rest = {code: w for group, w in ((HIGH, 4.0), (MID, 1.5), (LOW, 0.5)) for code in group}
-    total = sum(rest.values())
-    return {"en": english_share, **{c: (1 - english_share) * w / total for c, w in rest.items()}}
+def language_weights(english_share: float = 0.43, only: list[str] | None = None,
+                     explicit: dict[str, float] | None = None) -> dict[str, float]:
+    """Sampling weights (summing to 1) over language codes.
+
+    ``explicit`` replaces the defaults entirely; ``only`` keeps a subset (renormalised).
+    """
+    if explicit:
+        weights = dict(explicit)
+    else:
+        rest = {code: w for group, w in GROUP_WEIGHTS for code in group}
+        total = sum(rest.values())
+        weights = {"en": english_share, **{c: (1 - english_share) * w / total for c, w in rest.items()}}
+    if only:
+        weights = {c: weights.get(c, 0.0) for c in only}
+        if not any(weights.values()):  # e.g. only=["en"] with english_share=0
+            weights = {c: 1.0 for c in only}
+    total = sum(weights.values())
+    return {c: w / total for c, w in weights.items() if w > 0}
 
 
 def language_name(code: str) -> str:
-    return LANGUAGE_NAMES.get(code, code)
+    return LANGUAGE_NAMES[code]
 
 
 def sample_placeholders(kind: Kind, rng: random.Random) -> dict:
-    values = {key: rng.choice(options) for key, options in kind.placeholders.items()}
-    if kind.name == "sts" or kind.name == "bitext":
-        if values["low_score"] >= values["high_score"]:
-            values["low_score"] = min(kind.placeholders["low_score"])
-    return values
+    """One value per placeholder. For STS and bitext the paper's sets already keep low_score < high_score."""
+    return {key: rng.choice(options) for key, options in kind.placeholders.items()}
+
+
+def bitext_target(source: str, rng: random.Random, languages: list[str]) -> str:
+    """Bitext pairs a language with English; English itself is paired with another sampled language."""
+    if source != "en":
+        return "en"
+    others = [c for c in languages if c != "en"] or HIGH
+    return rng.choice(others)
 
 
 def to_row(kind: Kind, answer: dict, task: str, language: str, tgt_language: str | None = None) -> dict:
     """Map a validated answer onto the training-example contract (query, positive, negative)."""
-    if kind.name == "short-long":
-        q, p, n = answer["user_query"], answer["positive_document"], answer["hard_negative_document"]
-    elif kind.name == "long-short":
-        q, p, n = answer["input_text"], answer["label"], answer["misleading_label"]
-    elif kind.name in ("short-short", "long-long"):
-        q, p, n = answer["input"], answer["positive_document"], ""
-    else:
-        q, p, n = answer["S1"], answer["S2"], answer["S3"]
-    return {"task": task, "kind": kind.name, "language": language if not tgt_language else f"{language}-{tgt_language}",
-            "query": q, "positive": p, "negative": n}
+    texts = [answer[k] for k in kind.output_keys]
+    query, positive = texts[0], texts[1]
+    negative = texts[2] if len(texts) > 2 else ""
+    return {"task": task, "kind": kind.name, "language": f"{language}-{tgt_language}" if tgt_language else language,
+            "query": query, "positive": positive, "negative": negative}

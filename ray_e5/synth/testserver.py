@@ -1,38 +1,58 @@
 """A small local OpenAI-compatible chat server that stands in for hosted APIs in tests and benchmarks.
 
-It answers /v1/chat/completions with a JSON object that fills the requested JSON schema's keys, after a fixed
-latency and through K concurrent slots, and injects faults from a repeating schedule: ``429`` (with Retry-After),
-``500``, ``timeout`` (sleeps past the client's timeout), ``malformed``, ``truncated``, ``wrong_keys``, ``empty``,
-``prose``. Run it in-process (a thread) with :class:`TestServer`.
+It answers /v1/chat/completions with a JSON object that fills the requested JSON schema's keys with distinct text
+(about 320 words per field when the prompt asks for 300 words or more), after a fixed latency and through K
+concurrent slots (so its capacity is exactly K / latency requests per second). Faults come from a repeating
+schedule, one entry per request: ``ok``, ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the
+client's timeout), ``malformed``, ``truncated``, ``wrong_keys``, ``empty``, ``prose``, ``bad_body`` (a 200 that is
+not JSON), ``cut`` (truncated JSON with finish_reason "length"), ``401`` (refuses the key, echoing it). It records every call (time, mode, prompt,
+Authorization header) for tests to inspect.
+
+In-process: ``with TestServer(faults=[...], latency_s=0.5, slots=16) as server: server.base_url``.
+Standalone: ``python -m ray_e5.synth.testserver --port 8011 --latency 0.2 --slots 8 --faults ok,429,prose``.
 """
 
+# (no `from __future__ import annotations`: FastAPI must see the real `Request` annotation)
 
+import argparse
 import asyncio
 import itertools
 import json
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 FAULTS = ("429", "500", "timeout", "malformed", "truncated", "wrong_keys", "empty", "prose")
 
 
-def _fill(schema: dict | None, n: int) -> dict:
+@dataclass
+class Call:
+    at: float
+    mode: str
+    prompt: str
+    authorization: str
+
+
+def _fill(schema: dict | None, n: int, long: bool) -> dict:
     keys = list((schema or {}).get("properties", {})) or ["text"]
     if keys == ["tasks"]:
-        return {"tasks": [f"Retrieve documents about topic number {n}-{i} for a curious reader." for i in range(5)]}
-    return {k: f"{k} number {n}: " + " ".join(f"word{(n * 7 + i) % 997}" for i in range(12)) for k in keys}
+        return {"tasks": [f"Retrieve documents about subject {n}-{i} for a reader with question {n * 31 + i}."
+                          for i in range(5)]}
+    size = 320 if long else 12
+    return {k: f"{k} {n}: " + " ".join(f"w{(n * 7919 + j * 104729 + i) % 1000003}" for i in range(size))
+            for j, k in enumerate(keys)}
 
 
-def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 30.0):
+def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 30.0, retry_after_s: float = 0.05):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
 
     app = FastAPI()
     schedule = itertools.cycle(faults or ["ok"])
     counter = itertools.count()
-    gate = asyncio.Semaphore(slots)
     app.state.calls = []
+    app.state.gate = None
 
     @app.get("/v1/models")
     async def models():
@@ -41,34 +61,42 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()
-        mode = next(schedule)
-        n = next(counter)
-        app.state.calls.append(mode)
-        async with gate:
+        mode, n = next(schedule), next(counter)
+        messages = body.get("messages") or [{}]
+        prompt = str(messages[-1].get("content", ""))
+        app.state.calls.append(Call(time.time(), mode, prompt, request.headers.get("authorization", "")))
+        if app.state.gate is None:
+            app.state.gate = asyncio.Semaphore(slots)
+        async with app.state.gate:
             await asyncio.sleep(latency_s)
         if mode == "429":
             return JSONResponse({"error": {"message": "rate limited", "type": "rate_limit"}}, 429,
-                                headers={"Retry-After": "0.05"})
+                                headers={"Retry-After": f"{retry_after_s:g}"})
+        if mode == "401":  # a careless server that echoes the key it refused: clients must never print this
+            return JSONResponse({"error": {"message": f"invalid key {request.headers.get('authorization')}",
+                                           "type": "invalid_request_error"}}, 401)
         if mode == "500":
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
         if mode == "timeout":
             await asyncio.sleep(hang_s)
-        fmt = body.get("response_format") or {}
-        schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema")
-        answer = _fill(schema, n)
-        content = {
-            "malformed": "{" + json.dumps(answer)[1:-1].replace('":', '" ') + "}",
-            "truncated": json.dumps(answer)[: len(json.dumps(answer)) // 2],
-            "wrong_keys": json.dumps({f"other_{k}": v for k, v in answer.items()}),
-            "empty": json.dumps({k: "" for k in answer}),
-            "prose": "Sure! Here is a great example for your task, described in words.",
-        }.get(mode, json.dumps(answer))
         if mode == "bad_body":
             return PlainTextResponse("not json at all", 200)
+        fmt = body.get("response_format") or {}
+        schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema")
+        answer = json.dumps(_fill(schema, n, "300 words" in prompt))
+        content = {
+            "malformed": "{" + answer[1:-1].replace('":', '" ') + "}",
+            "truncated": answer[: len(answer) // 2],
+            "cut": answer[: len(answer) // 2],
+            "wrong_keys": json.dumps({f"other_{k}": v for k, v in json.loads(answer).items()}),
+            "empty": json.dumps({k: "" for k in json.loads(answer)}),
+            "prose": "Sure! Here is a great example for your task, described in words.",
+        }.get(mode, answer)
         return {"id": f"cmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                "choices": [{"index": 0, "finish_reason": "stop",
+                "choices": [{"index": 0, "finish_reason": "length" if mode == "cut" else "stop",
                              "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": 50, "completion_tokens": 40, "total_tokens": 90}}
+                "usage": {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": len(content) // 4 + 1,
+                          "total_tokens": (len(prompt) + len(content)) // 4 + 2}}
 
     return app
 
@@ -78,28 +106,54 @@ class TestServer:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, faults: list[str] | None = None, latency_s: float = 0.0, slots: int = 64, hang_s: float = 30.0):
-        self.app = build_app(list(faults or []), latency_s, slots, hang_s)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, faults: list[str] | None = None, latency_s: float = 0.0, slots: int = 64, hang_s: float = 30.0,
+                 retry_after_s: float = 0.05, port: int | None = None):
+        self.app = build_app(list(faults or []), latency_s, slots, hang_s, retry_after_s)
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     @property
-    def calls(self) -> list[str]:
+    def calls(self) -> list[Call]:
         return self.app.state.calls
 
     def __enter__(self) -> "TestServer":
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"test server did not start on port {self.port}")
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--faults", default="ok", help="comma-separated schedule, e.g. ok,ok,429,prose")
+    args = parser.parse_args()
+    with TestServer([f for f in args.faults.split(",") if f], args.latency, args.slots, port=args.port) as server:
+        print(f"OpenAI-compatible test server on {server.base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
