@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--texts-per-request", type=int, default=4)
     parser.add_argument("--no-infinity", action="store_true")
+    parser.add_argument("--replica-cpus", type=float, default=os.cpu_count(),
+                        help="CPUs (and torch threads) of the one replica; infinity-emb uses every core")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the serve config's")
     args = parser.parse_args()
 
     import ray
@@ -134,7 +137,8 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeSettings(model_name="minilm", num_cpus=1, api_key_env=None), "minilm-l6"), name="b")
+    serve.run(build_app(ServeSettings(model_name="minilm", num_cpus=args.replica_cpus, api_key_env=None,
+                                   **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {})), "minilm-l6"), name="b")
     rate, lat, err = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/embeddings", "minilm", args.seconds, args.clients,
                                        args.texts_per_request))
     _report("ray-e5 (Ray Serve)", rate, lat, err)

@@ -1,13 +1,12 @@
 """The Ray Serve application: OpenAI-compatible /v1/embeddings with dynamic, token-budgeted batching.
 
-Each input text becomes one call into a ``@serve.batch`` method whose batch size is counted in tokens
-(``batch_size_fn``), so concurrent requests share forward passes. Inside a batch, texts are sorted by length and cut
+Concurrent requests share forward passes through a continuous batcher (``batching.py``): whenever the model thread
+is free it takes every queued request, up to a token budget. Inside a batch, texts are sorted by length and cut
 into sub-batches whose padded size stays under ``max_batch_tokens``, as TEI's max-batch-tokens does. The forward
-runs in a thread, so the replica keeps accepting requests (and forming the next batch) while the model computes.
+runs in its own thread, so the replica keeps accepting requests (and queueing the next batch) while it computes.
 """
 
 
-import asyncio
 import hmac
 import os
 import time
@@ -18,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from ray_e5.serve.batching import ContinuousBatcher
 from ray_e5.serve.config import ServeSettings
 from ray_e5.serve.protocol import ApiError, embedding_response, parse_request, shape_vectors
 
@@ -51,10 +51,11 @@ class EmbeddingServer:
         from ray_e5.model import Embedder
 
         self.settings = ServeSettings.model_validate(settings)
-        if self.settings.torch_threads:
+        if self.settings.num_gpus == 0:
             import torch
 
-            torch.set_num_threads(self.settings.torch_threads)
+            # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
+            torch.set_num_threads(self.settings.cpu_threads())
         self.embedder = Embedder.load(model_ref, merge_lora=True)
         if self.settings.num_gpus > 0:
             self.embedder.to("cuda")
@@ -64,8 +65,8 @@ class EmbeddingServer:
                               self.embedder.settings.max_length)
         key = self.settings.api_key or (os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None)
         self.api_key = key or None
-        self.embed_one.set_max_batch_size(self.settings.max_batch_tokens)
-        self.embed_one.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batcher = ContinuousBatcher(self._forward, self.settings.max_batch_tokens,
+                                         self.settings.max_batch_requests, self.settings.batch_wait_timeout_s)
         tags = ("model",)
         self.m_requests = Counter("ray_e5_requests", "embedding requests by status", tag_keys=("model", "status"))
         self.m_tokens = Counter("ray_e5_prompt_tokens", "tokens embedded", tag_keys=tags)
@@ -74,10 +75,6 @@ class EmbeddingServer:
                                    boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=tags)
 
     # ---- batching ----------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(len(i) for i in items))
-    async def embed_one(self, items: list[list[int]]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self._forward, items)
-
     def _forward(self, items: list[list[int]]) -> list:
         import torch
 
@@ -135,7 +132,7 @@ class EmbeddingServer:
                                 max_inputs=self.settings.max_inputs_per_request, dimension=self.embedder.dimension,
                                 model_names=self.names)
             ids = self._token_ids(req.texts, req.instruction)
-            vectors = np.stack(await asyncio.gather(*(self.embed_one(x) for x in ids)))
+            vectors = await self.batcher.embed(ids)
             tokens = sum(len(x) for x in ids)
             self.m_tokens.inc(tokens, tags={"model": self.settings.model_name})
             return embedding_response(shape_vectors(vectors, req.dimensions), req.encoding_format, req.model, tokens)

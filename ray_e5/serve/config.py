@@ -35,10 +35,10 @@ class ServeSettings(Section):
     api_key_env: str | None = "RAY_E5_API_KEY"
     backend: Literal["embedder", "vllm"] = "embedder"
     vllm: VllmPoolingSettings = Field(default_factory=VllmPoolingSettings)
-    # ---- batching (TEI's max-batch-tokens idea on top of Ray Serve's @serve.batch) --------------------------
+    # ---- batching: continuous (serve/batching.py), under a token budget as TEI's max-batch-tokens ------------
     max_batch_tokens: int = Field(16384, gt=0)  # padded tokens per forward pass
     max_batch_requests: int = Field(64, gt=0)  # requests merged into one batch
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)  # an idle model waits this long for company
     # ---- limits ------------------------------------------------------------------------------------------
     max_inputs_per_request: int = Field(2048, gt=0)
     max_tokens_per_input: int | None = Field(None, gt=1)  # default: the model's max_length
@@ -48,5 +48,9 @@ class ServeSettings(Section):
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)  # a fraction shares one GPU between replicas (e.g. 0.5)
-    torch_threads: int | None = Field(None, gt=0)
+    torch_threads: int | None = Field(None, gt=0)  # CPU replicas: default one per reserved CPU (num_cpus)
     max_ongoing_requests: int = Field(256, gt=0)
+
+    def cpu_threads(self) -> int:
+        """Torch threads for a CPU replica: ``torch_threads``, else one per CPU it reserves (at least one)."""
+        return self.torch_threads or max(1, round(self.num_cpus))
