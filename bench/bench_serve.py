@@ -74,9 +74,10 @@ def _best_in_process(texts: list[str]) -> tuple[float, int]:
     best = (0.0, 0)
     for batch in (16, 64, 128):
         embedder.encode(texts[:batch], batch_size=batch)
-        start = time.perf_counter()
-        embedder.encode(texts, batch_size=batch)
-        best = max(best, (len(texts) / (time.perf_counter() - start), batch))
+        for _ in range(3):  # best of three: the limit is what the machine can do, not its worst moment
+            start = time.perf_counter()
+            embedder.encode(texts, batch_size=batch)
+            best = max(best, (len(texts) / (time.perf_counter() - start), batch))
     return best
 
 
@@ -119,8 +120,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--texts-per-request", type=int, default=4)
     parser.add_argument("--no-infinity", action="store_true")
-    parser.add_argument("--replica-cpus", type=float, default=os.cpu_count(),
-                        help="CPUs (and torch threads) of the one replica; infinity-emb uses every core")
+    parser.add_argument("--replicas", type=int, default=os.cpu_count(),
+                        help="replicas of the deployment; default one single-threaded replica per core, which beats "
+                             "one replica with a thread per core when HTTP work shares the cores")
+    parser.add_argument("--replica-cpus", type=float, default=None,
+                        help="CPUs (and torch threads) per replica; default: the cores divided among the replicas "
+                             "(infinity-emb uses every core)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the serve config's")
     args = parser.parse_args()
 
@@ -137,7 +142,9 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeSettings(model_name="minilm", num_cpus=args.replica_cpus, api_key_env=None,
+    replicas = {"min_replicas": args.replicas, "max_replicas": args.replicas}
+    cpus = args.replica_cpus or os.cpu_count() / args.replicas
+    serve.run(build_app(ServeSettings(model_name="minilm", num_cpus=cpus, api_key_env=None, autoscaling=replicas,
                                    **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {})), "minilm-l6"), name="b")
     rate, lat, err = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/embeddings", "minilm", args.seconds, args.clients,
                                        args.texts_per_request))

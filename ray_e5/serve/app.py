@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ray_e5.serve.batching import ContinuousBatcher
@@ -135,7 +135,8 @@ class EmbeddingServer:
             vectors = await self.batcher.embed(ids)
             tokens = sum(len(x) for x in ids)
             self.m_tokens.inc(tokens, tags={"model": self.settings.model_name})
-            return embedding_response(shape_vectors(vectors, req.dimensions), req.encoding_format, req.model, tokens)
+            body = embedding_response(shape_vectors(vectors, req.dimensions), req.encoding_format, req.model, tokens)
+            return Response(body, media_type="application/json")
         except ApiError as err:
             status = str(err.status)
             return _error(err)
