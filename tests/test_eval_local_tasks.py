@@ -131,3 +131,22 @@ def test_shared_data_layouts(shared_data):
     assert set(mrpc.dataset["default"]["test"]["labels"]) == {0, 1}
     with pytest.raises(LocalTaskError, match="snli_triplets.*unknown task type 'triplets'"):
         load_local_task(shared_data / "snli_triplets")
+
+
+def test_largest_task_is_scheduled_first(toys):
+    from ray_e5.eval.config import TaskEntry
+    from ray_e5.eval.tasks import largest_first, resolve_tasks
+    from ray_e5.eval.testing import SENTENCES
+
+    entries = [TaskEntry(path=str(toys["toy_sts"])),
+               TaskEntry(path=str(toys["toy_retrieval"]), name="toy_retrieval_small", max_samples=2, max_corpus=3),
+               TaskEntry(path=str(toys["toy_retrieval"]))]
+    sts, small, full = resolve_tasks(entries)
+    # every corpus document and every query, ids not counted
+    assert full.text_chars() == sum(map(len, SENTENCES)) + sum(map(len, SENTENCES[:8]))
+    assert 0 < small.text_chars() < full.text_chars()
+    pairs = [(a, a) for a in SENTENCES[:6]] + list(zip(SENTENCES[6:], SENTENCES[:6]))
+    assert sts.text_chars() == sum(len(a) + len(b) for a, b in pairs)
+    ordered = largest_first([small, full, sts])
+    assert [t.text_chars() for t in ordered] == sorted((t.text_chars() for t in ordered), reverse=True)
+    assert [t.name for t in ordered].index("toy_retrieval") < [t.name for t in ordered].index("toy_retrieval_small")

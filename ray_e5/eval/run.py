@@ -22,7 +22,7 @@ from ray_e5 import runs
 from ray_e5.config import RayE5Config
 from ray_e5.eval.config import EvaluateSettings
 from ray_e5.eval.models import ModelSpec, resolve_models, slug
-from ray_e5.eval.tasks import TaskSpec, resolve_tasks
+from ray_e5.eval.tasks import TaskSpec, largest_first, resolve_tasks
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def _worker_resources(settings: EvaluateSettings, ray) -> tuple[float, int]:
 
 def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSettings,
              instructions: dict[str, str], on_record) -> None:
-    """Run (model, task) pairs on up to ``num_workers`` actors, in the given (model-major) order; ``on_record``
+    """Run (model, task) pairs on up to ``num_workers`` actors, in the given order (model-major, so a worker keeps
+    its model between tasks; largest task first within a model); ``on_record``
     gets each record as it lands. A worker that dies loses only the task it was running."""
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -173,7 +174,8 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
             else:
                 log.warning("%s / %s failed: %s", model.label, task.name, record.get("error"))
 
-        _run_all(ray, [(m, t) for m in models for t in pending.get(m.label, [])], settings, overrides, on_record)
+        work = [(m, t) for m in models for t in largest_first(pending.get(m.label, []))]
+        _run_all(ray, work, settings, overrides, on_record)
 
     from ray_e5.eval.report import build_report, write_report
 

@@ -32,6 +32,31 @@ class TaskSpec:
             return self.task
         return hub_task(self.entry)
 
+    def text_chars(self) -> int:
+        """Characters of text a model must embed for this task: a loaded local task's, or 0 when unknown (a hub
+        task is loaded only by its worker)."""
+        if not self.local or self.task is None:
+            return 0
+        return _text_chars(getattr(self.task, "dataset", None))
+
+
+def _text_chars(data: Any) -> int:
+    if isinstance(data, str):
+        return len(data)
+    if isinstance(data, dict):
+        return sum(_text_chars(v) for v in data.values())
+    if isinstance(data, (list, tuple)):
+        return sum(_text_chars(v) for v in data)
+    if hasattr(data, "column_names"):  # a datasets.Dataset; ids are not embedded
+        return sum(_text_chars(list(data[c])) for c in data.column_names if c != "id")
+    return 0
+
+
+def largest_first(tasks: list[TaskSpec]) -> list[TaskSpec]:
+    """Tasks in decreasing order of the text they embed (ties and unknown sizes keep their order): with several
+    workers, the longest task starts first instead of last, so it does not run alone at the end (LPT scheduling)."""
+    return sorted(tasks, key=lambda t: -t.text_chars())
+
 
 def hub_task(entry: TaskEntry):
     import mteb
