@@ -93,7 +93,8 @@ def llamacpp_pipeline(n: int, max_tokens: int) -> tuple[float, float, float, dic
         manifest = generate(config)
         ours = manifest["tokens_this_run"]["completion"] / (time.perf_counter() - start)
 
-        settings = config.section("generate", GenerateSettings).model_copy(update={"seed": 2})  # other prompts: no cache hits on the server
+        # the peer's prompts come from another seed, so the server's prompt cache favours neither side
+        settings = config.section("generate", GenerateSettings).model_copy(update={"seed": 2})
         items, _ = expand(settings, plan_slots(settings), {})
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         tokens, start = 0, time.perf_counter()
@@ -157,6 +158,7 @@ def main() -> None:
               f"ratio {served / peer:.2f}")
         print(f"bare in-process decoding          : {direct:.1f} completion tokens/s (no server, no JSON grammar); "
               f"ratio {served / direct:.2f}")
+
 
 if __name__ == "__main__":
     main()
