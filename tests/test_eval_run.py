@@ -113,15 +113,16 @@ def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_
 
     from ray_e5.eval.run import score_local_task
     from ray_e5.model import Embedder
-    from ray_e5.serve.app import build_app
+    from ray_e5.serve.app import build_app, start_serve
     from ray_e5.serve.config import ServeSettings
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(model_name="tiny", host="127.0.0.1", port=port, num_cpus=0.5, api_key_env=None)
+    start_serve(settings)
     try:
-        serve.run(build_app(ServeSettings(model_name="tiny", num_cpus=0.5, api_key_env=None), str(tiny_decoder_dir)),
+        serve.run(build_app(settings, str(tiny_decoder_dir)),
                   name="eval-tiny", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         models = [{"label": "served", "ref": "tiny", "endpoint": url},

@@ -32,10 +32,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def server(ray_cluster):
     from ray import serve
 
-    from ray_e5.serve.app import build_app
+    from ray_e5.serve.app import build_app, start_serve
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(ServeSettings(host="127.0.0.1", port=port))  # the default ingress: HAProxy straight to replicas
     small = dict(num_cpus=0.5, max_inputs_per_request=8, max_body_bytes=64 * 1024, max_tokens_per_input=32,
                  api_key_env=None)
     serve.run(build_app(ServeSettings(model_name="minilm", **small), "minilm-l6"), name="main", route_prefix="/")
@@ -62,6 +62,16 @@ def test_vectors_equal_in_process_embedder(server, minilm):
     assert response.usage.prompt_tokens == sum(minilm.token_counts(TEXTS))
     single = client.embeddings.create(model="minilm", input="A man is playing a guitar.")
     assert len(single.data) == 1 and _cos(np.array([single.data[0].embedding]), got[:1])[0] > 0.9999
+
+
+def test_the_api_port_is_held_by_haproxy(server):
+    """The default ingress: Ray Serve's HAProxy holds the port and forwards to the replicas' own HTTP servers."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    holders = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert holders == {"haproxy"}
 
 
 def test_instruction_extension_embeds_queries(server, minilm):

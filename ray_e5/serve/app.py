@@ -12,7 +12,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -32,16 +31,6 @@ def _error(err: ApiError) -> JSONResponse:
 KNOWN_ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
 
 
-def vllm_engine_kwargs(settings: ServeSettings, model_dir: str) -> dict[str, Any]:
-    """Arguments for ``vllm.LLM`` serving a merged (``ray-e5 export``) model as an embedder on a GPU node."""
-    kwargs = {"model": model_dir, "runner": "pooling", "tensor_parallel_size": settings.vllm.tensor_parallel_size,
-              "gpu_memory_utilization": settings.vllm.gpu_memory_utilization, "dtype": settings.vllm.dtype,
-              "override_pooler_config": {"pooling_type": "LAST", "normalize": True}}
-    if settings.vllm.max_model_len:
-        kwargs["max_model_len"] = settings.vllm.max_model_len
-    return kwargs
-
-
 @serve.deployment(name="ray-e5-embeddings")
 @serve.ingress(api)
 class EmbeddingServer:
@@ -51,21 +40,29 @@ class EmbeddingServer:
         from ray_e5.model import Embedder
 
         self.settings = ServeSettings.model_validate(settings)
-        if self.settings.num_gpus == 0:
-            import torch
+        if self.settings.backend == "vllm":
+            from ray_e5.serve.vllm_backend import MergedModelText, VllmForward
 
-            # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
-            torch.set_num_threads(self.settings.cpu_threads())
-        self.embedder = Embedder.load(model_ref, merge_lora=True)
-        if self.settings.num_gpus > 0:
-            self.embedder.to("cuda")
+            self.text = MergedModelText.load(model_ref)  # tokenizer and settings; vLLM loads the weights
+            forward = VllmForward(self.settings, model_ref, self.text)
+        else:
+            if self.settings.num_gpus == 0:
+                import torch
+
+                # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
+                torch.set_num_threads(self.settings.cpu_threads())
+            self.embedder = Embedder.load(model_ref, merge_lora=True)
+            if self.settings.num_gpus > 0:
+                self.embedder.to("cuda")
+            self.text = self.embedder
+            forward = self._forward
         self.model_ref = model_ref
         self.names = {self.settings.model_name, model_ref}
-        self.max_tokens = min(self.settings.max_tokens_per_input or self.embedder.settings.max_length,
-                              self.embedder.settings.max_length)
+        self.max_tokens = min(self.settings.max_tokens_per_input or self.text.settings.max_length,
+                              self.text.settings.max_length)
         key = self.settings.api_key or (os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None)
         self.api_key = key or None
-        self.batcher = ContinuousBatcher(self._forward, self.settings.max_batch_tokens,
+        self.batcher = ContinuousBatcher(forward, self.settings.max_batch_tokens,
                                          self.settings.max_batch_requests, self.settings.batch_wait_timeout_s)
         tags = ("model",)
         self.m_requests = Counter("ray_e5_requests", "embedding requests by status", tag_keys=("model", "status"))
@@ -112,14 +109,14 @@ class EmbeddingServer:
     def _token_ids(self, texts: list[str], instruction: str | None) -> list[list[int]]:
         from ray_e5.model.tokenize import token_ids
 
-        formatted = self.embedder.format(texts, instruction)
+        formatted = self.text.format(texts, instruction)
         if self.settings.on_long_input == "error":
-            full = token_ids(self.embedder.tokenizer, formatted, 10**9, self.embedder.append_eos)
+            full = token_ids(self.text.tokenizer, formatted, 10**9, self.text.append_eos)
             long = next((i for i, ids in enumerate(full) if len(ids) > self.max_tokens), None)
             if long is not None:
                 raise ApiError(413, f"input[{long}] has {len(full[long])} tokens; the limit is {self.max_tokens}",
                                param=f"input[{long}]", code="input_too_long")
-        return token_ids(self.embedder.tokenizer, formatted, self.max_tokens, self.embedder.append_eos)
+        return token_ids(self.text.tokenizer, formatted, self.max_tokens, self.text.append_eos)
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
@@ -129,7 +126,7 @@ class EmbeddingServer:
             self._check_auth(request)
             body = await request.body()
             req = parse_request(body, max_body_bytes=self.settings.max_body_bytes,
-                                max_inputs=self.settings.max_inputs_per_request, dimension=self.embedder.dimension,
+                                max_inputs=self.settings.max_inputs_per_request, dimension=self.text.dimension,
                                 model_names=self.names)
             ids = self._token_ids(req.texts, req.instruction)
             vectors = await self.batcher.embed(ids)
@@ -151,7 +148,7 @@ class EmbeddingServer:
         except ApiError as err:
             return _error(err)
         return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "owned_by": "ray-e5",
-                                            "root": self.model_ref, "dimension": self.embedder.dimension,
+                                            "root": self.model_ref, "dimension": self.text.dimension,
                                             "max_tokens": self.max_tokens}]}
 
     @api.get("/health")
@@ -171,18 +168,31 @@ class EmbeddingServer:
 
 
 def build_app(settings: ServeSettings, model_ref: str):
-    """The bound application, with the config's replicas, autoscaling and resources applied."""
+    """The bound application, with the config's replicas, autoscaling, resources and ingress applied."""
     auto = settings.autoscaling
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus,
+                              "runtime_env": {"env_vars": settings.ingress_env()}},
         "max_ongoing_requests": settings.max_ongoing_requests,
+        "logging_config": {"enable_access_log": settings.access_log},
     }
-    if auto.max_replicas > 1 or auto.min_replicas != 1:
+    if auto.min_replicas == auto.max_replicas:  # a fixed count: no autoscaling loop in the controller
+        options["num_replicas"] = auto.max_replicas
+    else:
         options["autoscaling_config"] = {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
                                          "target_ongoing_requests": auto.target_ongoing_requests}
-    else:
-        options["num_replicas"] = 1
     return EmbeddingServer.options(**options).bind(settings.model_dump(), model_ref)
+
+
+def start_serve(settings: ServeSettings) -> None:
+    """Start Ray Serve (HTTP on ``host:port``) with the ingress the settings ask for.
+
+    A Serve instance already running keeps its own options (Ray Serve warns); its ingress must then match.
+    """
+    from ray import serve as ray_serve
+
+    ray_serve.start(http_options={"host": settings.host, "port": settings.port},
+                    controller_options={"runtime_env": {"env_vars": settings.ingress_env()}})
 
 
 def app_builder(args: dict[str, Any]):

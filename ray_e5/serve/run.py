@@ -24,11 +24,11 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
     from ray import serve as ray_serve
 
     from ray_e5.cluster import connect
-    from ray_e5.serve.app import build_app
+    from ray_e5.serve.app import build_app, start_serve
 
     settings = config.section("serve", ServeSettings)
     connect(config.ray_address)
-    ray_serve.start(http_options={"host": settings.host, "port": settings.port})
+    start_serve(settings)
     ray_serve.run(build_app(settings, model_reference(config, settings)), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}/v1"
     if blocking:
