@@ -118,6 +118,40 @@ def test_api_key_and_long_input_limits(server):
     assert truncated.status_code == 200 and truncated.json()["usage"]["prompt_tokens"] == 32
 
 
+def _metric_sums(text: str, application: str) -> dict[tuple[str, str], float]:
+    """(sample name, status label) -> summed value over ``application``'s replicas, from Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_ray_e5_") and sample.labels.get("application") == application:
+                key = (sample.name, sample.labels.get("status", ""))
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
+def test_prometheus_metrics_count_requests_tokens_batches_and_latency(server):
+    """Our metrics reach Ray's Prometheus endpoint, with the error status of a refused request."""
+    import ray
+
+    ok = httpx.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": ["counted", "twice"]})
+    refused = httpx.post(f"{server}/v1/embeddings", json={"model": "no-such-model", "input": ["x"]})
+    assert ok.status_code == 200 and 400 <= refused.status_code < 500
+    url = f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
+    deadline, sums = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:  # replicas push their metrics every few seconds
+        sums = _metric_sums(httpx.get(url, timeout=10).text, "main")
+        if sums.get(("ray_ray_e5_requests_total", str(refused.status_code)), 0) >= 1:
+            break
+        time.sleep(2)
+    assert sums.get(("ray_ray_e5_requests_total", "ok"), 0) >= 1
+    assert sums.get(("ray_ray_e5_requests_total", str(refused.status_code)), 0) >= 1, sorted(sums)
+    assert sums.get(("ray_ray_e5_prompt_tokens_total", ""), 0) >= ok.json()["usage"]["prompt_tokens"]
+    assert sums.get(("ray_ray_e5_batch_texts_count", ""), 0) >= 1
+    assert sums.get(("ray_ray_e5_request_latency_s_count", ""), 0) >= 2
+
+
 J = "application/json"
 MALFORMED = [
     ("no body", b"", J),
