@@ -41,24 +41,9 @@ class ModelSpec:
             return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template, self.instruction_mode)
         from ray_e5.model import Embedder
 
-        return Embedder.load(localize(self.ref), **self.overrides)
+        from ray_e5 import runs
 
-
-def localize(ref: str) -> str:
-    """A local copy of an embedder directory on an object store (s3://, gs://): ray_e5.json and the adapter are
-    small, and the base model they name is loaded as usual. Other references are returned unchanged."""
-    from ray_e5 import runs
-
-    if runs.is_local(ref):
-        return ref.removeprefix("file://")
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    target = Path(tempfile.mkdtemp(prefix="ray-e5-embedder-"))
-    fs, path = runs.resolve(ref)
-    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return str(target)
+        return Embedder.load(runs.local_copy(self.ref), **self.overrides)
 
 
 def _dir_stats(ref: str) -> list[tuple[str, int, int]] | None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from ray_e5 import runs
 from ray_e5.serve.batching import ContinuousBatcher
 from ray_e5.serve.config import ServeSettings
 from ray_e5.serve.protocol import ApiError, embedding_response, parse_request, shape_vectors
@@ -40,18 +41,19 @@ class EmbeddingServer:
         from ray_e5.model import Embedder
 
         self.settings = ServeSettings.model_validate(settings)
+        local = runs.local_copy(model_ref)  # a model directory on object storage is copied to this node once
         if self.settings.backend == "vllm":
             from ray_e5.serve.vllm_backend import MergedModelText, VllmForward
 
-            self.text = MergedModelText.load(model_ref)  # tokenizer and settings; vLLM loads the weights
-            forward = VllmForward(self.settings, model_ref, self.text)
+            self.text = MergedModelText.load(local)  # tokenizer and settings; vLLM loads the weights
+            forward = VllmForward(self.settings, local, self.text)
         else:
             if self.settings.num_gpus == 0:
                 import torch
 
                 # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
                 torch.set_num_threads(self.settings.cpu_threads())
-            self.embedder = Embedder.load(model_ref, merge_lora=True)
+            self.embedder = Embedder.load(local, merge_lora=True)
             if self.settings.num_gpus > 0:
                 self.embedder.to("cuda")
             self.text = self.embedder

@@ -25,7 +25,8 @@ class AutoscalingSettings(Section):
 
 
 class VllmPoolingSettings(Section):
-    """vLLM's pooling runner for GPU nodes (``task="embed"``): a merged model directory, last-token pooling."""
+    """vLLM's pooling runner for GPU nodes: a merged ``ray-e5 export`` directory; pooling and normalisation are the
+    export's."""
 
     tensor_parallel_size: int = Field(1, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)

@@ -14,7 +14,7 @@ def model_reference(config: RayE5Config, settings: ServeSettings) -> str:
     if settings.model:
         return settings.model
     trained = runs.join(config.run_dir, "embedder")
-    if runs.is_local(trained) and runs.exists(runs.join(trained, "ray_e5.json")):
+    if runs.exists(runs.join(trained, "ray_e5.json")):  # replicas copy a remote one to their node
         return trained
     return config.model.name
 
