@@ -102,7 +102,7 @@ def _sustained_in_process(embedder, texts: list[str], batch: int, seconds: float
     return done / (time.perf_counter() - start)
 
 
-def _infinity(port: int) -> subprocess.Popen | None:
+def _start_infinity(port: int) -> subprocess.Popen | None:
     if not (VENV / ".ready").exists():
         print("creating the infinity-emb venv (once) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -165,7 +165,7 @@ def _ray_e5(args) -> Result:
 
 def _infinity_run(args) -> Result | None:
     port = _free_port()
-    proc = _infinity(port)
+    proc = _start_infinity(port)
     try:
         if not _wait(f"http://127.0.0.1:{port}/models", proc):
             print("infinity-emb did not start (see bench/.venvs/infinity); no peer figure")

@@ -1,8 +1,8 @@
-"""The vLLM pooling backend for GPU nodes, config-tested here: vLLM's wheel is CUDA-only, so it never runs on CPU CI.
+"""Serve configuration without a server: the vLLM pooling backend for GPU nodes, bad `serve:` keys, serve.yaml.
 
-What is checked is everything on our side of the vLLM call: the merged directory is read back (tokenizer, pooling,
-template, length limit), the token ids handed to vLLM are the Embedder's, and the engine arguments carry the
-export's pooling and normalisation.
+vLLM's wheel is CUDA-only, so it never runs on CPU CI. What is checked is everything on our side of the vLLM call:
+the merged directory is read back (tokenizer, pooling, template, length limit), the token ids handed to vLLM are the
+Embedder's, and the engine arguments carry the export's pooling and normalisation.
 """
 
 from __future__ import annotations
