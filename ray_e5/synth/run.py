@@ -42,6 +42,17 @@ class GenerateError(ConfigError):
     """The run cannot go on (bad eval paths, a server that refuses the key or model); nothing written is lost."""
 
 
+class EmptySyntheticError(GenerateError):
+    """A non-empty plan ended with no valid row on disk: the next stage would train on nothing synthetic.
+
+    ``ray-e5 generate`` exits non-zero; ``quickstart`` and ``pipeline`` stop unless ``--allow-empty-synthetic``.
+    ``manifest`` is the manifest that was written (drop reasons included)."""
+
+    def __init__(self, message: str, manifest: dict | None = None):
+        super().__init__(message)
+        self.manifest = manifest or {}
+
+
 def _secret(settings: GenerateSettings):
     """The API key as a SecretStr (never printed), read here on the driver: actors on other nodes lack the env."""
     from pydantic import SecretStr
