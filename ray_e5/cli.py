@@ -1,7 +1,8 @@
-"""`ray-e5` command line: embed, export, and one subcommand per stage.
+"""`ray-e5` command line: embed, export, validate, and one subcommand per stage.
 
-Stages register their subcommands from ``ray_e5/<stage>/command.py`` (a ``register(subparsers)`` function that
-sets ``func`` on its parser), so each stage's CLI lives beside its code.
+The stage subcommands come from the stage registry (:mod:`ray_e5.stages`): each registered stage's package has a
+``command.py`` whose ``register(subparsers)`` adds the subcommand named as the stage and sets ``func`` on it, so
+each stage's CLI lives beside its code; ``pipeline`` and ``quickstart`` come from ``ray_e5/pipeline/command.py``.
 """
 
 from __future__ import annotations
@@ -12,24 +13,10 @@ import json
 import os
 import sys
 
-STAGE_COMMANDS = ("synth", "train", "serve", "eval", "pipeline")
+from ray_e5.cliargs import add_config_arguments, config_from_args  # noqa: F401  (the shared config arguments)
+from ray_e5.stages import STAGES
 
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config FILE and any number of --set KEY=VALUE overrides (dotted keys)."""
-    parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=2e-4 (repeatable)")
-    parser.add_argument("--address", help="Ray cluster address (default: a local cluster)")
-
-
-def config_from_args(args):
-    from ray_e5.config import load_config
-
-    overrides = list(args.overrides)
-    if getattr(args, "address", None):
-        overrides.append(f"ray_address={args.address}")
-    return load_config(args.config, overrides)
+COMMAND_MODULES = (*(stage.command_module for stage in STAGES.values()), "ray_e5.pipeline.command")
 
 
 def _embed(args) -> int:
@@ -63,9 +50,31 @@ def _export(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    """Exit 0 printing ``ok``, or exit 2 printing every error of every section (one per line)."""
+    from ray_e5.config import ConfigError
+
+    try:
+        config_from_args(args)
+    except ConfigError as err:
+        for line in err.errors:
+            print(line)
+        return 2
+    print("ok")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-e5", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's and the libraries' internal log lines and warnings (kept in Ray's log "
+                             "files otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("validate", help="check the whole config (every section) without running anything",
+                           description="Prints ok (exit 0), or every error with its dotted key (exit 2).")
+    add_config_arguments(check)
+    check.set_defaults(func=_validate)
 
     embed = sub.add_parser("embed", help="embed texts and print vectors (or their cosine matrix) as JSON")
     embed.add_argument("--model", default="gemma3-270m",
@@ -81,14 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", "-o", required=True)
     export.set_defaults(func=_export)
 
-    for stage in STAGE_COMMANDS:
-        try:
-            module = importlib.import_module(f"ray_e5.{stage}.command")
-        except ModuleNotFoundError as err:
-            if err.name not in (f"ray_e5.{stage}", f"ray_e5.{stage}.command"):
-                raise
-            continue
-        module.register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -97,14 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from ray_e5.cluster import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     from ray_e5.config import ConfigError
     from ray_e5.model.sources import UnknownModelError
+    from ray_e5.stages import UnknownStageError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnknownModelError) as err:
+    except (ConfigError, UnknownModelError, UnknownStageError) as err:
         print(f"ray-e5 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nray-e5 {args.command}: interrupted; what was written stays in the run directory and a rerun "
+              "resumes", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,26 +1,135 @@
-"""Connecting to Ray: join the cluster a job runs in, or start a local one on a laptop."""
+"""Connecting to Ray: join the cluster a job runs in, or start a local one on a laptop; keep the console ours.
+
+Quiet by default: Ray's and the libraries' known internal noise (Ray Train's PlacementGroupCleaner state-API
+warnings, transformers' ``is_gradient_checkpointing`` FutureWarning that peft triggers, Ray's deprecation warnings,
+Ray Data's INFO lines) is kept out of the console; it stays in Ray's log files (``/tmp/ray/session_latest/logs``
+on a local cluster). Everything else the workers print (our progress bars, errors) still reaches the driver.
+``ray-e5 --verbose`` (or ``RAY_E5_VERBOSE=1``) shows everything.
+"""
 
 from __future__ import annotations
 
+import builtins
+import logging
 import os
+import re
+import time
+import warnings
+from typing import Callable
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+VERBOSE_ENV = "RAY_E5_VERBOSE"
+
+# Python warnings that are known noise, as (message prefix, category): filtered in the driver, and in every worker
+# through PYTHONWARNINGS (same syntax as -W: the message is a literal prefix, so no ':' or ',' in it).
+NOISY_WARNINGS = (("`is_gradient_checkpointing` is deprecated", "FutureWarning"),)
+# Worker log lines (forwarded to the driver) that are known noise.
+NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller actor state|"
+                         r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_warnings() -> None:
+    """Driver-side filters for the known noise (scoped by message or by Ray's own deprecation category)."""
+    for message, category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=getattr(builtins, category))
+    try:
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # after Ray's own "module" filter
+    except ImportError:
+        pass
+
+
+def _worker_pythonwarnings() -> str:
+    ours = [f"ignore:{message}:{category}" for message, category in NOISY_WARNINGS]
+    theirs = os.environ.get("PYTHONWARNINGS")
+    return ",".join([*([theirs] if theirs else []), *ours])
+
+
+def _filter_worker_logs() -> bool:
+    """Replace Ray's driver-side printer of worker logs by one that drops the known noisy lines.
+
+    Ray exposes no public hook for this; its dispatcher is private, so any change there leaves Ray's own printer in
+    place (everything printed, as with --verbose) rather than failing.
+    """
+    try:
+        import functools
+
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+    except (ImportError, AttributeError):
+        return False
+
+    def filtered(data):
+        if NOISY_LINES.search(str(data.get("actor_name") or "")):
+            return
+        lines, dropping = [], False
+        for line in data.get("lines", []):
+            if NOISY_LINES.search(line):
+                dropping = True  # a warning's source line and a traceback's indented lines follow it
+                continue
+            if dropping and (line.startswith((" ", "\t")) or not line.strip()):
+                continue
+            dropping = False
+            lines.append(line)
+        if lines:
+            printer({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
+    return True
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's INFO lines (execution plans, operator progress) go to its log file only, not the console."""
+    import ray.data  # noqa: F401  (its logging is configured when imported)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
     """Initialise Ray once: ``address`` (or RAY_ADDRESS, as `ray job submit` sets) joins a cluster; else local.
 
-    Offline switches the driver has (HF_HUB_OFFLINE, ...) are passed on to the workers.
+    Offline switches the driver has (HF_HUB_OFFLINE, ...) are passed on to the workers, and so, unless verbose, are
+    the warning filters for known noise.
     """
     import ray
 
     if ray.is_initialized():
         return ray
+    quiet = not verbose()
     env = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
+    if quiet:
+        env["PYTHONWARNINGS"] = _worker_pythonwarnings()
+        quiet_warnings()
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
+    if quiet:
+        kwargs["logging_level"] = logging.WARNING  # "Started a local Ray instance", "Connecting to ..." lines
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    if quiet:
+        _filter_worker_logs()
+        _quiet_ray_data()
     return ray
+
+
+def wait_forever(log: Callable[[str], None] = print) -> None:
+    """Keep the driver (and so a local cluster and the server on it) alive until Ctrl-C."""
+    log("[ray-e5] serving until Ctrl-C")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("[ray-e5] stopped")

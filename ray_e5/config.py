@@ -3,19 +3,35 @@
 Each stage owns a section model (a :class:`Section` subclass) in its own package; :class:`RayE5Config` collects
 them. A config is loaded from YAML and then overridden from the command line with dotted ``key=value`` pairs
 (``train.lr=2e-4``). Unknown keys are refused, and every error names the dotted key that was wrong.
+
+:func:`load_config` validates the whole config, every stage section included (the sections the stage registry,
+:mod:`ray_e5.stages`, declares), and reports every error at once, before any stage runs or Ray starts: a typo in
+the last stage must not cost the hours of the first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key and what is accepted."""
+    """A configuration problem; the message names the offending key and what is accepted.
+
+    ``errors`` holds one line per problem (``train.lr: Input should be a valid number (got 'abc')``); a config
+    with several problems raises one ConfigError listing all of them, as torchtune's ConfigError collects them.
+    """
+
+    def __init__(self, message: "str | Iterable[str]"):
+        self.errors: list[str] = [message] if isinstance(message, str) else list(message)
+        if len(self.errors) == 1:
+            text = self.errors[0]
+        else:
+            text = f"{len(self.errors)} errors in the config:\n" + "\n".join(f"  {e}" for e in self.errors)
+        super().__init__(text)
 
 
 class Section(BaseModel):
@@ -69,16 +85,20 @@ class RayE5Config(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
+def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}{key}" if key else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a check across a whole (sub)section: its message says what is wrong; the input is the section itself
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(lines)
+            got = repr(e.get("input"))
+            lines.append(f"{key}: {e['msg']} (got {got if len(got) <= 120 else got[:117] + '...'})")
+    return lines
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -112,7 +132,7 @@ def validate(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, prefix)) from None
+        raise ConfigError(_error_lines(err, prefix)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -128,7 +148,47 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _section_errors(sections: dict[str, Any]) -> list[str]:
+    """Errors of every registered stage section present in ``sections`` (raw mappings), in stage order."""
+    from ray_e5.stages import STAGES  # a leaf module: it imports nothing of ray_e5 at import time
+
+    errors = []
+    for stage in STAGES.values():
+        raw = sections.get(stage.name)
+        if not isinstance(raw, dict):  # absent (defaults apply when the stage runs) or not a mapping (the top
+            continue                   # level reports that)
+        try:
+            validate(stage.settings_class(), raw, prefix=f"{stage.name}.")
+        except ConfigError as err:
+            errors.extend(err.errors)
+    return errors
+
+
+def check_sections(config: RayE5Config) -> RayE5Config:
+    """Validate every stage section of ``config`` with its stage's settings class; raise one ConfigError that
+    lists every error of every section. Returns ``config`` unchanged."""
+    errors = _section_errors({name: getattr(config, name, None) for name in type(config).model_fields})
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def check_config(data: dict[str, Any], cls: type[C] = RayE5Config) -> C:
+    """Build ``cls`` from ``data`` and validate every stage section; every error of the top level and of every
+    section is reported in one ConfigError."""
+    errors: list[str] = []
+    config = None
+    try:
+        config = cls.model_validate(data)
+    except ValidationError as err:
+        errors.extend(_error_lines(err))
+    errors.extend(_section_errors(data))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type[C] = RayE5Config) -> C:
-    """Load a config from YAML (or defaults), apply overrides, validate."""
+    """Load a config from YAML (or defaults), apply overrides, validate the whole of it (every stage section)."""
     data = read_yaml(path) if path is not None else {}
-    return validate(cls, apply_overrides(data, overrides))
+    return check_config(apply_overrides(data, overrides), cls)

@@ -1,12 +1,15 @@
-"""Config: YAML + dotted overrides, unknown keys refused with the key named."""
+"""Config: YAML + dotted overrides, unknown keys refused with the key named; the whole config (every stage section)
+validated when it is loaded, every error reported at once."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from ray_e5.config import ConfigError, ModelSettings, RayE5Config, load_config
+from ray_e5.config import ConfigError, ModelSettings, RayE5Config, check_sections, load_config
+from ray_e5.stages import STAGES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,7 +47,80 @@ def test_stage_sections_name_their_keys():
         cfg.section("train", ModelSettings)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "serve.yaml"))
-def test_shipped_configs_load(name):
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "serve.yaml")  # serve.yaml: Ray's deploy schema
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_configs_load_with_every_section_validated(name, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # e5-mistral-7b generates with the openai backend
     cfg = load_config(CONFIGS / name)
     assert cfg.model.name
+    present = [stage.name for stage in STAGES.values() if getattr(cfg, stage.name) is not None]
+    assert present == list(STAGES), f"{name} lacks a section for {set(STAGES) - set(present)}"
+    for stage in STAGES.values():  # each section builds its settings class (what the stage itself will do)
+        assert isinstance(cfg.section(stage.name, stage.settings_class()), stage.settings_class())
+
+
+# A typo in any section of any shipped config fails load_config, naming the dotted key (nothing has run yet).
+TYPOS = {"generate": ("generate.num_exmples=3", "generate.num_exmples: unknown key"),
+         "train": ("train.lr=abc", "train.lr: Input should be a valid number"),
+         "evaluate": ("evaluate.x=1", "evaluate.x: unknown key"),
+         "serve": ("serve.prot=1", "serve.prot: unknown key")}
+
+
+def test_every_stage_has_a_typo_case():
+    assert set(TYPOS) == set(STAGES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("stage", sorted(TYPOS))
+def test_a_typo_in_any_section_fails_load_config(name, stage, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    override, message = TYPOS[stage]
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config(CONFIGS / name, [override])
+    assert info.value.errors == [e for e in info.value.errors if e.startswith(f"{stage}.")] and len(info.value.errors) == 1
+
+
+def test_every_error_of_every_section_is_reported_at_once():
+    overrides = [override for override, _ in TYPOS.values()] + ["model.pooling=max", "bogus=1"]
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "quickstart.yaml", overrides)
+    errors = info.value.errors
+    assert len(errors) == 6, errors
+    for _, message in TYPOS.values():
+        assert any(e.startswith(message) for e in errors), (message, errors)
+    assert "model.pooling" in str(info.value) and "bogus: unknown key" in str(info.value)
+    assert str(info.value).startswith("6 errors in the config:")
+
+
+def test_section_that_is_not_a_mapping_is_named():
+    with pytest.raises(ConfigError, match=r"train: Input should be a valid dictionary"):
+        load_config(None, ["train=3"])
+
+
+def test_check_sections_validates_a_config_built_without_load_config():
+    cfg = RayE5Config.model_validate({"serve": {"port": 0}, "evaluate": {"num_workers": 0}})
+    with pytest.raises(ConfigError) as info:
+        check_sections(cfg)
+    assert [e.split(":")[0] for e in info.value.errors] == ["evaluate.num_workers", "serve.port"]
+    assert check_sections(RayE5Config()) == RayE5Config()  # no sections: the stages' defaults apply
+
+
+def test_a_hosted_backend_without_its_key_is_refused_at_load(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"generate: backend 'openai' needs an API key in .*OPENAI_API_KEY"):
+        load_config(CONFIGS / "e5-mistral-7b.yaml")
+
+
+def test_validate_command(tmp_path, capsys):
+    from ray_e5.cli import main
+
+    assert main(["validate", "--config", str(CONFIGS / "quickstart.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    assert main(["validate", "--config", str(CONFIGS / "quickstart.yaml"),
+                 "--set", "train.lr=abc", "--set", "serve.prot=1"]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["train.lr", "serve.prot"]
+    assert main(["validate", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import json
 
 
 def _run(args) -> int:
-    from ray_e5.cli import config_from_args
+    from ray_e5.cliargs import config_from_args
     from ray_e5.eval.run import evaluate
 
     config = config_from_args(args)
@@ -24,7 +24,7 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> None:
-    from ray_e5.cli import add_config_arguments
+    from ray_e5.cliargs import add_config_arguments
 
     p = subparsers.add_parser("evaluate", help="MTEB evaluation with the paper's instructions, fanned out over Ray",
                               description=__doc__)

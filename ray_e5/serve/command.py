@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from ray_e5.cli import add_config_arguments
+    from ray_e5.cliargs import add_config_arguments
 
     parser = subparsers.add_parser("serve", help="serve an embedder behind an OpenAI-compatible /v1/embeddings")
     add_config_arguments(parser)
@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from ray_e5.cli import config_from_args
+    from ray_e5.cliargs import config_from_args
     from ray_e5.serve.run import serve
 
     if args.model:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from ray_e5.cli import add_config_arguments
+    from ray_e5.cliargs import add_config_arguments
 
     parser = subparsers.add_parser(
         "generate", help="LLM-written training examples (the paper's two-step prompting)",
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 def _generate(args) -> int:
     import json
 
-    from ray_e5.cli import config_from_args
+    from ray_e5.cliargs import config_from_args
     from ray_e5.synth.run import generate
 
     if args.num_examples is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from ray_e5.cli import add_config_arguments
+    from ray_e5.cliargs import add_config_arguments
 
     parser = subparsers.add_parser(
         "train", help="fine-tune a decoder into an embedder (LoRA + InfoNCE) on Ray Train",
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from ray_e5.cli import config_from_args
+    from ray_e5.cliargs import config_from_args
     from ray_e5.train.run import train
 
     if args.max_steps is not None:

@@ -1,0 +1,27 @@
+"""The config arguments every config-driven command shares (``--config``, ``--set KEY=VALUE``, ``--address``).
+
+Its own module so that ``ray_e5.cli`` and each ``ray_e5/<stage>/command.py`` import it, and no command module
+imports the CLI back.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE, any number of --set KEY=VALUE overrides (dotted keys) and --address."""
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=2e-4 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+
+
+def config_from_args(args):
+    """The whole config from --config/--set/--address, every section validated (all errors in one ConfigError)."""
+    from ray_e5.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"ray_address={args.address}")
+    return load_config(args.config, overrides)
