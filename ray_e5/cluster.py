@@ -50,6 +50,22 @@ def _worker_pythonwarnings() -> str:
     return ",".join([*([theirs] if theirs else []), *ours])
 
 
+def drop_noise(data: dict) -> dict | None:
+    """A batch of forwarded worker log lines without the known noise (None: nothing left to print)."""
+    if NOISY_LINES.search(str(data.get("actor_name") or "")):
+        return None
+    lines, dropping = [], False
+    for line in data.get("lines", []):
+        if NOISY_LINES.search(line):
+            dropping = True  # a warning's source line and a traceback's indented lines follow it
+            continue
+        if dropping and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        dropping = False
+        lines.append(line)
+    return {**data, "lines": lines} if lines else None
+
+
 def _filter_worker_logs() -> bool:
     """Replace Ray's driver-side printer of worker logs by one that drops the known noisy lines.
 
@@ -64,26 +80,18 @@ def _filter_worker_logs() -> bool:
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
         ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
         printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+        if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+            return False  # worker logs are not forwarded at all (log_to_driver=False)
     except (ImportError, AttributeError):
         return False
 
     def filtered(data):
-        if NOISY_LINES.search(str(data.get("actor_name") or "")):
-            return
-        lines, dropping = [], False
-        for line in data.get("lines", []):
-            if NOISY_LINES.search(line):
-                dropping = True  # a warning's source line and a traceback's indented lines follow it
-                continue
-            if dropping and (line.startswith((" ", "\t")) or not line.strip()):
-                continue
-            dropping = False
-            lines.append(line)
-        if lines:
-            printer({**data, "lines": lines})
+        kept = drop_noise(data)
+        if kept is not None:
+            printer(kept)
 
     dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    dispatcher.add_handler("ray_print_logs", filtered)  # same name: ray.shutdown() removes it
     return True
 
 

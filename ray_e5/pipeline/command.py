@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from ray_e5.pipeline.run import STAGES
+import argparse
+
+from ray_e5.cliargs import add_config_arguments
+from ray_e5.stages import STAGES
+
+ALLOW_EMPTY_HELP = ("when generation writes no valid row, print one warning and train on the labeled sources alone "
+                    "(default: stop after generation with its message)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-serving", action="store_true", help="keep the server up until Ctrl-C")
+    parser.add_argument("--allow-empty-synthetic", action="store_true", help=ALLOW_EMPTY_HELP)
+    # also accepted after the subcommand; SUPPRESS keeps a global `ray-e5 --verbose` from being reset
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and the libraries' internal log lines and warnings")
 
 
 def register(subparsers) -> None:
-    from ray_e5.cli import add_config_arguments
-
     quick = subparsers.add_parser(
         "quickstart", help="the whole recipe offline on this machine: generate, train, evaluate, serve",
         description="Gemma 3 270M writes synthetic data (llama.cpp), a Gemma 270M LoRA embedder is trained on it "
@@ -20,16 +32,28 @@ def register(subparsers) -> None:
     quick.add_argument("--budget-min", type=float, default=20.0, help="time budget in minutes (default 20)")
     quick.add_argument("--smoke", action="store_true",
                        help="reduced size (2 examples, 30 steps, small eval sets): the CI end-to-end run")
-    quick.add_argument("--keep-serving", action="store_true", help="keep the server up until Ctrl-C")
-    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
+    _common(quick)
     quick.set_defaults(func=_quickstart)
 
-    pipe = subparsers.add_parser("pipeline", help="run all stages (or --stages) on one run directory")
+    pipe = subparsers.add_parser("pipeline", help="run all stages (or --stages) on one run directory",
+                                 description="Runs " + " -> ".join(STAGES) + " on one run directory; the whole "
+                                             "config is validated first.")
     add_config_arguments(pipe)
     pipe.add_argument("--stages", default=",".join(STAGES),
-                      help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    pipe.add_argument("--keep-serving", action="store_true", help="keep the server up until Ctrl-C")
+                      help=f"comma-separated subset of {','.join(STAGES)} (default: all; run in that order)")
+    _common(pipe)
     pipe.set_defaults(func=_pipeline)
+
+
+def _verbose(args) -> None:
+    if getattr(args, "verbose", False):
+        import os
+
+        from ray_e5.cluster import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def _quickstart(args) -> int:
@@ -37,22 +61,27 @@ def _quickstart(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _verbose(args)
     from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
 
     config = quickstart_config(args.config, args.run_dir, args.data_dir, Budget(args.budget_min * 60), args.smoke,
                                args.overrides)
-    run_quickstart(config, keep_serving=args.keep_serving)
+    run_quickstart(config, keep_serving=args.keep_serving, allow_empty_synthetic=args.allow_empty_synthetic)
     return 0
 
 
 def _pipeline(args) -> int:
-    from ray_e5.cli import config_from_args
-    from ray_e5.pipeline.run import run_pipeline, wait_forever
+    from ray_e5.cliargs import config_from_args
+    from ray_e5.cluster import wait_forever
+    from ray_e5.pipeline.run import run_pipeline
+    from ray_e5.stages import select
 
+    _verbose(args)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    results = run_pipeline(config_from_args(args), stages)
+    select(stages)  # an unknown stage name fails before the config is read
+    results = run_pipeline(config_from_args(args), stages, allow_empty_synthetic=args.allow_empty_synthetic)
     if "serve" in results:
-        print(f"[ray-e5] serving at {results['serve']}")
+        print(f"[ray-e5] serving {results['serve'].model_name} at {results['serve'].url}")
         if args.keep_serving:
             wait_forever()
     return 0

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ray_e5 import runs
-from ray_e5.config import RayE5Config, apply_overrides, load_config, read_yaml, validate
+from ray_e5.config import RayE5Config, apply_overrides, check_config, read_yaml
+from ray_e5.stages import STAGES, GenerateResult, TrainResult
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -56,7 +57,8 @@ def _keep_present(items: list, data_dir: str | None, key: str, log) -> list:
 
 def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: str | None, budget: Budget,
                       smoke: bool, overrides: list[str], log=print) -> RayE5Config:
-    """The quickstart recipe with the budget applied, absent datasets dropped, and the user's overrides last."""
+    """The quickstart recipe with the budget applied, absent datasets dropped, and the user's overrides last;
+    validated whole (every section, every error at once) before anything runs."""
     data: dict[str, Any] = read_yaml(config_path or REPO_CONFIGS / "quickstart.yaml")
     if run_dir:
         data["run_dir"] = run_dir
@@ -77,7 +79,7 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
         sts = [t for t in evaluate["tasks"] if isinstance(t, dict) and "sts" in str(t.get("path", ""))]
         evaluate["tasks"] = [{**t, "max_samples": 200} for t in sts[:1]]
     apply_overrides(data, overrides)
-    return validate(RayE5Config, data)
+    return check_config(data, RayE5Config)
 
 
 def _openai_example(base_url: str, model: str) -> tuple[str, str]:
@@ -97,39 +99,59 @@ def _openai_example(base_url: str, model: str) -> tuple[str, str]:
     return snippet, f"{len(vectors[0])} {cosine:.4f}"
 
 
-def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print) -> dict[str, Any]:
+def _counts(by_kind: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(by_kind.items()) if n) or "none"
+
+
+def synthetic_summary(generated: GenerateResult | None, trained: TrainResult | None) -> str:
+    """How many synthetic rows generation wrote and training used, per kind.
+
+    Generated: the manifest's ``examples`` and ``by_kind``; used: ``train/data.json``'s ``sources["synthetic"]``
+    (``used_by_kind`` when the plan records it, else the total ``used``)."""
+    parts = []
+    if generated is not None:
+        parts.append(f"{generated.rows} generated ({_counts(generated.by_kind)})")
+    if trained is not None:
+        stats = (trained.data.get("sources") or {}).get("synthetic")
+        if not stats:
+            parts.append("none used in training")
+        elif stats.get("used_by_kind"):
+            parts.append(f"{stats.get('used', sum(stats['used_by_kind'].values()))} used in training "
+                         f"({_counts(stats['used_by_kind'])})")
+        else:
+            parts.append(f"{stats.get('used', 0)} used in training")
+    return "[ray-e5] synthetic rows: " + "; ".join(parts)
+
+
+def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
+                   allow_empty_synthetic: bool = False) -> dict[str, Any]:
+    """Every stage on ``config``, then the summary: outputs, synthetic rows generated and used, the report, and
+    an openai-client example run against the live server. Returns the stages' typed results by name (and
+    ``openai_output``, what that example printed)."""
+    from ray_e5.cluster import wait_forever
     from ray_e5.pipeline.run import run_pipeline
 
     start = time.perf_counter()
-    results = run_pipeline(config, log=log)
-    base_url = results["serve"]
-    served = config.section("serve", _serve_settings()).model_name if config.serve else "ray-e5"
-    snippet, output = _openai_example(str(base_url), served)
+    results = run_pipeline(config, log=log, allow_empty_synthetic=allow_empty_synthetic)
+    served = results["serve"]
+    snippet, output = _openai_example(served.url, served.model_name)
     run_dir = config.run_dir
     log("")
     log(f"[ray-e5] quickstart finished in {time.perf_counter() - start:.0f} s; outputs under {run_dir}:")
-    for name, what in (("synthetic", "generated examples (Parquet) + manifest.json"),
-                       ("train", "metrics.jsonl, loss_curve.png, checkpoints"),
-                       ("embedder", "the trained embedder (ray_e5.json + LoRA adapter)"),
-                       ("eval", "report.md, report.json, scores.png, per-task results")):
-        log(f"  {runs.join(run_dir, name):40s} {what}")
+    for stage in STAGES.values():
+        for out in stage.outputs:
+            if out.path is not None:
+                log(f"  {runs.join(run_dir, out.path):40s} {out.what}")
+    log(synthetic_summary(results.get("generate"), results.get("train")))
     report = results.get("evaluate")
-    if isinstance(report, dict) and report.get("paths"):
+    if report is not None and report.report_paths.get("markdown"):
         log("")
-        log(runs.read_text(report["paths"]["markdown"]))
+        log(runs.read_text(report.report_paths["markdown"]))
     log("")
-    log(f"[ray-e5] the embedder is served at {base_url}; with the openai client:")
+    log(f"[ray-e5] the embedder is served at {served.url}; with the openai client:")
     log(snippet)
     log(f"# printed: {output}")
     results["openai_output"] = output
     if keep_serving:
-        from ray_e5.pipeline.run import wait_forever
-
-        wait_forever()
+        wait_forever(log)
     return results
-
-
-def _serve_settings():
-    from ray_e5.serve.config import ServeSettings
-
-    return ServeSettings

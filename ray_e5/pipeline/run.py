@@ -1,68 +1,54 @@
-"""Run the stages in order on one run directory; each stage resumes from what a killed run left behind."""
+"""Run the registered stages in order on one run directory; each stage resumes from what a killed run left behind.
+
+The stages, their order and their results come from the stage registry (:mod:`ray_e5.stages`); the config is
+validated whole (every section) before Ray starts.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any
 
-from ray_e5.config import RayE5Config
-
-STAGES = ("generate", "train", "evaluate", "serve")
-
-
-def _generate(config: RayE5Config):
-    from ray_e5.synth.run import generate
-
-    return generate(config)
+from ray_e5.cluster import wait_forever  # noqa: F401  (kept importable from here for older callers)
+from ray_e5.config import RayE5Config, check_sections
+from ray_e5.stages import STAGES, GenerateResult, select
 
 
-def _train(config: RayE5Config):
-    from ray_e5.train.run import train
+def run_pipeline(config: RayE5Config, stages: tuple[str, ...] | list[str] = tuple(STAGES), log=print,
+                 allow_empty_synthetic: bool = False) -> dict[str, Any]:
+    """Run ``stages`` (a subset of the registered stages, run in registry order); return each stage's typed
+    result by stage name.
 
-    return train(config)
-
-
-def _evaluate(config: RayE5Config):
-    from ray_e5.eval.run import evaluate
-
-    return evaluate(config)
-
-
-def _serve(config: RayE5Config):
-    from ray_e5.serve.run import serve
-
-    return serve(config, blocking=False)
-
-
-RUNNERS: dict[str, Callable[[RayE5Config], object]] = {
-    "generate": _generate, "train": _train, "evaluate": _evaluate, "serve": _serve,
-}
-
-
-def run_pipeline(config: RayE5Config, stages: tuple[str, ...] = STAGES, log=print) -> dict[str, object]:
-    """Run ``stages`` (a subset of generate, train, evaluate, serve, in that order); return each stage's result."""
-    unknown = [s for s in stages if s not in RUNNERS]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; accepted: {', '.join(STAGES)}")
+    Generation that ends with no valid row (:class:`~ray_e5.synth.run.EmptySyntheticError`) stops the pipeline
+    there, unless ``allow_empty_synthetic``: then one warning line is logged and training goes on with the labeled
+    sources alone.
+    """
+    chosen = select(tuple(stages))  # unknown names fail here, all of them named
+    check_sections(config)  # a typo in the last section fails before the first stage starts
     from ray_e5.cluster import connect
 
     connect(config.ray_address)
-    results: dict[str, object] = {}
-    for stage in STAGES:
-        if stage not in stages:
-            continue
+    results: dict[str, Any] = {}
+    for stage in chosen:
         start = time.perf_counter()
-        log(f"[ray-e5] {stage}: starting")
-        results[stage] = RUNNERS[stage](config)
-        log(f"[ray-e5] {stage}: done in {time.perf_counter() - start:.0f} s")
+        log(f"[ray-e5] {stage.name}: starting")
+        if stage.name == "generate":
+            results[stage.name] = _generate(stage, config, log, allow_empty_synthetic)
+        else:
+            results[stage.name] = stage.run(config)
+        log(f"[ray-e5] {stage.name}: done in {time.perf_counter() - start:.0f} s")
     return results
 
 
-def wait_forever() -> None:
-    """Keep the driver (and so the local cluster and its server) alive until Ctrl-C."""
-    print("[ray-e5] serving until Ctrl-C")
+def _generate(stage, config: RayE5Config, log, allow_empty: bool) -> GenerateResult:
+    from ray_e5 import runs
+    from ray_e5.synth.run import EmptySyntheticError
+
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        return stage.run(config)
+    except EmptySyntheticError as err:
+        if not allow_empty:
+            raise EmptySyntheticError(f"{err} (pass --allow-empty-synthetic to train on the labeled sources "
+                                      "alone)", err.manifest) from None
+        log(f"[ray-e5] warning: {err} -- going on without synthetic data (--allow-empty-synthetic)")
+        return GenerateResult.from_manifest(err.manifest, runs.join(config.run_dir, "synthetic"))
