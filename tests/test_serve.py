@@ -41,6 +41,11 @@ def server(ray_cluster):
     serve.run(build_app(ServeSettings(model_name="minilm", **small), "minilm-l6"), name="main", route_prefix="/")
     serve.run(build_app(ServeSettings(model_name="minilm", api_key=KEY, on_long_input="error", **small), "minilm-l6"),
               name="strict", route_prefix="/strict")
+    # A tight queue for the overload test: 2 waiting requests, 2 merged per forward, at most 96 tokens waiting.
+    tight = {**small, "max_inputs_per_request": 16}
+    serve.run(build_app(ServeSettings(model_name="minilm", max_queued_requests=2, max_queued_tokens=96,
+                                      max_batch_requests=2, **tight), "minilm-l6"),
+              name="overload", route_prefix="/overload")
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
@@ -189,20 +194,56 @@ MALFORMED = [
     ("instruction not a string", json.dumps({"model": "minilm", "input": "a", "instruction": ["x"]}).encode(), J),
     ("unknown parameter", json.dumps({"model": "minilm", "input": "a", "temperature": 1}).encode(), J),
     ("form body", b"model=minilm&input=a", "application/x-www-form-urlencoded"),
+    # Hostile bodies that once reached a bare text 500: deep nesting, a huge integer literal, lone surrogates.
+    ("deeply nested array", b'{"model": "minilm", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", J),
+    ("nested past the depth limit", b'{"model": "minilm", "input": "a", "user": ' + b"[" * 40 + b"]" * 40 + b"}", J),
+    ("huge integer", b'{"model": "minilm", "input": "a", "dimensions": ' + b"9" * 5000 + b"}", J),
+    ("huge integer in a list", b'{"model": "minilm", "input": [' + b"1" * 4301 + b"]}", J),
+    ("float overflow", b'{"model": "minilm", "input": "a", "dimensions": 1e999}', J),
+    ("NaN", b'{"model": "minilm", "input": "a", "dimensions": NaN}', J),
+    ("lone surrogate in input", b'{"model": "minilm", "input": "\\ud800"}', J),
+    ("lone surrogate in an input list", b'{"model": "minilm", "input": ["ok", "x\\udfffy"]}', J),
+    ("lone surrogate in instruction", b'{"model": "minilm", "input": "a", "instruction": "\\ud83d"}', J),
+    ("lone surrogate in model", b'{"model": "\\ud800", "input": "a"}', J),
+    ("lone surrogate in a key", b'{"model": "minilm", "input": "a", "\\udc00": 1}', J),
+    ("duplicate keys", b'{"model": "minilm", "input": "a", "input": "b"}', J),
+    ("utf-8 BOM", b'\xef\xbb\xbf{"model": "minilm", "input": "a"}', J),
+    ("utf-16 body", json.dumps({"model": "minilm", "input": "a"}).encode("utf-16"), J),
+    ("missing Content-Type", json.dumps({"model": "minilm", "input": "a"}).encode(), None),
+    ("text/plain", json.dumps({"model": "minilm", "input": "a"}).encode(), "text/plain"),
+    ("latin-1 charset", json.dumps({"model": "minilm", "input": "a"}).encode(), "application/json; charset=latin-1"),
+]
+
+# Hostile headers on an otherwise good body: each a 4xx JSON error that names the header.
+GOOD = json.dumps({"model": "minilm", "input": "a"}).encode()
+HOSTILE_HEADERS = [
+    ("gzip body", {"Content-Type": J, "Content-Encoding": "gzip"}, "Content-Encoding"),
+    ("br body", {"Content-Type": J, "Content-Encoding": "br, gzip"}, "Content-Encoding"),
+    ("no Content-Type", {}, "Content-Type"),
+    ("xml", {"Content-Type": "application/xml"}, "Content-Type"),
 ]
 
 
 def test_malformed_requests_get_4xx_json_errors(server):
-    assert len(MALFORMED) >= 30
+    assert len(MALFORMED) >= 50
     with httpx.Client(timeout=30) as client:
         for name, body, ctype in MALFORMED:
-            r = client.post(f"{server}/v1/embeddings", content=body, headers={"Content-Type": ctype})
+            r = client.post(f"{server}/v1/embeddings", content=body, headers={"Content-Type": ctype} if ctype else {})
             assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:200]}"
+            assert r.headers["content-type"].startswith("application/json"), name
             error = r.json()["error"]
-            assert error["message"] and error["type"], name
-        for method, path in (("GET", "/v1/embeddings"), ("POST", "/v1/nothing"), ("DELETE", "/v1/models")):
+            assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"], name
+        for name, headers, param in HOSTILE_HEADERS:
+            r = client.post(f"{server}/v1/embeddings", content=GOOD, headers=headers)
+            assert r.status_code == 415 and r.json()["error"]["param"] == param, (name, r.status_code, r.text[:200])
+            assert "accepted" in r.json()["error"]["message"] or "send" in r.json()["error"]["message"], name
+        for method, path in (("GET", "/v1/embeddings"), ("POST", "/v1/nothing"), ("DELETE", "/v1/models"),
+                             ("HEAD", "/v1/embeddings"), ("TRACE", "/v1/embeddings"), ("FOO", "/v1/embeddings"),
+                             ("POST", "/openapi.json"), ("GET", "/v1/%ff%00")):
             r = client.request(method, f"{server}{path}")
-            assert 400 <= r.status_code < 500 and "error" in r.json(), (method, path, r.status_code)
+            assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text[:200])
+            if method not in ("HEAD", "FOO"):  # an unknown method is refused (400) by the HTTP layer, before the app
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}, (method, path)
         still = client.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": ["still serving"]})
         assert still.status_code == 200 and len(still.json()["data"][0]["embedding"]) == 384
 

@@ -4,32 +4,151 @@ Concurrent requests share forward passes through a continuous batcher (``batchin
 is free it takes every queued request, up to a token budget. Inside a batch, texts are sorted by length and cut
 into sub-batches whose padded size stays under ``max_batch_tokens``, as TEI's max-batch-tokens does. The forward
 runs in its own thread, so the replica keeps accepting requests (and queueing the next batch) while it computes.
+
+No request can reach a bare 5xx: headers and body are checked before anything is parsed (``protocol.py``: 415 for a
+wrong Content-Type or Content-Encoding, 413 for a body over the limit, 400 for every malformed JSON), a queue over
+``max_queued_requests`` / ``max_queued_tokens`` answers 429 with Retry-After, a request past ``request_timeout_s``
+answers 504, and any exception anywhere answers a JSON 500 carrying the request id (the traceback goes to the log).
+Every error is ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 
+import asyncio
 import hmac
+import json
+import logging
+import math
 import os
+import re
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_e5 import runs
-from ray_e5.serve.batching import ContinuousBatcher
+from ray_e5.serve.batching import ContinuousBatcher, Overloaded
 from ray_e5.serve.config import ServeSettings
-from ray_e5.serve.protocol import ApiError, embedding_response, parse_request, shape_vectors
+from ray_e5.serve.protocol import (ApiError, check_headers, embedding_response, openapi_responses,
+                                   openapi_request_body, parse_request, shape_vectors)
 
-api = FastAPI(title="ray-e5 embeddings", version="1")
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="ray-e5 embeddings", version="1",
+              description="OpenAI-compatible embeddings. Every error is {\"error\": {\"message\", \"type\", "
+                          "\"param\", \"code\"}}.")
+
+KNOWN_ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET", "/openapi.json": "GET",
+                "/docs": "GET", "/redoc": "GET"}
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def _error(err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response whatever the body holds: ASCII-escaped, so no string can fail to encode."""
+    return Response(json.dumps(body, ensure_ascii=True, default=str), status_code=status,
+                    media_type="application/json", headers=headers)
 
 
-KNOWN_ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
+def _error(err: ApiError, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return _json(err.body(), err.status, headers)
+
+
+def request_id(headers: Any = None) -> str:
+    """Ray Serve's id of the current request (it comes back in x-request-id), else the client's, else a new one."""
+    rid = ""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside a replica
+        pass
+    if not rid and headers is not None:
+        rid = headers.get("x-request-id", "") or ""
+    rid = _SAFE_ID.sub("", str(rid))[:64]
+    return rid or uuid.uuid4().hex
+
+
+def internal_error(rid: str) -> Response:
+    err = ApiError(500, f"internal error while serving request {rid}; the details are in the server log",
+                   code="internal_error", kind="server_error")
+    return _error(err, {"x-request-id": rid})
+
+
+class NeverBare500:
+    """Outermost ASGI guard: an exception escaping any route or middleware becomes a JSON 500 with a request id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 - logged with its traceback, answered as JSON
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            rid = request_id(headers)
+            logger.exception("ray-e5: request %s failed", rid)
+            if started:  # part of a response is out: nothing more can be said on this connection
+                return
+            await internal_error(rid)(scope, receive, send)
+
+
+api.add_middleware(NeverBare500)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException):
+    """Starlette's own 404/405/... as OpenAI-style errors (a wrong method on a route, a malformed path)."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    route = "/" + request.url.path.strip("/")
+    message = str(exc.detail)
+    if exc.status_code == 405 and route in KNOWN_ROUTES:
+        message = f"{request.method} is not allowed on {route}; use {KNOWN_ROUTES[route]}"
+    headers = {k: v for k, v in (exc.headers or {}).items()}
+    return _error(ApiError(exc.status_code, message, code=code, kind=kind), headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _error(ApiError(400, f"invalid request: {str(exc)[:500]}", code="invalid_request"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it is known to exceed ``limit``: before reading, when Content-Length
+    says so, and while streaming a chunked one."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {ascii(declared)[:40]} is not a number", param="Content-Length",
+                           code="invalid_header") from None
+        if size > limit:
+            raise ApiError(413, f"request body is {size} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @serve.deployment(name="ray-e5-embeddings")
@@ -65,7 +184,10 @@ class EmbeddingServer:
         key = self.settings.api_key or (os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None)
         self.api_key = key or None
         self.batcher = ContinuousBatcher(forward, self.settings.max_batch_tokens,
-                                         self.settings.max_batch_requests, self.settings.batch_wait_timeout_s)
+                                         self.settings.max_batch_requests, self.settings.batch_wait_timeout_s,
+                                         max_queued_requests=self.settings.max_queued_requests,
+                                         max_queued_tokens=self.settings.max_queued_tokens
+                                         or self.settings.max_batch_tokens)
         tags = ("model",)
         self.m_requests = Counter("ray_e5_requests", "embedding requests by status", tag_keys=("model", "status"))
         self.m_tokens = Counter("ray_e5_prompt_tokens", "tokens embedded", tag_keys=tags)
@@ -120,18 +242,34 @@ class EmbeddingServer:
                                param=f"input[{long}]", code="input_too_long")
         return token_ids(self.text.tokenizer, formatted, self.max_tokens, self.text.append_eos)
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", openapi_extra={"requestBody": openapi_request_body()},
+              responses=openapi_responses(), response_class=Response,
+              summary="Embed text (OpenAI /v1/embeddings, with an 'instruction' extension for queries)")
     async def embeddings(self, request: Request):
         started = time.perf_counter()
         status = "ok"
         try:
             self._check_auth(request)
-            body = await request.body()
+            check_headers(request.headers.get("content-type"), request.headers.get("content-encoding"))
+            body = await read_body(request, self.settings.max_body_bytes)
             req = parse_request(body, max_body_bytes=self.settings.max_body_bytes,
                                 max_inputs=self.settings.max_inputs_per_request, dimension=self.text.dimension,
                                 model_names=self.names)
             ids = self._token_ids(req.texts, req.instruction)
-            vectors = await self.batcher.embed(ids)
+            try:
+                vectors = await asyncio.wait_for(self.batcher.embed(ids), self.settings.request_timeout_s)
+            except Overloaded as err:
+                wait = err.retry_after_s
+                status = "429"
+                return _error(ApiError(429, f"server overloaded: {err.message}; retry after {wait:.2f} s",
+                                       code="overloaded", kind="rate_limit_error"),
+                              {"Retry-After": str(max(1, math.ceil(wait))),
+                               "retry-after-ms": str(max(1, round(wait * 1000)))})
+            except asyncio.TimeoutError:
+                status = "504"
+                return _error(ApiError(504, f"request not answered within {self.settings.request_timeout_s:g} s "
+                                            "(serve.request_timeout_s); retry, or send fewer inputs",
+                                       code="timeout", kind="server_error"))
             tokens = sum(len(x) for x in ids)
             self.m_tokens.inc(tokens, tags={"model": self.settings.model_name})
             body = embedding_response(shape_vectors(vectors, req.dimensions), req.encoding_format, req.model, tokens)
@@ -139,6 +277,11 @@ class EmbeddingServer:
         except ApiError as err:
             status = str(err.status)
             return _error(err)
+        except Exception:  # noqa: BLE001 - a JSON 500 with the request id; the traceback goes to the log
+            status = "500"
+            rid = request_id(request.headers)
+            logger.exception("ray-e5: request %s failed", rid)
+            return internal_error(rid)
         finally:
             self.m_requests.inc(tags={"model": self.settings.model_name, "status": status})
             self.m_latency.observe(time.perf_counter() - started, tags={"model": self.settings.model_name})
@@ -155,7 +298,8 @@ class EmbeddingServer:
 
     @api.get("/health")
     async def health(self):
-        return {"status": "ok", "model": self.settings.model_name}
+        """Liveness and this replica's queue: what is waiting now, the peaks seen, the bounds, requests refused."""
+        return {"status": "ok", "model": self.settings.model_name, "pid": os.getpid(), "queue": self.batcher.stats()}
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                    include_in_schema=False)
@@ -164,7 +308,7 @@ class EmbeddingServer:
         route = "/" + path.strip("/")
         if route in KNOWN_ROUTES:
             return _error(ApiError(405, f"{request.method} is not allowed on {route}; use {KNOWN_ROUTES[route]}",
-                                   code="method_not_allowed"))
+                                   code="method_not_allowed"), {"Allow": KNOWN_ROUTES[route]})
         return _error(ApiError(404, f"no route {request.method} {route}; routes: POST /v1/embeddings, "
                                     "GET /v1/models, GET /health", code="not_found"))
 

@@ -60,6 +60,11 @@ class ServeSettings(Section):
     max_tokens_per_input: int | None = Field(None, gt=1)  # default: the model's max_length
     on_long_input: Literal["truncate", "error"] = "truncate"  # error: 413
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # ---- back-pressure (TEI's max_concurrent_requests), per replica: beyond either bound a request is answered
+    # 429 with Retry-After at once, so an accepted request waits for at most the batch computing plus the queue --
+    max_queued_requests: int = Field(64, gt=0)  # requests waiting for the model (the batch computing is not counted)
+    max_queued_tokens: int | None = Field(None, gt=0)  # tokens waiting; default max_batch_tokens (one batch of work)
+    request_timeout_s: float = Field(60.0, gt=0)  # a request not answered in this time gets 504
     # ---- resources ---------------------------------------------------------------------------------------
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     num_cpus: float = Field(1.0, gt=0)
