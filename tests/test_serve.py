@@ -46,6 +46,8 @@ def server(ray_cluster):
     serve.run(build_app(ServeSettings(model_name="minilm", max_queued_requests=2, max_queued_tokens=96,
                                       max_batch_requests=2, **tight), "minilm-l6"),
               name="overload", route_prefix="/overload")
+    serve.run(build_app(ServeSettings(model_name="minilm", request_timeout_s=0.001, **small), "minilm-l6"),
+              name="timeout", route_prefix="/timeout")
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
@@ -246,6 +248,164 @@ def test_malformed_requests_get_4xx_json_errors(server):
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}, (method, path)
         still = client.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": ["still serving"]})
         assert still.status_code == 200 and len(still.json()["data"][0]["embedding"]) == 384
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def _assert_answered(r: httpx.Response, what: str = "") -> None:
+    """2xx with embeddings, or 4xx with an OpenAI-style JSON error; never 5xx."""
+    assert r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
+    assert r.headers.get("content-type", "").startswith("application/json"), (what, r.status_code, r.text[:200])
+    body = r.json()
+    if r.status_code == 200:
+        assert body["object"] == "list" and body["data"], what
+    else:
+        assert 400 <= r.status_code < 500 and set(body["error"]) == ERROR_KEYS, (what, r.status_code, body)
+
+
+def test_fuzz_arbitrary_json_and_bytes_never_5xx(server):
+    """Property test against the real server: arbitrary JSON values (request-shaped or not, with lone surrogates,
+    huge numbers, deep nesting) and arbitrary bytes as bodies get 2xx or a 4xx JSON error, each within 20 s."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    chars = st.characters(exclude_categories=())  # surrogates included: json.dumps escapes them as \\udxxx
+    text = st.text(chars, max_size=40)
+    scalar = st.none() | st.booleans() | st.integers() | st.floats() | text | st.integers(-10**80, 10**80)
+    value = st.recursive(scalar, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4),
+                         max_leaves=12)
+    shaped = st.fixed_dictionaries(
+        {"model": st.sampled_from(["minilm", "minilm-l6"]) | value, "input": text | st.lists(text, max_size=9) | value},
+        optional={"encoding_format": st.sampled_from(["float", "base64"]) | value,
+                  "dimensions": st.integers(-2, 400) | value, "instruction": text | value, "user": value,
+                  "extra": value})
+    deep = st.integers(20, 3000).map(lambda n: "[" * n + "]" * n)
+    client = httpx.Client(timeout=20)
+    fuzz = settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    counts: dict[int, int] = {}
+
+    def post(body: bytes, headers: dict[str, str], what: str) -> None:
+        r = client.post(f"{server}/v1/embeddings", content=body, headers=headers)
+        counts[r.status_code] = counts.get(r.status_code, 0) + 1
+        _assert_answered(r, what)
+
+    @fuzz
+    @given(st.one_of(shaped, value))
+    def json_bodies(data):
+        body = json.dumps(data, ensure_ascii=True).encode()  # NaN/Infinity come out as bare words: bad JSON
+        post(body, {"Content-Type": J}, repr(data)[:200])
+
+    @fuzz
+    @given(st.binary(max_size=512) | deep.map(str.encode) | shaped.map(lambda d: json.dumps(d).encode()[:-1]),
+           st.sampled_from([J, "application/json; charset=utf-8", "text/plain", ""]))
+    def byte_bodies(body, ctype):
+        post(body, {"Content-Type": ctype} if ctype else {}, repr(body)[:200])
+
+    try:
+        json_bodies()
+        byte_bodies()
+    finally:
+        client.close()
+    assert counts.get(200, 0) > 0 and sum(n for c, n in counts.items() if 400 <= c < 500) > 0, counts
+    _assert_answered(httpx.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": "still up"}), "after")
+
+
+def test_openapi_describes_the_real_schema_and_schemathesis_finds_no_5xx(server):
+    """schemathesis, driven by the server's own /openapi.json: schema-valid and schema-violating requests to every
+    operation; no 5xx, every status and content type documented, bodies matching the documented schemas."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   response_schema_conformance, status_code_conformance)
+
+    doc = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    body = doc["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["required"]) == {"input", "model"} and body["additionalProperties"] is False
+    assert {"429", "415", "400", "500"} <= set(doc["paths"]["/v1/embeddings"]["post"]["responses"])
+    schema = schemathesis.openapi.from_dict(doc)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embeddings", "/v1/models", "/health"}
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    calls = 0
+    for op in operations:
+        for mode in GenerationMode if op.method == "post" else [GenerationMode.POSITIVE]:  # GETs take no input
+            @settings(max_examples=25 if op.path == "/v1/embeddings" else 3, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                nonlocal calls
+                calls += 1
+                extra = [negative_data_rejection] if mode == GenerationMode.NEGATIVE and op.method == "post" else []
+                case.call_and_validate(base_url=server, checks=checks + extra, timeout=20)
+
+            run()
+    assert calls >= 50
+
+
+def test_overload_answers_429_with_retry_after_and_bounds_the_queue(server):
+    """32 clients against a replica whose queue holds 2 requests / 96 tokens: the excess gets 429 JSON with
+    Retry-After at once, the rest 200, the queue never passes its bound, and the openai client's own retries
+    (which honour retry-after-ms) make the 429s invisible to its caller."""
+    import threading
+
+    from openai import OpenAI
+
+    base = f"{server}/overload"
+    results: list[tuple[int, float, str | None, bytes]] = []
+
+    async def flood(seconds: float, clients: int):
+        deadline = time.monotonic() + seconds
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as client:
+            async def worker(i: int):
+                n = 0
+                while time.monotonic() < deadline:
+                    texts = [f"client {i} request {n} text {k}" for k in range(4)]
+                    start = time.perf_counter()
+                    r = await client.post(f"{base}/v1/embeddings", json={"model": "minilm", "input": texts})
+                    results.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after"),
+                                    r.content))
+                    n += 1
+                    if r.status_code == 429:
+                        await asyncio.sleep(0.05)
+
+            await asyncio.gather(*(worker(i) for i in range(clients)))
+
+    transparent: list[int] = []
+
+    def openai_caller():
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=20, timeout=30)
+        for k in range(5):
+            transparent.append(len(client.embeddings.create(model="minilm", input=[f"retried {k}"]).data))
+
+    caller = threading.Thread(target=openai_caller)
+    caller.start()
+    asyncio.run(flood(10, 32))
+    caller.join(60)
+    statuses = [r[0] for r in results]
+    accepted = sorted(r[1] for r in results if r[0] == 200)
+    refused = [r for r in results if r[0] == 429]
+    p99 = accepted[int(0.99 * (len(accepted) - 1))] if accepted else float("nan")
+    print(f"overload: {len(accepted)} accepted (p99 {p99 * 1000:.0f} ms), {len(refused)} refused with 429, "
+          f"others {sorted(set(statuses) - {200, 429})}")
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    assert len(refused) > 0 and len(accepted) > 0
+    for _, seconds, retry_after, content in refused:
+        assert retry_after is not None and int(retry_after) >= 1
+        assert json.loads(content)["error"]["code"] == "overloaded" and seconds < 5
+    assert transparent == [1] * 5  # every openai-client call succeeded despite the 429s around it
+    queue = httpx.get(f"{base}/health", timeout=10).json()["queue"]
+    assert queue["max_queued_requests"] == 2 and 1 <= queue["peak_queued_requests"] <= 2, queue
+    assert queue["peak_queued_tokens"] <= 96 and queue["refused"] >= len(refused), queue
+    assert p99 < 10.0  # bounded by the queue: a batch computing plus two queued requests
+
+
+def test_request_timeout_answers_504_json(server):
+    r = httpx.post(f"{server}/timeout/v1/embeddings", json={"model": "minilm", "input": ["too slow"] * 8}, timeout=30)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "timeout" and set(r.json()["error"]) == ERROR_KEYS
 
 
 async def _load(url: str, seconds: float, clients: int) -> tuple[int, list[str]]:
