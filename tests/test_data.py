@@ -107,15 +107,27 @@ def _group_table(n, source="src", kind="labeled"):
     return pa.Table.from_pylist(rows)
 
 
-@pytest.mark.parametrize("weight, expected_used", [(1.0, 96), (0.5, 48), (2.0, 192)])
-def test_weights_scale_how_much_of_a_source_is_used(weight, expected_used):
+# 100 rows in batches of 16: six full batches, and the remainder is one smaller batch when it has >= 4 rows.
+@pytest.mark.parametrize("weight, expected_used, partial", [(1.0, 100, 4), (0.5, 48, 0), (2.0, 200, 8)])
+def test_weights_scale_how_much_of_a_source_is_used(weight, expected_used, partial):
     planned = plan_group(_group_table(100), batch_size=16, weights={"src": weight}, epochs=1, seed=0)
     batches = [r for r in planned.to_pylist() if r["size"]]
     stats = json.loads(planned.column("stats")[-1].as_py())
-    assert stats["used"] == expected_used == 16 * len(batches)
+    assert stats["used"] == expected_used == sum(b["size"] for b in batches) == sum(len(b["query"]) for b in batches)
+    assert sorted({b["size"] for b in batches} - {16}) == ([partial] if partial else [])
     assert stats["dropped_remainder"] == round(100 * weight) - expected_used
+    assert stats["batches"] == len(batches)
     seen = Counter(q for b in batches for q in b["query"])
     assert max(seen.values()) == (2 if weight == 2.0 else 1)
+
+
+@pytest.mark.parametrize("rows, multiple_of, expected", [(3, 1, 0), (10, 1, 10), (11, 2, 10), (11, 4, 8)])
+def test_a_source_smaller_than_a_batch_still_trains(rows, multiple_of, expected):
+    planned = plan_group(_group_table(rows), batch_size=64, weights={}, epochs=1, seed=0, min_batch=4,
+                         multiple_of=multiple_of)
+    sizes = [r["size"] for r in planned.to_pylist() if r["size"]]
+    assert sizes == ([expected] if expected else [])
+    assert json.loads(planned.column("stats")[-1].as_py())["used"] == expected
 
 
 def test_plan_is_seeded_and_epochs_reshuffle():
@@ -138,7 +150,8 @@ def test_plan_source_batches_hold_one_kind(tmp_path):
     for batch in table.to_pylist():
         assert {by_query[q] for q in batch["query"]} == {batch["kind"]}
     assert stats["kinds"] == ["short-long", "sts"] and stats["valid"] == 60
-    assert stats["used"] == 8 * table.num_rows
+    assert stats["used"] == sum(len(b) for b in table.column("query").to_pylist()) == 60  # 40 + 20: no remainder lost
+    assert stats["used_by_kind"] == {"short-long": 40, "sts": 20}
 
 
 # ---- instructions and false negatives -----------------------------------------------------------------------
@@ -170,7 +183,7 @@ def test_build_plan_mixes_sources_in_homogeneous_global_batches(ray_cluster, tmp
     sts = write_jsonl(tmp_path / "sts.jsonl", [{"sentence1": f"s{i}", "sentence2": f"t{i}", "score": i % 6}
                                                for i in range(60)])
     sources = [labeled_source(str(nli)), labeled_source(str(sts), name="sts", min_score=4.0, weight=2.0)]
-    plan = build_plan(sources, batch_size=8, epochs=2, seed=0)
+    plan = build_plan(sources, batch_size=8, epochs=2, seed=0, min_batch=8)  # full batches only
     rows = list(plan.dataset.iter_rows())
     assert len(rows) == plan.steps
     assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows)

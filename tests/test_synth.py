@@ -278,7 +278,7 @@ def test_faults_are_dropped_and_counted_and_no_valid_row_is_lost(ray_cluster, tm
     assert manifest["tokens"]["prompt"] > 0 and manifest["brainstorm"]["groups"] == 2
 
 
-def test_kill_and_resume_writes_no_duplicate_and_repeats_no_request(ray_cluster, tmp_path):
+def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     config = _config(tmp_path, "", num_examples=40, concurrency=2, shard_size=3, flush_every_s=0.5,
                      mix={"short-short": 1, "sts": 1})
@@ -306,20 +306,19 @@ def test_kill_and_resume_writes_no_duplicate_and_repeats_no_request(ray_cluster,
         assert (out / "brainstorm.json").exists()
         calls_before = len(server.calls)
         manifest = generate(config)
-        rerun_prompts = [c.prompt for c in server.calls[calls_before:]]
+        calls = list(server.calls)
+        rerun = calls[calls_before:]
     rows = _rows(tmp_path)
     assert len(rows) == len({r["id"] for r in rows}) == manifest["examples"] == 40  # every slot exactly once
-    from ray_e5.synth.run import _Run
-
-    run = _Run(config)
-    slots = plan_slots(run.settings)
-    items, _ = expand(run.settings, slots, {k: v["tasks"] for k, v in run.store.load_brainstorm().items()})
-    plan = {i["id"]: i["prompt"] for i in items}
-    written_first = {plan[r["id"]] for r in first}
-    assert not written_first & set(rerun_prompts)  # nothing already written was asked for again
-    assert not any(p.startswith(BRAINSTORM_OPENING) for p in rerun_prompts)  # the brainstorm was reused
-    assert len(rerun_prompts) == 40 - len(first)
-    assert manifest["runs"] == 2 and manifest["written_this_run"] == 40 - len(first)
+    answered = [c.request_id for c in calls if c.answered]
+    assert all(answered) and len(answered) == len(set(answered)) > 40  # 40 examples + the brainstorm, each once
+    assert {r["id"] for r in first}.isdisjoint(c.request_id for c in rerun)  # nothing written was asked again
+    assert not any(c.prompt.startswith(BRAINSTORM_OPENING) for c in rerun)  # the brainstorm was reused
+    assert 0 < len(rerun) <= 40 - len(first)  # answers journaled but not yet written were not bought again
+    # Every token the server billed, over both runs, is in the manifest; and none twice.
+    assert manifest["tokens"] == {"prompt": sum(c.prompt_tokens for c in calls if c.answered),
+                                  "completion": sum(c.completion_tokens for c in calls if c.answered)}
+    assert manifest["runs"] == 2 and manifest["drops"] == {}
 
 
 def test_time_budget_stops_cleanly(ray_cluster, tmp_path):

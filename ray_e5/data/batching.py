@@ -7,8 +7,10 @@ plan and takes its own slice of every batch, so the global batch (and with it th
 identical whatever the number of workers, and a resumed run skips exactly the steps already taken.
 
 Per epoch, each group is sampled at its source's weight (``weight < 1`` takes that fraction, ``weight > 1``
-repeats the source), shuffled, and cut into full batches (the remainder is dropped and counted); batches of all
-groups are then interleaved at random, epoch after epoch. Everything is seeded, so a plan is reproducible.
+repeats the source), shuffled, and cut into full batches; a remainder of at least ``min_batch`` rows becomes one
+smaller batch (cut to a multiple of ``multiple_of``, the number of workers), so a source smaller than a batch (a
+short synthetic run) still trains; a smaller remainder is dropped and counted. Batches of all groups are then
+interleaved at random, epoch after epoch. Everything is seeded, so a plan is reproducible.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def weighted_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndar
     return rng.permutation(idx)
 
 
-def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epochs: int, seed: int) -> pa.Table:
+def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epochs: int, seed: int,
+               min_batch: int = 4, multiple_of: int = 1) -> pa.Table:
     """The batches of one (source, kind) group for all epochs, plus one stats row (``size`` 0, ``order`` -1)."""
     source = group.column("source")[0].as_py()
     kind = group.column("kind")[0].as_py()
@@ -55,26 +58,32 @@ def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epoc
     good = np.array([i for i, p in enumerate(problems) if not p], dtype=np.int64)
     cols = {c: group.column(c).to_pylist() for c in ("task", "query", "positive", "negative")}
     out: dict[str, list] = {f.name: [] for f in PLAN_SCHEMA}
-    used = dropped = 0
+    used = dropped = batches = 0
     for epoch in range(epochs):
         rng = np.random.default_rng(_key(seed, source, kind, epoch))
         idx = good[weighted_indices(len(good), weights.get(source, 1.0), rng)]
-        full = len(idx) // batch_size
-        used += full * batch_size
-        dropped += len(idx) - full * batch_size
-        for b in range(full):
-            rows = idx[b * batch_size:(b + 1) * batch_size].tolist()
+        sizes = [batch_size] * (len(idx) // batch_size)
+        rest = (len(idx) - sum(sizes)) // max(1, multiple_of) * max(1, multiple_of)
+        if rest >= max(min_batch, multiple_of, 2):
+            sizes.append(rest)
+        used += sum(sizes)
+        dropped += len(idx) - sum(sizes)
+        batches += len(sizes)
+        start = 0
+        for size in sizes:
+            rows = idx[start:start + size].tolist()
+            start += size
             out["order"].append(epoch + float(rng.random()) * 0.999)
             out["epoch"].append(epoch)
             out["source"].append(source)
             out["kind"].append(kind)
-            out["size"].append(batch_size)
+            out["size"].append(size)
             for c, values in cols.items():
                 out[c].append([values[i] for i in rows])
             out["stats"].append("")
     counts = Counter(p for p in problems if p)
     stats = {"source": source, "kind": kind, "rows": len(problems), "valid": int(len(good)), "used": used,
-             "dropped_remainder": dropped, "filtered": {k: v for k, v in counts.items() if is_filtered(k)},
+             "batches": batches, "dropped_remainder": dropped, "filtered": {k: v for k, v in counts.items() if is_filtered(k)},
              "skipped": {k: v for k, v in counts.items() if not is_filtered(k)}}
     for name, value in (("order", -1.0), ("epoch", -1), ("source", source), ("kind", kind), ("size", 0),
                         ("task", []), ("query", []), ("positive", []), ("negative", []),
@@ -105,10 +114,12 @@ def merge_stats(rows: list[dict]) -> dict[str, dict]:
     """Per-source totals from the per-group stats rows."""
     merged: dict[str, dict] = {}
     for stats in rows:
-        m = merged.setdefault(stats["source"], {"rows": 0, "valid": 0, "used": 0, "dropped_remainder": 0,
-                                                "filtered": Counter(), "skipped": Counter(), "kinds": []})
-        for k in ("rows", "valid", "used", "dropped_remainder"):
-            m[k] += stats[k]
+        m = merged.setdefault(stats["source"], {"rows": 0, "valid": 0, "used": 0, "batches": 0,
+                                                "dropped_remainder": 0, "filtered": Counter(), "skipped": Counter(),
+                                                "kinds": [], "used_by_kind": {}})
+        for k in ("rows", "valid", "used", "batches", "dropped_remainder"):
+            m[k] += stats.get(k, 0)
+        m["used_by_kind"][stats["kind"]] = m["used_by_kind"].get(stats["kind"], 0) + stats["used"]
         m["filtered"].update(stats["filtered"])
         m["skipped"].update(stats["skipped"])
         m["kinds"].append(stats["kind"])
@@ -117,7 +128,8 @@ def merge_stats(rows: list[dict]) -> dict[str, dict]:
     return merged
 
 
-def plan_source(source, batch_size: int, epochs: int, seed: int) -> tuple[pa.Table, dict]:
+def plan_source(source, batch_size: int, epochs: int, seed: int, min_batch: int = 4,
+                multiple_of: int = 1) -> tuple[pa.Table, dict]:
     """Read one source and cut its batches (one group per kind); returns the batch rows and the source's stats."""
     from ray_e5.data.sources import read_rows
 
@@ -126,11 +138,12 @@ def plan_source(source, batch_size: int, epochs: int, seed: int) -> tuple[pa.Tab
     tables, group_stats = [], []
     for kind in sorted(set(kinds)):
         group = rows.filter(pa.compute.equal(rows.column("kind"), kind))
-        planned = plan_group(group, batch_size, {source.name: source.weight}, epochs, seed)
+        planned = plan_group(group, batch_size, {source.name: source.weight}, epochs, seed, min_batch, multiple_of)
         tables.append(planned.filter(pa.compute.greater(planned.column("size"), 0)))
         group_stats.append(json.loads(planned.column("stats")[-1].as_py()))
     stats = merge_stats(group_stats).get(source.name) or {
-        "rows": 0, "valid": 0, "used": 0, "dropped_remainder": 0, "filtered": {}, "skipped": {}, "kinds": []}
+        "rows": 0, "valid": 0, "used": 0, "batches": 0, "dropped_remainder": 0, "filtered": {}, "skipped": {},
+        "kinds": [], "used_by_kind": {}}
     table = pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
     return table.drop_columns(["stats"]), stats
 
@@ -142,7 +155,8 @@ def interleave(*tables: pa.Table, block_rows: int = 256) -> Iterator[pa.Table]:
         yield merged.slice(start, block_rows)
 
 
-def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0) -> Plan:
+def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_batch: int = 4,
+               multiple_of: int = 1) -> Plan:
     """Mix the sources at their weights into task-homogeneous global batches, as a Ray Dataset.
 
     One Ray task per source reads and plans it, one more interleaves the batches; the result is handed to Ray
@@ -159,9 +173,9 @@ def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0) -> Plan
     if len(set(names)) != len(names):
         raise ValueError(f"training source names must be unique, got {names}; set train.sources[i].name")
     plan_task = ray.remote(num_returns=2)(plan_source)
-    planned = [plan_task.remote(s, batch_size, epochs, seed) for s in sources]
+    planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of) for s in sources]
     stats = dict(zip(names, ray.get([p[1] for p in planned])))
     blocks = list(ray.remote(num_returns="streaming")(interleave).remote(*[p[0] for p in planned]))
     dataset = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(PLAN_SCHEMA.empty_table().drop_columns(["stats"]))
-    steps = sum(s["used"] for s in stats.values()) // batch_size
+    steps = sum(s["batches"] for s in stats.values())
     return Plan(dataset, steps, batch_size, stats)

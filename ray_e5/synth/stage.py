@@ -50,7 +50,8 @@ def finish(phase: str, item: dict, result: Completion | Dropped, settings: Gener
         if phase == "brainstorm":
             return {**out, "tasks": json.dumps(parse_tasks(result.text))}
         kind = KINDS[item["kind"]]
-        fields = validate_answer(parse_json(result.text), kind, settings.min_chars, settings.max_chars)
+        fields = validate_answer(parse_json(result.text), kind, settings.min_chars, settings.max_chars,
+                                 prompt=item.get("prompt", ""), task=item.get("task", ""))
     except Dropped as drop:
         reason = "truncated_max_tokens" if result.finish_reason == "length" and drop.reason in _CUT else drop.reason
         return {**out, "drop": reason}
@@ -68,8 +69,10 @@ class ChatCompleter:
     """Ray Data UDF (one per actor): sends planned requests through an OpenAI-compatible client."""
 
     def __init__(self, settings: GenerateSettings, phase: str, base_url: str | None, api_key=None, ledger=None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, journal_dir: str | None = None):
         self.settings, self.phase, self.base_url = settings, phase, base_url
+        self.journal_dir = journal_dir
+        self.journal = None
         self.api_key = api_key  # a pydantic SecretStr: its repr never shows the key
         self.ledger, self.deadline = ledger, deadline
         self.backend: ChatBackend | None = None
@@ -89,7 +92,8 @@ class ChatCompleter:
             result: Completion | Dropped = Dropped("skipped_time_budget")
             try:
                 if not self._late():  # waiting for the rate limit may have taken us past the deadline
-                    result = await self.backend.complete(item["prompt"], json.loads(item["schema"]), max_tokens)
+                    result = await self.backend.complete(item["prompt"], json.loads(item["schema"]), max_tokens,
+                                                         request_id=item["id"])
             except Dropped as drop:
                 result = drop
             finally:
@@ -98,14 +102,26 @@ class ChatCompleter:
                     await self.ledger.settle.remote(estimate, max_tokens, *used)
             return result
 
+    async def _answer(self, item: dict) -> dict:
+        """One request as an output row, journaled the moment it is answered (see :mod:`ray_e5.synth.journal`)."""
+        result = await self._request(item)
+        row = finish(self.phase, item, result, self.settings)
+        if self.journal is not None and not row["drop"].startswith("skipped_"):
+            self.journal.append({**row, "phase": self.phase})
+        return row
+
     async def __call__(self, batch: dict) -> dict[str, list]:
         if self.backend is None:  # built on the actor's event loop, shared by its overlapping batches
             key = self.api_key.get_secret_value() if self.api_key is not None else None
             self.backend = ChatBackend(self.settings, self.base_url, key)
             self.gate = asyncio.Semaphore(self.settings.concurrency)
-        items = _rows(batch)
-        results = await asyncio.gather(*(self._request(item) for item in items))
-        rows = [finish(self.phase, item, result, self.settings) for item, result in zip(items, results)]
+            if self.journal_dir is not None:
+                from ray_e5.synth.journal import JournalWriter
+
+                self.journal = JournalWriter(self.journal_dir)
+        rows = await asyncio.gather(*(self._answer(item) for item in _rows(batch)))
+        if self.journal is not None:
+            self.journal.flush()
         return {key: [r[key] for r in rows] for key in self.columns}
 
 
@@ -117,7 +133,8 @@ def _finish_vllm(phase: str, settings: GenerateSettings):
 
 
 def completions(items: list[dict], phase: str, settings: GenerateSettings, *, base_url: str | None = None,
-                api_key=None, ledger=None, deadline: float | None = None, node_id: str | None = None):
+                api_key=None, ledger=None, deadline: float | None = None, node_id: str | None = None,
+                journal_dir: str | None = None):
     """A Ray Dataset of output rows (``BRAINSTORM_COLUMNS`` or ``EXAMPLE_COLUMNS``), one per planned request."""
     import ray
 
@@ -140,7 +157,7 @@ def completions(items: list[dict], phase: str, settings: GenerateSettings, *, ba
     return ds.map_batches(
         ChatCompleter, batch_size=batch, num_cpus=settings.actor_cpus,
         fn_constructor_kwargs={"settings": settings, "phase": phase, "base_url": base_url, "api_key": api_key,
-                               "ledger": ledger, "deadline": deadline},
+                               "ledger": ledger, "deadline": deadline, "journal_dir": journal_dir},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors, max_tasks_in_flight_per_actor=4,
                                            max_concurrent_calls_per_actor=4),
         **where)

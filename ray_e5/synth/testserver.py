@@ -6,7 +6,8 @@ concurrent slots (so its capacity is exactly K / latency requests per second). F
 schedule, one entry per request: ``ok``, ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the
 client's timeout), ``malformed``, ``truncated``, ``wrong_keys``, ``empty``, ``prose``, ``bad_body`` (a 200 that is
 not JSON), ``cut`` (truncated JSON with finish_reason "length"), ``401`` (refuses the key, echoing it). It records every call (time, mode, prompt,
-Authorization header) for tests to inspect.
+Authorization header, the client's request id header, the status and tokens it answered with) for tests to inspect:
+``answered`` calls are the ones a hosted API would bill.
 
 In-process: ``with TestServer(faults=[...], latency_s=0.5, slots=16) as server: server.base_url``.
 Standalone: ``python -m ray_e5.synth.testserver --port 8011 --latency 0.2 --slots 8 --faults ok,429,prose``.
@@ -32,6 +33,14 @@ class Call:
     mode: str
     prompt: str
     authorization: str
+    request_id: str = ""
+    status: int = 0  # 0 while in flight (or when the client gave up first)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def answered(self) -> bool:
+        return self.status == 200
 
 
 def _fill(schema: dict | None, n: int, long: bool) -> dict:
@@ -64,11 +73,18 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
         mode, n = next(schedule), next(counter)
         messages = body.get("messages") or [{}]
         prompt = str(messages[-1].get("content", ""))
-        app.state.calls.append(Call(time.time(), mode, prompt, request.headers.get("authorization", "")))
+        call = Call(time.time(), mode, prompt, request.headers.get("authorization", ""),
+                    request.headers.get("x-ray-e5-request-id", ""))
+        app.state.calls.append(call)
         if app.state.gate is None:
             app.state.gate = asyncio.Semaphore(slots)
         async with app.state.gate:
             await asyncio.sleep(latency_s)
+        if await request.is_disconnected():  # the client went away (killed): nothing is delivered or billed
+            call.status = 499
+            return JSONResponse({"error": {"message": "client closed request", "type": "client_closed"}}, 499)
+        if mode in ("429", "401", "500"):
+            call.status = int(mode)
         if mode == "429":
             return JSONResponse({"error": {"message": "rate limited", "type": "rate_limit"}}, 429,
                                 headers={"Retry-After": f"{retry_after_s:g}"})
@@ -80,6 +96,7 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
         if mode == "timeout":
             await asyncio.sleep(hang_s)
         if mode == "bad_body":
+            call.status = 200
             return PlainTextResponse("not json at all", 200)
         fmt = body.get("response_format") or {}
         schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema")
@@ -92,11 +109,12 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
             "empty": json.dumps({k: "" for k in json.loads(answer)}),
             "prose": "Sure! Here is a great example for your task, described in words.",
         }.get(mode, answer)
+        call.status, call.prompt_tokens, call.completion_tokens = 200, len(prompt) // 4 + 1, len(content) // 4 + 1
         return {"id": f"cmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
                 "choices": [{"index": 0, "finish_reason": "length" if mode == "cut" else "stop",
                              "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": len(content) // 4 + 1,
-                          "total_tokens": (len(prompt) + len(content)) // 4 + 2}}
+                "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                          "total_tokens": call.prompt_tokens + call.completion_tokens}}
 
     return app
 

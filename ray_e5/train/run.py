@@ -72,12 +72,13 @@ def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str
     uri = runs.join(train_dir, RUN_FILE)
     previous = runs.read_json(uri) if runs.exists(uri) else None
     if settings.resume and previous:
-        if previous["fingerprint"] != _digest(fingerprint):
-            changed = sorted(k for k in fingerprint if previous.get("settings", {}).get(k) != fingerprint[k])
-            raise ConfigError(f"train.resume: {train_dir} holds a run with other settings (changed: "
-                              f"{', '.join(changed) or 'unknown'}); set train.resume=false to start a fresh run "
-                              f"there, or use another run_dir")
-        return previous["name"]
+        if previous["fingerprint"] == _digest(fingerprint):
+            return previous["name"]
+        # New synthetic shards, another source or batch size: the old checkpoints train a different plan, so they
+        # are kept where they are and a fresh run starts beside them.
+        changed = sorted(k for k in fingerprint if previous.get("settings", {}).get(k) != fingerprint[k])
+        print(f"[ray-e5 train] starting a fresh run: {train_dir} holds run {previous['name']} with other settings "
+              f"(changed: {', '.join(changed) or 'unknown'}); its checkpoints are kept", flush=True)
     name = "ray_train-" + time.strftime("%Y%m%d-%H%M%S")
     runs.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
     return name
@@ -131,7 +132,8 @@ def train(config: RayE5Config) -> Path:
     from ray_e5.train.metrics import plot_loss_curve
 
     try:
-        plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed)
+        plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed,
+                          min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
     run_dir = config.run_dir if not runs.is_local(config.run_dir) else runs.resolve(config.run_dir)[1]

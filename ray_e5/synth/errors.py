@@ -1,0 +1,24 @@
+"""Why a generation run stops: each error names what failed and what to do; nothing written is lost."""
+
+from __future__ import annotations
+
+from ray_e5.config import ConfigError
+
+
+class GenerateError(ConfigError):
+    """The run cannot go on (bad eval paths, a server that refuses the key or model); nothing written is lost."""
+
+
+class BackendError(GenerateError):
+    """The generator backend is gone or unreachable (a dead llama.cpp server, every first request failing)."""
+
+
+class EmptySyntheticError(GenerateError):
+    """A non-empty plan ended with no valid row on disk: the next stage would train on nothing synthetic.
+
+    ``ray-e5 generate`` exits non-zero; ``quickstart`` and ``pipeline`` stop unless ``--allow-empty-synthetic``.
+    ``manifest`` is the manifest that was written (drop reasons included)."""
+
+    def __init__(self, message: str, manifest: dict | None = None):
+        super().__init__(message)
+        self.manifest = manifest or {}
