@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loaded_error_types() -> tuple[type, ...]:
+    """UnknownModelError, when its module is loaded (raising one loads it): importing it up front would load torch
+    for every command, `ray-e5 validate` included."""
+    sources = sys.modules.get("ray_e5.model.sources")
+    return (sources.UnknownModelError,) if sources is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -105,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[VERBOSE_ENV] = "1"
     from ray_e5.config import ConfigError
-    from ray_e5.model.sources import UnknownModelError
     from ray_e5.stages import UnknownStageError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnknownModelError, UnknownStageError) as err:
+    except Exception as err:
+        if not isinstance(err, (ConfigError, UnknownStageError, *_loaded_error_types())):
+            raise
         print(f"ray-e5 {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

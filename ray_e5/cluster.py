@@ -2,7 +2,7 @@
 
 Quiet by default: Ray's and the libraries' known internal noise (Ray Train's PlacementGroupCleaner state-API
 warnings, transformers' ``is_gradient_checkpointing`` FutureWarning that peft triggers, Ray's deprecation warnings,
-Ray Data's INFO lines) is kept out of the console; it stays in Ray's log files (``/tmp/ray/session_latest/logs``
+Ray Data's INFO lines, Ray's token-authentication notice) is kept out of the console; it stays in Ray's log files (``/tmp/ray/session_latest/logs``
 on a local cluster). Everything else the workers print (our progress bars, errors) still reaches the driver.
 ``ray-e5 --verbose`` (or ``RAY_E5_VERBOSE=1``) shows everything.
 """
@@ -28,6 +28,10 @@ NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Contr
                          r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning")
 
 
+# Ray's own driver-side log lines that are known noise: (logger, message prefix).
+NOISY_RECORDS = (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),)
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
@@ -42,6 +46,23 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # after Ray's own "module" filter
     except ImportError:
         pass
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_records() -> None:
+    """Logger-level filters for Ray's known driver-side notices (they apply to those loggers' records only)."""
+    for name, prefix in NOISY_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
 
 
 def _worker_pythonwarnings() -> str:
@@ -119,6 +140,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if quiet:
         env["PYTHONWARNINGS"] = _worker_pythonwarnings()
         quiet_warnings()
+        quiet_records()
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     if quiet:
@@ -130,7 +152,24 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if quiet:
         _filter_worker_logs()
         _quiet_ray_data()
+    _sigterm_as_interrupt()
     return ray
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`ray job stop`, a container stop) takes the same way out as Ctrl-C: one line, no stack frames.
+
+    Replaces the handler ray.init installs (a bare sys.exit); only the main thread may set handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def wait_forever(log: Callable[[str], None] = print) -> None:
