@@ -38,16 +38,17 @@ def server(ray_cluster):
     start_serve(ServeSettings(host="127.0.0.1", port=port))  # the default ingress: HAProxy straight to replicas
     small = dict(num_cpus=0.5, max_inputs_per_request=8, max_body_bytes=64 * 1024, max_tokens_per_input=32,
                  api_key_env=None)
-    serve.run(build_app(ServeSettings(model_name="minilm", **small), "minilm-l6"), name="main", route_prefix="/")
-    serve.run(build_app(ServeSettings(model_name="minilm", api_key=KEY, on_long_input="error", **small), "minilm-l6"),
-              name="strict", route_prefix="/strict")
-    # A tight queue for the overload test: 2 waiting requests, 2 merged per forward, at most 96 tokens waiting.
     tight = {**small, "max_inputs_per_request": 16}
-    serve.run(build_app(ServeSettings(model_name="minilm", max_queued_requests=2, max_queued_tokens=96,
-                                      max_batch_requests=2, **tight), "minilm-l6"),
-              name="overload", route_prefix="/overload")
-    serve.run(build_app(ServeSettings(model_name="minilm", request_timeout_s=0.001, **small), "minilm-l6"),
-              name="timeout", route_prefix="/timeout")
+    apps = [  # deployed together: their replicas start in parallel
+        ("main", "/", ServeSettings(model_name="minilm", **small)),
+        ("strict", "/strict", ServeSettings(model_name="minilm", api_key=KEY, on_long_input="error", **small)),
+        # A tight queue for the overload test: 2 waiting requests, 2 merged per forward, at most 96 tokens waiting.
+        ("overload", "/overload", ServeSettings(model_name="minilm", max_queued_requests=2, max_queued_tokens=96,
+                                                max_batch_requests=2, **tight)),
+        ("timeout", "/timeout", ServeSettings(model_name="minilm", request_timeout_s=0.001, **small)),
+    ]
+    serve.run_many([serve.RunTarget(build_app(settings, "minilm-l6"), name=name, route_prefix=prefix)
+                    for name, prefix, settings in apps])
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
@@ -406,6 +407,96 @@ def test_request_timeout_answers_504_json(server):
     r = httpx.post(f"{server}/timeout/v1/embeddings", json={"model": "minilm", "input": ["too slow"] * 8}, timeout=30)
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "timeout" and set(r.json()["error"]) == ERROR_KEYS
+
+
+def _replica_pids(base: str, tries: int = 40) -> set[int]:
+    """The pids of the replicas answering /health behind HAProxy (which spreads the calls over them)."""
+    pids = set()
+    for _ in range(tries):
+        try:
+            r = httpx.get(f"{base}/health", timeout=5)
+            if r.status_code == 200:
+                pids.add(r.json()["pid"])
+        except httpx.HTTPError:
+            pass
+    return pids
+
+
+async def _killed_under_load(url: str, pid: int, clients: int, before_s: float, after_s: float) -> dict:
+    """``clients`` loops posting to ``url``; SIGKILL ``pid`` after ``before_s``; keep going ``after_s`` more."""
+    import os
+    import signal
+
+    outcomes: list[tuple[float, float, int | str, bool]] = []  # (sent, seconds, status or error, JSON body)
+    start = time.monotonic()
+    stop = start + before_s + after_s
+
+    async def worker(i: int, client: httpx.AsyncClient):
+        n = 0
+        while time.monotonic() < stop:
+            sent = time.monotonic()
+            try:
+                r = await client.post(url, json={"model": "minilm", "input": [f"c{i} r{n} k{k}" for k in range(4)]})
+                is_json = r.headers.get("content-type", "").startswith("application/json")
+                outcomes.append((sent - start, time.monotonic() - sent, r.status_code, is_json))
+            except httpx.HTTPError as err:
+                outcomes.append((sent - start, time.monotonic() - sent, type(err).__name__, False))
+            n += 1
+
+    async def killer():
+        await asyncio.sleep(before_s)
+        os.kill(pid, signal.SIGKILL)
+        return time.monotonic()
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as client:
+        killed_at, *_ = await asyncio.gather(killer(), *(worker(i, client) for i in range(clients)))
+    return {"killed_at": killed_at - start, "killed_monotonic": killed_at, "outcomes": outcomes}
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_is_replaced_and_no_request_hangs(server):
+    """SIGKILL one of two replicas while 8 clients post: requests in flight on it are replayed by HAProxy on the
+    other (or fail with a 5xx), none hangs past the client timeout, answers keep coming, and Serve starts a
+    replacement."""
+    from ray import serve
+
+    from ray_e5.serve.app import build_app
+
+    settings = ServeSettings(model_name="minilm", num_cpus=0.5, api_key_env=None,
+                             autoscaling={"min_replicas": 2, "max_replicas": 2})
+    serve.run(build_app(settings, "minilm-l6"), name="kill", route_prefix="/kill")
+    try:
+        before = sorted(_replica_pids(f"{server}/kill"))
+        assert len(before) == 2, before
+        result = asyncio.run(_killed_under_load(f"{server}/kill/v1/embeddings", before[0], 8, 3.0, 6.0))
+        killed_at, outcomes = result["killed_at"], result["outcomes"]
+        after_kill = [o for o in outcomes if o[0] + o[1] > killed_at]
+        ok_after = sorted(o[0] + o[1] - killed_at for o in after_kill if o[2] == 200)
+        failed = [o for o in outcomes if o[2] != 200]
+        deadline, replaced_s = time.monotonic() + 90, None
+        while time.monotonic() < deadline and replaced_s is None:
+            pids = _replica_pids(f"{server}/kill", tries=10)
+            if len(pids - {before[0]}) == 2:
+                replaced_s = time.monotonic() - result["killed_monotonic"]
+            time.sleep(0.5)
+        worst = max(o[1] for o in outcomes)
+        print(f"replica kill: {len(outcomes)} requests, {len(failed)} failed {sorted({str(o[2]) for o in failed})}, "
+              f"first answer after the kill at +{ok_after[0] if ok_after else float('nan'):.2f} s, "
+              f"slowest request {worst:.2f} s, replacement alive {replaced_s} s after the kill")
+        assert len(ok_after) > 0 and ok_after[0] < 10.0  # the surviving replica answers within 10 s of the kill
+        assert worst < 30  # nothing hung until the client's timeout
+        # A request in flight on the killed replica fails with a 5xx or a closed connection (HAProxy's own error
+        # page is Ray's text 500, which our app cannot reach); never a 4xx or a wrong answer.
+        assert all(o[2] == 200 or (isinstance(o[2], int) and o[2] >= 500) or o[2] in ("RemoteProtocolError",
+                                                                                          "ReadError", "ConnectError")
+                   for o in outcomes), failed
+        assert len(failed) <= 8  # at most the requests in flight on the killed replica
+        assert all(abs(o[0] - killed_at) < 3 for o in failed), failed  # only around the kill
+        assert replaced_s is not None and replaced_s < 90
+        still = httpx.post(f"{server}/kill/v1/embeddings", json={"model": "minilm", "input": ["back"]}, timeout=30)
+        assert still.status_code == 200
+    finally:
+        serve.delete("kill")
 
 
 async def _load(url: str, seconds: float, clients: int) -> tuple[int, list[str]]:

@@ -87,7 +87,10 @@ class ServeSettings(Section):
         """
         if self.ingress == "proxy":
             return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.ingress_drain_s)}
+        # HAProxy replays a request whose replica closed the connection without answering (a replica killed
+        # mid-request) on another replica: embedding is idempotent, so the client sees an answer, not a 500.
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.ingress_drain_s),
+                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 
     def cpu_threads(self) -> int:
         """Torch threads for a CPU replica: ``torch_threads``, else one per CPU it reserves (at least one)."""
