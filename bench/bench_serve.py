@@ -5,6 +5,14 @@ infinity-emb pins transformers 4.x, so it runs from its own venv under bench/.ve
 creates on first use (torch 2.13.0 CPU first, then infinity-emb[server,torch]); pass --no-infinity to skip it.
 
     python bench/bench_serve.py [--seconds 20] [--rounds 2] [--clients 32] [--texts-per-request 4] [--ingress proxy]
+
+Soak (no peer): ``--soak 60`` runs 60 s at 32 clients, one request in five hostile (deep nesting, huge numbers,
+lone surrogates, bad JSON, wrong Content-Type or Content-Encoding, unknown model, non-UTF-8), and prints throughput,
+p50/p99 of the good requests answered, answers by kind, wrong answers (a good request not 200/429, a bad one not
+4xx JSON), and each replica's memory at start and end. ``--kill-at 30`` also SIGKILLs one replica 30 s in and
+reports the requests that failed around it and how long until the replacement answers.
+
+    python bench/bench_serve.py --soak 60 [--kill-at 30] [--max-queued-requests 8]
 """
 
 from __future__ import annotations
@@ -182,6 +190,164 @@ def _pooled(results: list[Result]) -> Result:
     return (float(np.mean([r[0] for r in results])), [x for r in results for x in r[1]], sum(r[2] for r in results))
 
 
+HOSTILE = [  # (kind, body, headers): each must get a 4xx JSON error
+    ("deep nesting", b'{"model": "minilm", "input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", None),
+    ("huge integer", b'{"model": "minilm", "input": "a", "dimensions": ' + b"9" * 5000 + b"}", None),
+    ("lone surrogate input", b'{"model": "minilm", "input": ["ok", "\\ud800"]}', None),
+    ("lone surrogate instruction", b'{"model": "minilm", "input": "a", "instruction": "\\udfff"}', None),
+    ("duplicate keys", b'{"model": "minilm", "input": "a", "input": "b"}', None),
+    ("BOM", b'\xef\xbb\xbf{"model": "minilm", "input": "a"}', None),
+    ("bad json", b'{"model": "minilm", "input": [', None),
+    ("non-utf8", b'{"model": "minilm", "input": "\xff"}', None),
+    ("unknown model", b'{"model": "gpt-4", "input": "a"}', None),
+    ("text/plain", b'{"model": "minilm", "input": "a"}', {"content-type": "text/plain"}),
+    ("gzip", b'{"model": "minilm", "input": "a"}', {"content-type": "application/json", "content-encoding": "gzip"}),
+]
+
+
+def _replica_memory(base: str) -> dict[int, float]:
+    """pid -> RSS MiB of each replica answering /health (HAProxy spreads the probes over them)."""
+    import httpx
+    import psutil
+
+    pids = set()
+    for _ in range(30):
+        try:
+            pids.add(httpx.get(f"{base}/health", timeout=5).json()["pid"])
+        except Exception:  # noqa: BLE001 - a replica restarting
+            pass
+    return {pid: psutil.Process(pid).memory_info().rss / 2**20 for pid in sorted(pids) if psutil.pid_exists(pid)}
+
+
+async def _soak_load(base: str, seconds: float, clients: int, per_request: int, kill_at: float | None) -> dict:
+    import collections
+    import signal
+
+    import aiohttp
+    import orjson
+
+    kinds: collections.Counter = collections.Counter()
+    wrong: list[str] = []
+    latencies: list[float] = []
+    around_kill: list[tuple[float, str]] = []
+    start = time.monotonic()
+    deadline = start + seconds
+    killed: dict[str, float] = {}
+
+    async def worker(c: int, session: aiohttp.ClientSession):
+        i = 0
+        while time.monotonic() < deadline:
+            bad = HOSTILE[(c + i) % len(HOSTILE)] if (c + i) % 5 == 0 else None
+            if bad:
+                kind, body, headers = bad
+                headers = headers or {"content-type": "application/json"}
+            else:
+                kind, headers = "good", {"content-type": "application/json"}
+                body = orjson.dumps({"model": "minilm", "input": [_text(c * 100000 + i * per_request + k)
+                                                                  for k in range(per_request)]})
+            sent = time.perf_counter()
+            try:
+                async with session.post(f"{base}/v1/embeddings", data=body, headers=headers) as r:
+                    content = await r.read()
+                    status, ctype = r.status, r.headers.get("content-type", "")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                status, ctype, content = type(err).__name__, "", b""
+            took = time.perf_counter() - sent
+            code = ""
+            if isinstance(status, int) and status != 200 and ctype.startswith("application/json"):
+                try:
+                    code = orjson.loads(content)["error"]["code"] or ""
+                except Exception:  # noqa: BLE001
+                    code = "not an error body"
+            label = f"{status} {code}".strip()
+            kinds[f"{'bad' if bad else 'good'}: {label}"] += 1
+            near_kill = bool(killed) and abs(time.monotonic() - killed["at"]) < 5
+            failed = (not bad and status not in (200, 429)) or not isinstance(status, int) or status >= 500
+            if near_kill and failed:
+                around_kill.append((time.monotonic() - killed["at"], label))
+            if not bad and status == 200:
+                latencies.append(took)
+            elif not bad and status != 429 and not near_kill:
+                wrong.append(f"good -> {label}")
+            elif bad and not (isinstance(status, int) and 400 <= status < 500 and code):
+                wrong.append(f"{kind} -> {label}")
+            i += 1
+
+    async def killer():
+        if kill_at is None:
+            return
+        await asyncio.sleep(kill_at)
+        pid = min(_replica_memory(base))
+        os.kill(pid, signal.SIGKILL)
+        killed["at"] = time.monotonic()
+        killed["pid"] = pid
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as session:
+        await asyncio.gather(killer(), *(worker(c, session) for c in range(clients)))
+    return {"wall": time.monotonic() - start, "kinds": kinds, "wrong": wrong, "latencies": latencies,
+            "around_kill": around_kill, "killed": killed}
+
+
+def _soak(args) -> None:
+    import ray
+    from ray import serve
+
+    from ray_e5.serve.app import build_app, start_serve
+    from ray_e5.serve.config import ServeSettings
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        replicas = {"min_replicas": args.replicas, "max_replicas": args.replicas}
+        extra = {"max_queued_requests": args.max_queued_requests} if args.max_queued_requests else {}
+        settings = ServeSettings(model_name="minilm", host="127.0.0.1", port=port, ingress=args.ingress,
+                                 num_cpus=args.replica_cpus or os.cpu_count() / args.replicas, api_key_env=None,
+                                 autoscaling=replicas, access_log=False, **extra)
+        start_serve(settings)
+        serve.run(build_app(settings, "minilm-l6"), name="soak")
+        import httpx
+
+        for _ in range(args.clients):  # warm every replica
+            httpx.post(f"{base}/v1/embeddings", json={"model": "minilm", "input": [_text(0)]}, timeout=60)
+        memory_start = _replica_memory(base)
+        print(f"soak: {args.soak:.0f} s, {args.clients} clients x {args.texts_per_request} texts, 1 in 5 hostile; "
+              f"{args.replicas} replicas; max_queued_requests {settings.max_queued_requests}", flush=True)
+        out = asyncio.run(_soak_load(base, args.soak, args.clients, args.texts_per_request, args.kill_at))
+        recovered = None
+        if out["killed"]:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                pids = set(_replica_memory(base))
+                if len(pids - {out["killed"]["pid"]}) == args.replicas:
+                    recovered = time.monotonic() - out["killed"]["at"]
+                    break
+                time.sleep(0.5)
+        memory_end = _replica_memory(base)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    lat = np.array(out["latencies"]) * 1000
+    good = sum(n for k, n in out["kinds"].items() if k.startswith("good"))
+    answered = len(lat)
+    p50, p99 = np.percentile(lat, [50, 99]) if answered else (float("nan"),) * 2
+    print(f"throughput: {answered * args.texts_per_request / out['wall']:.1f} emb/s "
+          f"({sum(out['kinds'].values()) / out['wall']:.1f} requests/s, {answered} of {good} good requests answered 200)")
+    print(f"latency of good requests answered: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    print("answers by kind:")
+    for kind, n in sorted(out["kinds"].items()):
+        print(f"  {kind:40s} {n}")
+    print(f"wrong answers: {len(out['wrong'])} {sorted(set(out['wrong']))[:10]}")
+    if out["killed"]:
+        print(f"replica kill at {args.kill_at:.0f} s (pid {out['killed']['pid']}): {len(out['around_kill'])} requests "
+              f"failed within 5 s of it {sorted({k for _, k in out['around_kill']})}; replacement answering "
+              f"{recovered if recovered is None else round(recovered, 1)} s after the kill")
+    print("replica memory (RSS MiB) start -> end: "
+          + ", ".join(f"{pid}: {mib:.0f}" for pid, mib in memory_start.items()) + " -> "
+          + ", ".join(f"{pid}: {mib:.0f}" for pid, mib in memory_end.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20, help="length of each measurement window")
@@ -200,7 +366,14 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the serve config's")
     parser.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
                         help="Ray Serve's HAProxy straight to the replicas (default), or its Python proxy actor")
+    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                        help="soak test instead: good and hostile requests for SECONDS (no peer, no limit run)")
+    parser.add_argument("--kill-at", type=float, default=None, help="soak: SIGKILL one replica this many s in")
+    parser.add_argument("--max-queued-requests", type=int, default=None, help="soak: serve.max_queued_requests")
     args = parser.parse_args()
+    if args.soak:
+        _soak(args)
+        return
 
     from ray_e5.model import Embedder
 
