@@ -140,3 +140,40 @@ def test_an_idle_model_waits_briefly_so_near_simultaneous_arrivals_share_the_fir
     batches = run(main())
     assert len(batches) == batches_expected
     assert sorted(x[0] for b in batches for x in b) == list(range(5))
+
+
+def test_queue_bounds_refuse_at_once_and_admit_again_when_drained():
+    """Past max_queued_requests (or max_queued_tokens) a request is refused with Overloaded, never queued; the batch
+    computing does not count; once the queue drains, requests are admitted again."""
+    from ray_e5.serve.batching import Overloaded
+
+    async def main():
+        forward = GatedForward()
+        batcher = ContinuousBatcher(forward, max_tokens=10_000, max_requests=64, max_queued_requests=3,
+                                    max_queued_tokens=20)
+        computing = asyncio.ensure_future(batcher.embed(request(1)))
+        await wait_started(forward)
+        queued = [asyncio.ensure_future(batcher.embed(request(10 * k))) for k in range(1, 4)]  # 3 x 4 tokens
+        await asyncio.sleep(0)
+        refused = []
+        for ids in (request(99), ):  # a 4th queued request: over the request bound
+            try:
+                await batcher.embed(ids)
+            except Overloaded as err:
+                refused.append(err)
+        batcher.max_queued_requests = 10
+        try:
+            await batcher.embed(request(77, length=10))  # 12 + 10 tokens > 20: over the token bound
+        except Overloaded as err:
+            refused.append(err)
+        stats = batcher.stats()
+        forward.gate.set()
+        await asyncio.gather(computing, *queued)
+        again = await batcher.embed(request(5))
+        return refused, stats, again
+
+    refused, stats, again = run(main())
+    assert len(refused) == 2 and all(err.retry_after_s > 0 for err in refused)
+    assert "requests are queued" in refused[0].message and "tokens are queued" in refused[1].message
+    assert stats["peak_queued_requests"] == 3 and stats["queued_tokens"] == 12 and stats["refused"] == 2
+    assert again.tolist() == [[5.0]]
