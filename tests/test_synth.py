@@ -148,8 +148,6 @@ def test_validation_drops_bad_fields_and_maps_rows_per_kind():
     ({"mix": {"poems": 1}}, "generate.mix"), ({"mix": {"sts": -1}}, "generate.mix"),
     ({"languages": ["en", "xx"]}, "generate.languages"), ({"language_weights": {"qq": 1}}, "generate.language_weights"),
     ({"num_examples": -5}, "generate.num_examples"), ({"concurrency": 0}, "generate.concurrency"),
-    ({"backend": "openai", "api_key_env": "RAY_E5_NO_SUCH_KEY"}, "RAY_E5_NO_SUCH_KEY"),
-    ({"backend": "azure", "base_url": "https://x.openai.azure.com"}, "AZURE_OPENAI_API_KEY"),
     ({"backend": "endpoint"}, "generate.base_url"),
     ({"backend": "endpoint", "base_url": "http://x", "model": "my-model", "budget_usd": 5}, "generate.prices"),
     ({"tokens_per_minute": -1}, "generate.tokens_per_minute"), ({"unknown_key": 1}, "generate.unknown_key"),
@@ -157,6 +155,19 @@ def test_validation_drops_bad_fields_and_maps_rows_per_kind():
 def test_bad_config_is_refused_before_any_request(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         RayE5Config.model_validate({"generate": bad}).section("generate", GenerateSettings)
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"backend": "openai", "api_key_env": "RAY_E5_NO_SUCH_KEY"}, "RAY_E5_NO_SUCH_KEY"),
+    ({"backend": "azure", "base_url": "https://x.openai.azure.com"}, "AZURE_OPENAI_API_KEY"),
+])
+def test_a_hosted_backend_without_its_key_is_refused_when_generation_starts(bad, key, monkeypatch, tmp_path):
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY", raising=False)
+    config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": bad})
+    config.section("generate", GenerateSettings)  # the config itself is fine: a train job needs no key
+    with pytest.raises(ConfigError, match=key):
+        generate(config)
+    assert not (tmp_path / "run" / "synthetic").exists() or not list((tmp_path / "run" / "synthetic").iterdir())
 
 
 def test_config_sections_of_the_shipped_configs_validate(monkeypatch):

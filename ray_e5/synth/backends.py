@@ -74,10 +74,17 @@ class ChatBackend:
         fmt = response_format(self.style, schema)
         if fmt:
             kwargs["response_format"] = fmt
+        completion = self.settings.completion_style()
         try:
-            response = await self.client.chat.completions.create(
-                model=self.settings.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                temperature=self.settings.temperature, top_p=self.settings.top_p, **kwargs)
+            if completion:  # a base model continues our few-shot document to the end of the answer's line
+                kwargs.pop("response_format", None)
+                response = await self.client.completions.create(
+                    model=self.settings.model, prompt=prompt, max_tokens=max_tokens, stop=["\n"],
+                    temperature=self.settings.temperature, top_p=self.settings.top_p, **kwargs)
+            else:
+                response = await self.client.chat.completions.create(
+                    model=self.settings.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    temperature=self.settings.temperature, top_p=self.settings.top_p, **kwargs)
         except openai.APITimeoutError:
             raise Dropped("request_timeout") from None
         except openai.APIStatusError as err:
@@ -90,9 +97,14 @@ class ChatBackend:
             raise Dropped("request_bad_response")
         usage = getattr(response, "usage", None)
         choice = response.choices[0] if response.choices else None
-        message = getattr(choice, "message", None)
-        return Completion(getattr(message, "content", None), getattr(usage, "prompt_tokens", 0) or 0,
-                          getattr(usage, "completion_tokens", 0) or 0, getattr(choice, "finish_reason", None))
+        if completion:
+            from ray_e5.synth.prompts import answer_text
+
+            text = answer_text(prompt, getattr(choice, "text", None))
+        else:
+            text = getattr(getattr(choice, "message", None), "content", None)
+        return Completion(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
+                          getattr(choice, "finish_reason", None))
 
     async def aclose(self) -> None:
         await self.client.close()

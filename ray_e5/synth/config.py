@@ -42,6 +42,10 @@ class GenerateSettings(Section):
     api_key_env: str | None = None  # default OPENAI_API_KEY (openai) / AZURE_OPENAI_API_KEY (azure); none otherwise
     azure_api_version: str = "2024-10-21"
     json_mode: Literal["auto", "json_schema", "json_object_schema", "json_object", "off"] = "auto"
+    # chat: instructions (an instruction-tuned writer); completion: one worked example per kind, continued by the
+    # model on the completions endpoint (a base model such as the packaged Gemma 3 270M); auto: completion for
+    # llamacpp, chat otherwise.
+    prompt_style: Literal["auto", "chat", "completion"] = "auto"
     gguf: str | None = None  # llamacpp: a .gguf file (default: the packaged Gemma 3 270M)
     llamacpp_ctx: int = Field(4096, gt=0)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
@@ -56,6 +60,7 @@ class GenerateSettings(Section):
     seed: int = 0
     # ---- decoding and limits ---------------------------------------------------------------------------------
     max_tokens: int = Field(1024, gt=0)
+    max_tokens_by_kind: dict[str, int] = Field(default_factory=dict)  # e.g. {sts: 96}: short kinds need less
     brainstorm_max_tokens: int = Field(1024, gt=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -92,6 +97,16 @@ class GenerateSettings(Section):
             raise ValueError("at least one kind needs a weight > 0")
         return mix
 
+    @field_validator("max_tokens_by_kind")
+    @classmethod
+    def _max_tokens_kinds(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind(s) {unknown}; accepted: {', '.join(KINDS)}")
+        if any(v <= 0 for v in value.values()):
+            raise ValueError("token limits must be > 0")
+        return value
+
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, langs: list[str] | None) -> list[str] | None:
@@ -124,10 +139,6 @@ class GenerateSettings(Section):
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "GenerateSettings":
-        env = self.key_env()
-        if self.backend in HOSTED and not os.environ.get(env or ""):
-            raise ValueError(f"backend {self.backend!r} needs an API key in the environment variable {env} "
-                             "(set generate.api_key_env to read another variable)")
         if self.backend in ("endpoint", "azure") and not self.base_url:
             raise ValueError(f"backend {self.backend!r} needs generate.base_url (the server's URL)")
         if self.budget_usd is not None and self.price() is None:
@@ -138,6 +149,16 @@ class GenerateSettings(Section):
         if self.gguf is not None and self.backend == "llamacpp" and not os.path.isfile(self.gguf):
             raise ValueError(f"generate.gguf: no such file {self.gguf!r}")
         return self
+
+    def preflight(self) -> None:
+        """What the environment must give before the stage sends anything (checked when generation starts, not
+        when the config loads: a train or serve job on the same config needs no API key)."""
+        env = self.key_env()
+        if self.backend in HOSTED and not os.environ.get(env or ""):
+            from ray_e5.config import ConfigError
+
+            raise ConfigError(f"generate.backend: {self.backend!r} needs an API key in the environment variable "
+                              f"{env} (set generate.api_key_env to read another variable)")
 
     # ---- derived -------------------------------------------------------------------------------------------
     def key_env(self) -> str | None:
@@ -159,6 +180,9 @@ class GenerateSettings(Section):
         if price is None:
             return None
         return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+    def completion_style(self) -> bool:
+        return self.prompt_style == "completion" or (self.prompt_style == "auto" and self.backend == "llamacpp")
 
     def response_format_style(self) -> str:
         if self.json_mode != "auto":

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_e5.synth.config import GenerateSettings
-from ray_e5.synth.prompts import BRAINSTORM_SCHEMA, PROMPT_VERSION, answer_schema, brainstorm_prompt, example_prompt
+from ray_e5.synth.prompts import (BRAINSTORM_SCHEMA, PROMPT_VERSION, answer_schema, brainstorm_completion_prompt,
+                                  brainstorm_prompt, completion_prompt, example_prompt, TOPICS)
 from ray_e5.synth.taxonomy import KINDS, bitext_target, language_weights, sample_placeholders
 
 
@@ -74,7 +75,8 @@ def brainstorm_requests(settings: GenerateSettings, slots: list[Slot]) -> list[d
     requests = []
     for key in keys:
         kind = key.split("/")[0]
-        prompt = brainstorm_prompt(kind, settings.tasks_per_brainstorm)
+        write = brainstorm_completion_prompt if settings.completion_style() else brainstorm_prompt
+        prompt = write(kind, settings.tasks_per_brainstorm)
         requests.append({"id": content_id("brainstorm", settings.seed, key, prompt), "key": key, "kind": kind,
                          "prompt": prompt, "schema": json.dumps(BRAINSTORM_SCHEMA),
                          "max_tokens": settings.brainstorm_max_tokens})
@@ -94,9 +96,14 @@ def expand(settings: GenerateSettings, slots: list[Slot], tasks: dict[str, list[
         else:
             waiting.append(slot)
             continue
-        prompt = example_prompt(kind, task, slot.language, slot.values, slot.tgt_language or None)
+        if settings.completion_style():
+            values = {**slot.values, "topic": TOPICS[slot.pick % len(TOPICS)]}
+            prompt = completion_prompt(kind, task, slot.language, values, slot.tgt_language or None)
+        else:
+            prompt = example_prompt(kind, task, slot.language, slot.values, slot.tgt_language or None)
         items.append({"id": content_id("example", settings.seed, slot.index, prompt), "kind": slot.kind,
                       "task": task, "language": slot.language, "tgt_language": slot.tgt_language,
-                      "prompt": prompt, "prompt_id": f"{slot.kind}/{PROMPT_VERSION}",
-                      "schema": json.dumps(answer_schema(kind.output_keys)), "max_tokens": settings.max_tokens})
+                      "prompt": prompt, "prompt_id": f"{slot.kind}/{PROMPT_VERSION}" + ("-completion" if settings.completion_style() else ""),
+                      "schema": json.dumps(answer_schema(kind.output_keys)),
+                      "max_tokens": settings.max_tokens_by_kind.get(slot.kind, settings.max_tokens)})
     return items, waiting

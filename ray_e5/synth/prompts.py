@@ -108,3 +108,123 @@ def answer_schema(keys: tuple[str, ...]) -> dict:
 
 BRAINSTORM_SCHEMA = {"type": "object", "properties": {"tasks": {"type": "array", "items": {"type": "string"}}},
                      "required": ["tasks"], "additionalProperties": False}
+
+
+# ---- completion style: one worked example per kind, continued by a base model ---------------------------------
+# A base model (the packaged Gemma 3 270M) does not follow instructions: asked for JSON under a grammar it answers
+# {"S1": "S2", "S2": "S1"}. It does continue a pattern, so here each request is a short document: a header, one
+# worked example of the kind (a header line and its JSON line), then the new header and the opening of the answer's
+# JSON line, which the model completes up to the end of the line. The worked examples are ours.
+_WORKED = {
+    "short-long": (
+        "Given a health question, retrieve web passages that answer it.",
+        {"query_type": "common", "query_length": "5 to 15 words", "clarity": "clear", "num_words": 50,
+         "difficulty": "high school"},
+        {"user_query": "how do vaccines teach the immune system to fight a virus",
+         "positive_document": "A vaccine shows the immune system a harmless piece of a virus, such as one of its "
+                              "surface proteins. White blood cells learn to recognise that piece and make "
+                              "antibodies against it. Memory cells keep this knowledge for years, so when the real "
+                              "virus arrives the body can stop it before it spreads.",
+         "hard_negative_document": "The first vaccine was made by Edward Jenner in 1796, who used cowpox to protect "
+                                   "people against smallpox. Vaccination spread across Europe during the next "
+                                   "century, and smallpox was declared eradicated in 1980."}),
+    "long-short": (
+        "Classify a product review as positive, negative or neutral.",
+        {"num_words": "at least 10", "clarity": "clear", "difficulty": "high school"},
+        {"input_text": "The battery died after two days and the support team never answered my emails, so I "
+                       "returned it.",
+         "label": "negative", "misleading_label": "neutral"}),
+    "short-short": (
+        "Given a question, retrieve a one-sentence answer to it.",
+        {},
+        {"input": "What is the capital of Australia?",
+         "positive_document": "Canberra has been the seat of Australia's government since 1927."}),
+    "long-long": (
+        "Given a news article, retrieve another article about the same event.",
+        {},
+        {"input": "Heavy rain flooded the lower town on Monday night. The river rose two metres in six hours, and "
+                  "firefighters moved forty families to the school gym. The mayor said the new flood wall had "
+                  "held in the north but was not finished in the south.",
+         "positive_document": "Residents of the lower town spent Tuesday clearing mud from their homes after the "
+                              "river burst its banks. Officials said the unfinished southern section of the flood "
+                              "barrier let the water in, and promised to complete it before winter."}),
+    "sts": (
+        "Retrieve semantically similar text.",
+        {"unit": "sentence", "high_score": 4.5, "low_score": 2.5, "difficulty": "high school"},
+        {"S1": "A man is playing a guitar on a small stage.",
+         "S2": "On a little stage, a man performs with his guitar.",
+         "S3": "A man is carrying a guitar case down the street."}),
+    "bitext": (
+        "Retrieve parallel sentences.",
+        {"unit": "sentence", "high_score": 5, "low_score": 2, "difficulty": "high school"},
+        {"S1": "The train to the airport leaves every twenty minutes.",
+         "S2": "Le train pour l'aéroport part toutes les vingt minutes.",
+         "S3": "Le train pour la gare part chaque heure."}),
+}
+
+
+# A topic per example steers a base model away from copying the worked example (which is on none of these).
+TOPICS = ("cooking", "football", "gardening", "banking", "astronomy", "car repair", "travel by train", "pets",
+          "computer games", "weather", "hospital care", "school exams", "city politics", "music lessons",
+          "online shopping", "mountain hiking", "insurance", "chemistry", "film reviews", "job interviews",
+          "farming", "smartphones", "history of Rome", "fashion", "tax returns", "birds", "electricity bills",
+          "wedding plans", "basketball", "the ocean")
+
+
+def _header(kind: Kind, task: str, language: str, values: dict, tgt_language: str | None = None) -> str:
+    v, lang = values, language_name(language)
+    topic = f" Topic: {v['topic']}." if v.get("topic") else ""
+    return _header_body(kind, task, lang, v, tgt_language) + topic
+
+
+def _header_body(kind: Kind, task: str, lang: str, v: dict, tgt_language: str | None) -> str:
+    if kind.name == "short-long":
+        return (f"Task: {task}\nQuery: {v['query_type']}, {v['query_length']}, {v['clarity']}. Documents: about "
+                f"{v['num_words']} words, {v['difficulty']} level, in {lang}.")
+    if kind.name == "long-short":
+        return (f"Task: {task}\nText: {v['num_words']} words, {v['clarity']}, {v['difficulty']} level, in {lang}. "
+                "Label: the correct label; misleading label: a wrong one.")
+    if kind.name in ("short-short", "long-long"):
+        return f"Task: {task}\nLanguage: {lang}."
+    if kind.name == "sts":
+        return (f"Task: three {v['unit']}s in {lang}; S1 and S2 mean nearly the same (similarity "
+                f"{v['high_score']} of 5), S1 and S3 share words but differ in meaning ({v['low_score']} of 5).")
+    tgt = language_name(tgt_language or "en")  # bitext
+    return (f"Task: a {v['unit']} S1 in {lang}, S2 its translation into {tgt} (quality {v['high_score']} of 5) and S3 "
+            f"a poor translation into {tgt} ({v['low_score']} of 5).")
+
+
+def _opening(keys: tuple[str, ...]) -> str:
+    return '{"' + keys[0] + '": "'
+
+
+def completion_prompt(kind: Kind, task: str, language: str, values: dict, tgt_language: str | None = None) -> str:
+    """A few-shot document whose last line is the opening of the answer's JSON line (see :func:`answer_text`)."""
+    import json
+
+    w_task, w_values, w_answer = _WORKED[kind.name]
+    w_tgt = "fr" if kind.name == "bitext" else None
+    worked = json.dumps(w_answer, ensure_ascii=False)
+    w_values = {**w_values, "topic": "music" if kind.name == "sts" else "health"}
+    return ("Training examples for a text embedding model, one JSON line each, written for the task above it.\n\n"
+            f"{_header(kind, w_task, 'en', w_values, w_tgt)}\n{worked}\n\n"
+            f"{_header(kind, task, language, values, tgt_language)}\n{_opening(kind.output_keys)}")
+
+
+def brainstorm_completion_prompt(kind: str, n: int = 20) -> str:
+    import json
+
+    what, examples, _ = _BRAINSTORM[kind]
+    more = {"short-long": "Given a legal question, retrieve court rulings that address it.",
+            "long-short": "Classify an email as spam or not spam.",
+            "short-short": "Given a company name, retrieve its industry.",
+            "long-long": "Given a product manual, retrieve manuals of similar products."}[kind]
+    first = json.dumps({"tasks": [*examples, more]})
+    return (f"Lists of {what}, for training text embedding models. Each list is one JSON line of about {n} "
+            f"different tasks, each one English sentence.\n{first}\n" + '{"tasks": ["')
+
+
+def answer_text(prompt: str, continuation: str | None) -> str:
+    """The whole answer of a completion-style request: the opening our prompt ended with, then what the model
+    wrote up to the end of that line."""
+    return prompt.rsplit("\n", 1)[-1] + (continuation or "").split("\n", 1)[0]

@@ -96,6 +96,7 @@ class _Run:
     def __init__(self, config: RayE5Config):
         self.started = time.time()
         self.settings = config.section("generate", GenerateSettings)
+        self.settings.preflight()
         self.config = config
         self.deadline = self.started + self.settings.time_budget_s if self.settings.time_budget_s else None
         self.tally = Tally()
