@@ -96,3 +96,48 @@ def test_shipped_serve_deploy_config_is_valid_and_its_ingress_agrees():
     schema = ServeDeploySchema.model_validate(data)
     settings = validate(ServeSettings, schema.applications[0].args, prefix="serve.")
     assert schema.controller_options.runtime_env["env_vars"] == settings.ingress_env()
+
+
+# ---- serve.dtype ---------------------------------------------------------------------------------------------
+def test_serve_dtype_defaults_to_bf16_on_gpu_replicas_and_reaches_vllm(merged):
+    from ray_e5.serve.vllm_backend import MergedModelText, vllm_engine_kwargs
+
+    assert ServeSettings().replica_dtype() == "fp32"
+    assert ServeSettings(num_gpus=0.5).replica_dtype() == "bf16"
+    assert ServeSettings(num_gpus=1, dtype="fp16").replica_dtype() == "fp16"
+    assert ServeSettings(dtype="bf16").replica_dtype() == "bf16"  # asked for on a CPU replica: honoured
+    _, path = merged
+    text = MergedModelText.load(path)
+    assert vllm_engine_kwargs(ServeSettings(backend="vllm", num_gpus=1), path, text)["dtype"] == "bfloat16"
+    assert vllm_engine_kwargs(ServeSettings(backend="vllm", num_gpus=1, dtype="fp32"), path, text)["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["serve.dtype=float16"], r"serve\.dtype: .*'fp32', 'bf16' or 'fp16'"),
+    (["serve.dtype=bf16", "serve.vllm.dtype=float16"], r"serve: dtype 'bf16' and vllm\.dtype 'float16' disagree"),
+])
+def test_bad_serve_dtypes_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides).section("serve", ServeSettings)
+
+
+# CPU bf16 against fp32, the same merged model: per-text cosine at least this (measured on the tiny decoder: 0.9999)
+SERVED_BF16_MIN_COSINE = 0.995
+
+
+def test_a_bf16_replica_serves_vectors_within_tolerance_of_fp32(merged):
+    """What a replica loads (Embedder.load(..., dtype=settings.replica_dtype())) and what its forward returns."""
+    import numpy as np
+    import torch
+
+    _, path = merged
+    replica = ServeSettings(dtype="bf16")
+    served = Embedder.load(path, merge_lora=True, dtype=replica.replica_dtype())
+    assert {p.dtype for p in served.backbone.parameters()} == {torch.bfloat16}
+    reference = Embedder.load(path, merge_lora=True, dtype=ServeSettings().replica_dtype())
+    assert reference.dtype == torch.float32
+    ours, theirs = served.encode(TEXTS, instruction=TASK), reference.encode(TEXTS, instruction=TASK)
+    assert ours.dtype == np.float32
+    cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    print(f"served bf16 vs fp32: min cosine {cos.min():.6f}, max abs {np.abs(ours - theirs).max():.2e}")
+    assert cos.min() >= SERVED_BF16_MIN_COSINE and np.abs(ours - theirs).max() > 0

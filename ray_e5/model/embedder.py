@@ -48,7 +48,10 @@ class Embedder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         self.base_reference = base_reference
-        self._takes_position_ids = "position_ids" in inspect.signature(self._base_model().forward).parameters
+        params = inspect.signature(self._base_model().forward).parameters
+        self._takes_position_ids = "position_ids" in params
+        # An embedding forward never decodes: a KV cache would only hold memory (128 KB a token for Mistral-7B bf16)
+        self._takes_use_cache = "use_cache" in params
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -83,6 +86,8 @@ class Embedder(torch.nn.Module):
         backbone_ref = resolve_backbone(settings.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
+            # The weights are loaded in settings.dtype whatever the checkpoint's own (a merged export, a hub model);
+            # under an active ZeRO-3 HfDeepSpeedConfig (ray_e5.train.engines.zero3_load) this partitions at load.
             model = AutoModel.from_pretrained(backbone_ref.path, dtype=DTYPES[settings.dtype])
         except OSError as err:
             hint = " (the hub is unreachable or HF_HUB_OFFLINE=1: use a local directory or a packaged name)" \
@@ -116,6 +121,11 @@ class Embedder(torch.nn.Module):
         return int(self._base_model().config.hidden_size)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the backbone's weights are held in (``settings.dtype`` as loaded); vectors are float32."""
+        return next(self.backbone.parameters()).dtype
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
@@ -146,9 +156,11 @@ class Embedder(torch.nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if position_ids is not None and self._takes_position_ids:
             kwargs["position_ids"] = position_ids
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False
         hidden = self.backbone(**kwargs).last_hidden_state
-        vectors = pool(hidden, attention_mask, self.settings.pooling)
-        return F.normalize(vectors.float(), dim=-1) if self.settings.normalize else vectors.float()
+        vectors = pool(hidden, attention_mask, self.settings.pooling)  # float32 whatever the model's dtype
+        return F.normalize(vectors, dim=-1) if self.settings.normalize else vectors
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,

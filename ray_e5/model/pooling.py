@@ -14,12 +14,14 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One float32 vector per row, whatever the dtype of ``hidden`` (a bf16/fp16 model's sums and norms would lose
+    digits: the mean of 512 bf16 states keeps about 3 significant ones)."""
     if mode == "last":
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_token_index(mask)]
+        return hidden[rows, last_token_index(mask)].float()
     if mode == "mean":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        weights = mask.unsqueeze(-1).float()
+        return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
     if mode == "cls":
-        return hidden[:, 0]
+        return hidden[:, 0].float()
     raise ValueError(f"unknown pooling {mode!r}; accepted: {', '.join(POOLINGS)}")

@@ -172,7 +172,7 @@ class EmbeddingServer:
 
                 # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
                 torch.set_num_threads(self.settings.cpu_threads())
-            self.embedder = Embedder.load(local, merge_lora=True)
+            self.embedder = Embedder.load(local, merge_lora=True, dtype=self.settings.replica_dtype())
             if self.settings.num_gpus > 0:
                 self.embedder.to("cuda")
             self.text = self.embedder

@@ -34,6 +34,10 @@ class VllmPoolingSettings(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
+# serve.dtype -> the dtype names vLLM takes
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 class ServeSettings(Section):
     model: str | None = None  # embedder dir, merged model dir or packaged name; default <run_dir>/embedder or model.name
     model_name: str = "ray-e5"  # the `model` clients send; the served reference is accepted too
@@ -50,6 +54,10 @@ class ServeSettings(Section):
     api_key: str | None = None  # when set (or api_key_env names a set variable), Bearer auth is required
     api_key_env: str | None = "RAY_E5_API_KEY"
     backend: Literal["embedder", "vllm"] = "embedder"
+    # The dtype a replica holds the weights in (a merged fp32 export is cast at load). None: bf16 on GPU replicas
+    # (num_gpus > 0), fp32 on CPU ones. Pooling, normalisation and the vectors returned are float32 either way.
+    # Mistral-7B (7.24e9 parameters): 14.5 GB of weights in bf16, 29 GB in fp32.
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
     vllm: VllmPoolingSettings = Field(default_factory=VllmPoolingSettings)
     # ---- batching: continuous (serve/batching.py), under a token budget as TEI's max-batch-tokens ------------
     max_batch_tokens: int = Field(16384, gt=0)  # padded tokens per forward pass
@@ -78,6 +86,21 @@ class ServeSettings(Section):
             raise ValueError("backend 'vllm' runs on GPU nodes only: set num_gpus > 0 (a fraction shares a GPU), "
                              "or use backend 'embedder' on CPUs")
         return self
+
+    @model_validator(mode="after")
+    def _one_vllm_dtype(self) -> "ServeSettings":
+        if self.dtype is not None and self.vllm.dtype != "auto" and VLLM_DTYPES[self.dtype] != self.vllm.dtype:
+            raise ValueError(f"dtype {self.dtype!r} and vllm.dtype {self.vllm.dtype!r} disagree; set one of them "
+                             f"(vllm.dtype 'auto' follows dtype: {VLLM_DTYPES})")
+        return self
+
+    def replica_dtype(self) -> str:
+        """The dtype each replica loads the model in: ``dtype``, else bf16 on a GPU replica and fp32 on a CPU one."""
+        return self.dtype or ("bf16" if self.num_gpus > 0 else "fp32")
+
+    def vllm_dtype(self) -> str:
+        """The ``dtype`` vLLM is started with: ``vllm.dtype`` when set, else :meth:`replica_dtype`'s."""
+        return self.vllm.dtype if self.vllm.dtype != "auto" else VLLM_DTYPES[self.replica_dtype()]
 
     def ingress_env(self) -> dict[str, str]:
         """Environment that the Serve controller and every replica need for the chosen ingress.

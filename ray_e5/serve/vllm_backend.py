@@ -79,7 +79,7 @@ class MergedModelText:
 def vllm_engine_kwargs(settings: ServeSettings, model_dir: str, text: MergedModelText) -> dict[str, Any]:
     """Arguments for ``vllm.LLM``: the pooling runner with the export's pooling and normalisation."""
     return {"model": model_dir, "runner": "pooling", "tensor_parallel_size": settings.vllm.tensor_parallel_size,
-            "gpu_memory_utilization": settings.vllm.gpu_memory_utilization, "dtype": settings.vllm.dtype,
+            "gpu_memory_utilization": settings.vllm.gpu_memory_utilization, "dtype": settings.vllm_dtype(),
             "max_model_len": settings.vllm.max_model_len or text.settings.max_length,
             "pooler_config": {"pooling_type": VLLM_POOLING[text.settings.pooling], "normalize": text.settings.normalize}}
 
