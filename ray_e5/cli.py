@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(func=_embed)
 
     export = sub.add_parser("export", help="merge an embedder's LoRA into a sentence-transformers model directory")
-    export.add_argument("embedder", help="embedder directory (or any model reference)")
+    export.add_argument("embedder", help="embedder directory, its URI (s3://.../embedder, gs://...) or any model "
+                        "reference")
     export.add_argument("--output", "-o", required=True)
     export.set_defaults(func=_export)
 

@@ -63,9 +63,13 @@ class ModelSettings(Section):
 
 
 class RayE5Config(Section):
-    """The whole run: one run directory, one Ray address, one section per stage."""
+    """The whole run: one run directory, one data directory, one Ray address, one section per stage."""
 
     run_dir: str = "runs/default"
+    # Inputs (labeled sources, evaluation task folders, contamination sets) are named relative to data_dir; it,
+    # run_dir and any path may be local or s3:// / gs:// (endpoint and credentials from the AWS_* variables).
+    # A relative local data_dir is taken from the driver's current directory (the project root for the recipes).
+    data_dir: str = "../shared/data"
     ray_address: str | None = None  # None: start or join a local cluster
     model: ModelSettings = Field(default_factory=ModelSettings)
     generate: dict[str, Any] | None = None

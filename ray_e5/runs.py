@@ -6,6 +6,13 @@ Layout under a run directory:
     embedder/    the trained embedder directory (ray_e5.json + adapter/)
     eval/        per-task results, report.md, report.json, scores.png
 Paths go through pyarrow's filesystems, so the same code writes locally and to object stores.
+
+Inputs are named relative to the config's ``data_dir`` (:func:`data_uri`); a local path is made absolute on the
+driver, a URI is kept as it is. Object stores take their endpoint and credentials from the standard variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``; pyarrow's S3 filesystem
+reads them itself, ``AWS_ENDPOINT_URL`` included), so no config holds a secret. :func:`check_access` is the
+preflight every stage runs before any work: an unreachable store, a missing bucket, a refused credential or a
+missing input stops the stage with a :class:`StorageError` naming the URI and what failed.
 """
 
 from __future__ import annotations
@@ -16,12 +23,93 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ray_e5.config import ConfigError
+
+
+class StorageError(ConfigError):
+    """A run directory or input that cannot be used (unreachable store, missing bucket or file, refused
+    credential); the message names the URI and what failed. Raised before a stage does any work."""
+
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for a local path or a URI."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def absolute(uri: str) -> str:
+    """A URI as it is; a local path made absolute (against the driver's current directory)."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def data_uri(data_dir: str, path: str) -> str:
+    """Where an input named in a config lives: a URI or an absolute path as it is, a relative path under
+    ``data_dir`` (itself a local path or a URI)."""
+    if "://" in path or os.path.isabs(os.path.expanduser(path)):
+        return absolute(path)
+    return join(absolute(data_dir), path)
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:400]
+
+
+def check_access(uri: str, what: str, must_exist: bool = True) -> pafs.FileInfo | None:
+    """Preflight for ``uri`` (``what`` says which setting named it): the store answers, the bucket exists, the
+    credentials are accepted and, with ``must_exist``, the file or folder is there. Raises :class:`StorageError`
+    naming the URI and what failed; returns the file info (None for a writable place that does not exist yet)."""
+    try:
+        fs, path = resolve(uri)
+    except Exception as err:  # noqa: BLE001 - a malformed URI, an unknown scheme, a filesystem not built in
+        raise StorageError(f"{what}: {uri!r}: cannot open this location: {_first_line(err)}") from None
+    if _scheme(uri) in ("s3", "gs", "gcs"):
+        bucket = path.split("/", 1)[0]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") if _scheme(uri) == "s3" else None
+        where = f" at {endpoint}" if endpoint else ""
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as err:
+            text = _first_line(err)
+            if any(k in text for k in ("NETWORK_CONNECTION", "Could not connect", "resolve host", "Timeout", "timed out")):
+                why = f"the object store{where} cannot be reached"
+            elif any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                         "403", "401", "credentials", "INVALID_ACCESS_KEY")):
+                why = (f"the object store{where} refused the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                       "or the node's role)")
+            else:
+                why = f"the object store{where} failed"
+            raise StorageError(f"{what}: {uri!r}: {why}: {text}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{what}: {uri!r}: bucket {bucket!r} does not exist{where} (create it first; "
+                               "ray-e5 never creates buckets)")
+    if not must_exist:
+        return None
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise StorageError(f"{what}: {uri!r}: cannot be read: {_first_line(err)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{what}: {uri!r}: no such file or folder")
+    return info
+
+
+def listing(uri: str) -> list[tuple[str, int, str]] | None:
+    """(relative path, size, modification time) of every file under ``uri`` (a folder, local or remote), sorted;
+    None when ``uri`` is not a folder. What a cache keys on: a folder rewritten in place lists differently."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    path = path.rstrip("/")
+    return sorted((info.path[len(path):], info.size, str(info.mtime))
+                  for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.is_file)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -82,12 +170,11 @@ def local_copy(uri: str) -> str:
     from ray_e5.model.sources import cache_root
 
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    files = listing(uri)
+    if files is None:
         raise FileNotFoundError(f"{uri!r} is not a directory; accepted: a local path, a packaged name or the URI "
                                 "of a model directory (s3://, gs://, file://, ...)")
-    listing = sorted((info.path[len(path):], info.size, str(info.mtime))
-                     for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.is_file)
-    key = hashlib.sha256(json.dumps([uri.rstrip("/"), listing]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([uri.rstrip("/"), files]).encode()).hexdigest()[:20]
     target = cache_root() / "remote" / key
     if target.is_dir():
         return str(target)

@@ -104,9 +104,17 @@ def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
     return Source("synthetic", "parquet", tuple(files), fs, RowDefaults("synthetic", "", "synthetic", "en"), weight)
 
 
-def source_from_settings(settings) -> Source:
-    """A :class:`Source` from a ``train.sources`` entry (``ray_e5.train.config.SourceSettings``)."""
-    return labeled_source(settings.path, name=settings.name, weight=settings.weight, task=settings.task,
+def source_from_settings(settings, data_dir: str | None = None) -> Source:
+    """A :class:`Source` from a ``train.sources`` entry (``ray_e5.train.config.SourceSettings``); a relative
+    ``path`` is taken under ``data_dir`` (the config's top-level ``data_dir``), a URI or absolute path as it is.
+    The location is checked first (store reachable, bucket present, credentials accepted, path present)."""
+    path = runs.data_uri(data_dir, settings.path) if data_dir is not None else runs.absolute(settings.path)
+    try:
+        runs.check_access(path, "data")
+    except runs.StorageError as err:
+        raise SourceError(str(err).removeprefix("data: ")
+                          + (f" (data_dir {data_dir!r})" if data_dir is not None and path != runs.absolute(settings.path) else "")) from None
+    return labeled_source(path, name=settings.name, weight=settings.weight, task=settings.task,
                           kind=settings.kind, language=settings.language, min_score=settings.min_score)
 
 

@@ -7,8 +7,8 @@ evaluate:
     - {label: gemma3-270m, ref: gemma3-270m}                 # the base model
     - {label: minilm-l6, ref: minilm-l6, max_length: 256}   # the baseline to beat
   tasks:
-    - ../shared/data/stsbenchmark                            # a local folder (task.json + data files)
-    - {path: ../shared/data/scifact, max_samples: 100}        # a local folder, subsampled
+    - stsbenchmark/                                          # a folder under data_dir (task.json + data files)
+    - {path: scifact, max_samples: 100}                      # a folder under data_dir (or a URI), subsampled
     - STS12                                                  # an MTEB task by name (needs a reachable hub)
   num_workers: 2
 ```
@@ -83,14 +83,23 @@ class EvaluateSettings(Section):
     instructions: dict[str, str] = Field(default_factory=dict)  # task name -> instruction override
     report: bool = True  # write report.json, report.md and scores.png
 
-    def task_entries(self) -> list[TaskEntry]:
+    def task_entries(self, data_dir: str | None = None) -> list[TaskEntry]:
+        """The tasks as entries; a string is a folder when it holds a ``/`` or names a folder (under
+        ``data_dir`` when given), else an MTEB task name."""
         from pathlib import Path
+
+        def is_folder(item: str) -> bool:
+            if data_dir is None or "://" in data_dir:
+                return Path(item).is_dir()
+            from ray_e5 import runs
+
+            return Path(runs.data_uri(data_dir, item)).is_dir()
 
         out = []
         for item in self.tasks:
             if isinstance(item, TaskEntry):
                 out.append(item)
-            elif "/" in item or Path(item).is_dir():
+            elif "/" in item or is_folder(item):
                 out.append(TaskEntry(path=item))
             else:
                 out.append(TaskEntry(name=item))

@@ -46,7 +46,16 @@ class ModelSpec:
         return Embedder.load(runs.local_copy(self.ref), **self.overrides)
 
 
-def _dir_stats(ref: str) -> list[tuple[str, int, int]] | None:
+def _dir_stats(ref: str) -> list | None:
+    """The files of a model directory (names, sizes, modification times): local, or the listing of a URI (an
+    ``s3://`` embedder rewritten by a new training run lists differently, so its cached scores are not reused)."""
+    if "://" in ref:
+        from ray_e5 import runs
+
+        try:
+            return runs.listing(ref)
+        except OSError:
+            return None
     path = Path(ref)
     if not path.is_dir():
         return None
@@ -73,7 +82,7 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
         from ray_e5.model import is_embedder_dir
 
         embedder = runs.join(config.run_dir, "embedder")
-        if runs.is_local(embedder) and is_embedder_dir(embedder):
+        if is_embedder_dir(embedder) if runs.is_local(embedder) else runs.exists(runs.join(embedder, "ray_e5.json")):
             entries = [ModelEntry(ref=embedder, label="trained")]
         else:
             m = config.model

@@ -139,7 +139,8 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
     settings = config.section("evaluate", EvaluateSettings)
     out_dir = settings.output or runs.join(config.run_dir, "eval")
-    tasks = resolve_tasks(settings.task_entries(), settings.seed, settings.benchmark)
+    runs.check_access(out_dir, "evaluate.output" if settings.output else "run_dir", must_exist=False)
+    tasks = resolve_tasks(settings.task_entries(config.data_dir), settings.seed, settings.benchmark, config.data_dir)
     models = resolve_models(config, settings)
     overrides = dict(settings.instructions)
     overrides.update({t.name: t.entry.instruction for t in tasks if t.entry.instruction})

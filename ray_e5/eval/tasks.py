@@ -1,6 +1,7 @@
-"""Resolving the configured tasks: local folders become loaded mteb tasks on the driver (so bad folders fail
-before any model is loaded, and workers on other machines need no copy of the data); MTEB names are checked
-against mteb's registry here and loaded by the worker that runs them."""
+"""Resolving the configured tasks: task folders (named relative to the config's ``data_dir``, local or at an
+``s3://`` / ``gs://`` URI) become loaded mteb tasks on the driver (so bad folders fail before any model is loaded,
+and workers on other machines get the data through the object store, never from a disk of their own); MTEB names
+are checked against mteb's registry here and loaded by the worker that runs them."""
 
 from __future__ import annotations
 
@@ -68,13 +69,38 @@ def hub_task(entry: TaskEntry):
                           "or a name from mteb.get_tasks()") from None
 
 
-def resolve_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
+def task_uri(entry: TaskEntry, data_dir: str | None = None) -> str:
+    """Where a task folder lives: ``entry.path`` under ``data_dir`` (a URI or absolute path as it is)."""
+    from ray_e5 import runs
+
+    return runs.data_uri(data_dir, entry.path) if data_dir is not None else runs.absolute(entry.path)
+
+
+def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) -> TaskSpec:
     if entry.path:
-        task = load_local_task(entry.path, name=entry.name, split=entry.split or "test", subsets=entry.subsets,
+        from ray_e5 import runs
+
+        uri = task_uri(entry, data_dir)
+        name = entry.name or uri.rstrip("/").rsplit("/", 1)[-1]
+        where = f" (data_dir {data_dir!r})" if data_dir is not None and uri != runs.absolute(entry.path) else ""
+        folder, files = uri, None
+        if not runs.is_local(uri):
+            try:
+                runs.check_access(uri, f"task {name!r}")
+            except runs.StorageError as err:
+                raise ConfigError(f"{err}{where}") from None
+            files = runs.listing(uri)
+            if files is None:
+                raise ConfigError(f"task {name!r}: {uri!r} is not a folder{where}")
+            folder = runs.local_copy(uri)  # keyed by the listing: a rewritten folder is fetched again
+        elif where and not Path(uri).is_dir():
+            raise ConfigError(f"task {name!r} ({uri}): folder does not exist{where}")
+        task = load_local_task(folder, name=name, split=entry.split or "test", subsets=entry.subsets,
                                max_samples=entry.max_samples, max_corpus=entry.max_corpus, seed=seed,
                                main_score=entry.main_score)
         md = task.metadata
-        key = {"path": str(Path(entry.path).resolve()), "data": md.dataset["revision"], "split": md.eval_splits,
+        key = {"path": uri if files is not None else str(Path(uri).resolve()),
+               "data": md.dataset["revision"] if files is None else _digest(files), "split": md.eval_splits,
                "subsets": entry.subsets, "max_samples": entry.max_samples, "max_corpus": entry.max_corpus,
                "seed": seed, "main_score": md.main_score}
         return TaskSpec(md.name, md.type, entry, True, _digest(key), task)
@@ -101,8 +127,9 @@ def benchmark_tasks(name: str) -> list[TaskSpec]:
     return specs
 
 
-def resolve_tasks(entries: list[TaskEntry], seed: int = 42, benchmark: str | None = None) -> list[TaskSpec]:
-    specs = [resolve_task(e, seed) for e in entries]
+def resolve_tasks(entries: list[TaskEntry], seed: int = 42, benchmark: str | None = None,
+                  data_dir: str | None = None) -> list[TaskSpec]:
+    specs = [resolve_task(e, seed, data_dir) for e in entries]
     if benchmark:
         named = {s.name for s in specs}
         specs += [s for s in benchmark_tasks(benchmark) if s.name not in named]

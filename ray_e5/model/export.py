@@ -35,8 +35,18 @@ def _append_eos_post_processor(tokenizer) -> None:
 
 
 def export_sentence_transformers(source: str | Path | Embedder, output: str | Path) -> Path:
-    """Write a merged sentence-transformers model of ``source`` (an Embedder or anything Embedder.load takes)."""
-    embedder = source if isinstance(source, Embedder) else Embedder.load(str(source), merge_lora=True)
+    """Write a merged sentence-transformers model of ``source`` (an Embedder, anything Embedder.load takes, or
+    the URI of an embedder directory: ``s3://bucket/run/embedder``, copied to the local cache first)."""
+    if isinstance(source, Embedder):
+        embedder = source
+    else:
+        ref = str(source)
+        if "://" in ref:
+            from ray_e5 import runs
+
+            runs.check_access(ref, "embedder")
+            ref = runs.local_copy(ref)
+        embedder = Embedder.load(ref, merge_lora=True)
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):  # merge a copy: the caller's Embedder stays as it was
         backbone = copy.deepcopy(backbone).merge_and_unload()

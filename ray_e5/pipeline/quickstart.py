@@ -1,8 +1,8 @@
 """The offline quickstart: every stage of the recipe on one CPU machine, inside a time budget.
 
 Gemma 3 270M writes synthetic examples through a local llama.cpp server, a Gemma 3 270M LoRA embedder is trained
-on them (plus the labeled sets of ``../shared/data`` when present), the base and trained models are scored on local
-tasks, and the trained model is served behind the OpenAI-compatible API. A rerun into the same run directory
+on them (plus the labeled sets under ``data_dir``, ``../shared/data`` by default, when present), the base and
+trained models are scored on local tasks, and the trained model is served behind the OpenAI-compatible API. A rerun into the same run directory
 resumes: finished stages are skipped, generation continues, evaluation reuses its per-task cache.
 """
 
@@ -33,25 +33,24 @@ class Budget:
         return max(30, int(self.total_s * getattr(self, stage)))
 
 
-def _existing(path: str, data_dir: str | None) -> str | None:
-    """Rewrite a ``../shared/data/...`` path onto ``data_dir``; None when the file or folder is absent."""
-    if data_dir and "shared/data/" in path:
-        path = str(Path(data_dir) / path.split("shared/data/", 1)[1])
-    return path if Path(path).exists() else None
-
-
-def _keep_present(items: list, data_dir: str | None, key: str, log) -> list:
+def _keep_present(items: list, data_dir: str, key: str, log) -> list:
+    """The entries whose path (under ``data_dir``) is present; each absent one is dropped with a line. Entries
+    that are not paths (MTEB names) and remote data dirs (checked by the stage itself) are kept as they are."""
     kept = []
     for item in items:
         path = item.get(key) if isinstance(item, dict) else item
-        if not isinstance(path, str) or ("/" not in path and key == "path" and isinstance(item, str) and not Path(path).exists()):
+        if not isinstance(path, str) or not runs.is_local(runs.data_uri(data_dir, path)):
             kept.append(item)
             continue
-        found = _existing(path, data_dir)
-        if found is None:
-            log(f"[ray-e5] skipping {path}: not found (pass --data-dir to point at the shared datasets)")
+        present = Path(runs.data_uri(data_dir, path)).exists()
+        if isinstance(item, str) and "/" not in path and not present:
+            kept.append(item)  # an MTEB task name
             continue
-        kept.append({**item, key: found} if isinstance(item, dict) else found)
+        if not present:
+            log(f"[ray-e5] skipping {path}: not found under data_dir {data_dir} (pass --data-dir to point at the "
+                "shared datasets)")
+            continue
+        kept.append(item)
     return kept
 
 
@@ -62,6 +61,9 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
     data: dict[str, Any] = read_yaml(config_path or REPO_CONFIGS / "quickstart.yaml")
     if run_dir:
         data["run_dir"] = run_dir
+    if data_dir:
+        data["data_dir"] = data_dir
+    data_dir = data.get("data_dir") or RayE5Config.model_fields["data_dir"].default
     train = data.setdefault("train", {})
     train["sources"] = _keep_present(train.get("sources", []), data_dir, "path", log)
     train["max_time_s"] = min(train.get("max_time_s") or 1e9, budget.seconds("train"))

@@ -1,13 +1,22 @@
 """Quality filters on generated rows: exact and near-duplicates (MinHash LSH, datasketch) and evaluation-set
 contamination (word n-gram overlap with the evaluation texts, as in the paper's appendix: case and spacing are
-ignored; a text shorter than n words is compared whole)."""
+ignored; a text shorter than n words is compared whole).
+
+The evaluation texts are named relative to the config's ``data_dir`` (``generate.contamination_paths``), or by
+default are the evaluation tasks of the same config (``evaluate.tasks`` folders, their non-train files); they are
+read through pyarrow filesystems, so they may live in an object store like the rest of the run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import io
 import re
-from pathlib import Path
+from pathlib import PurePosixPath
+
+import pyarrow.fs as pafs
+
+from ray_e5 import runs
 
 _WORD = re.compile(r"\w+", re.U)
 EVAL_SUFFIXES = (".jsonl", ".json", ".txt", ".tsv", ".parquet")
@@ -56,14 +65,41 @@ class Deduplicator:
         return None
 
 
-def eval_files(path: str) -> list[Path]:
-    """The evaluation files under ``path`` (a file or a folder, searched recursively)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(EVAL_SUFFIXES))
-    return []
+def eval_files(path: str, skip_train: bool = False) -> list[tuple[pafs.FileSystem, str]]:
+    """The evaluation files under ``path`` (a local path or a URI; a file, or a folder searched recursively):
+    (filesystem, path) pairs. ``skip_train`` leaves out ``train*`` files and ``task.json`` (a task folder's
+    training split is not what a benchmark scores)."""
+    fs, p = runs.resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        return [(fs, p)]
+    if info.type != pafs.FileType.Directory:
+        return []
+    found = []
+    for f in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        name = PurePosixPath(f.path).name
+        if not f.is_file or not name.endswith(EVAL_SUFFIXES):
+            continue
+        if skip_train and (name.startswith("train") or name == "task.json" or "/qrels/" in f.path):
+            continue
+        found.append((fs, f.path))
+    return sorted(found, key=lambda x: x[1])
+
+
+def contamination_uris(config, settings) -> tuple[list[str], bool]:
+    """Where the evaluation texts are: ``generate.contamination_paths`` under ``data_dir``, else the folders of
+    this config's ``evaluate.tasks`` (MTEB names, which load from a hub, are not read here). Returns the URIs and
+    whether they are the default (task folders)."""
+    data_dir = getattr(config, "data_dir", None) or "."
+    if settings.contamination_paths:
+        return [runs.data_uri(data_dir, p) for p in settings.contamination_paths], False
+    tasks = (getattr(config, "evaluate", None) or {}).get("tasks") or []
+    paths = []
+    for t in tasks:
+        path = t.get("path") if isinstance(t, dict) else (t if isinstance(t, str) and "/" in t else None)
+        if isinstance(path, str):
+            paths.append(runs.data_uri(data_dir, path))
+    return paths, True
 
 
 def _strings(value) -> list[str]:
@@ -76,17 +112,18 @@ def _strings(value) -> list[str]:
     return []
 
 
-def _texts(file: Path):
-    name = file.name
+def _texts(file: tuple[pafs.FileSystem, str]):
+    fs, path = file
+    name = PurePosixPath(path).name
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(file)
+        table = pq.read_table(path, filesystem=fs)
         for column in table.column_names:
             if str(table.schema.field(column).type) in ("string", "large_string"):
                 yield from (v for v in table.column(column).to_pylist() if v)
         return
-    with file.open(errors="replace") as fh:
+    with io.TextIOWrapper(fs.open_input_stream(path), encoding="utf-8", errors="replace") as fh:
         if name.endswith(".json"):
             try:
                 yield from _strings(json.load(fh))
@@ -109,15 +146,18 @@ class ContaminationFilter:
     """Drops rows that share a word n-gram with an evaluation text (every string field of the given files), or that
     equal a short evaluation text (fewer than n words) up to case, spacing and punctuation."""
 
-    def __init__(self, paths: list[str], n: int):
+    def __init__(self, paths: list[str], n: int, key: str = "generate.contamination_paths", skip_train: bool = False):
         self.n = n
         self.grams: set[bytes] = set()
         self.short: set[bytes] = set()
         self.files = 0
+        self.paths = list(paths)
         for path in paths:
-            files = eval_files(path)
+            if not runs.is_local(path):  # unreachable store, missing bucket, refused key: named before any work
+                runs.check_access(path, key)
+            files = eval_files(path, skip_train)
             if not files:
-                raise FileNotFoundError(f"generate.contamination_paths: {path!r} is not a file or a folder holding "
+                raise FileNotFoundError(f"{key}: {path!r} is not a file or a folder holding "
                                         f"{', '.join(EVAL_SUFFIXES)} files")
             for file in files:
                 self.files += 1
@@ -127,6 +167,16 @@ class ContaminationFilter:
                         self.grams.update(self._grams(w))
                     elif len(w) >= 3:  # shorter texts match whole; one or two words are too common to count
                         self.short.add(self._key(w))
+
+    @classmethod
+    def from_config(cls, config, settings) -> "ContaminationFilter":
+        """The filter for a generate run: its contamination sets (by default the config's evaluation task
+        folders), after a preflight of the run directory the stage writes to."""
+        runs.check_access(config.run_dir, "run_dir", must_exist=False)
+        paths, default = contamination_uris(config, settings)
+        return cls(paths, settings.contamination_ngram,
+                   "evaluate.tasks (the default contamination sets)" if default else "generate.contamination_paths",
+                   skip_train=default)
 
     @staticmethod
     def _key(w: list[str]) -> bytes:

@@ -102,8 +102,7 @@ class _Run:
         self.tally = Tally()
         # Refuse bad evaluation paths before any request.
         try:
-            self.contamination = ContaminationFilter(self.settings.contamination_paths,
-                                                     self.settings.contamination_ngram)
+            self.contamination = ContaminationFilter.from_config(config, self.settings)
         except FileNotFoundError as err:
             raise GenerateError(str(err)) from None
         self.out_dir = runs.join(config.run_dir, "synthetic")

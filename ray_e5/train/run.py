@@ -34,6 +34,8 @@ def model_settings(config: RayE5Config):
 def _sources(config: RayE5Config, settings: TrainSettings) -> list:
     from ray_e5.data.sources import SourceError, source_from_settings, synthetic_source
 
+    # Preflight: the run directory's store answers and its bucket exists, before any source is read.
+    runs.check_access(config.run_dir, "run_dir", must_exist=False)
     sources = []
     if settings.synthetic:
         synthetic = synthetic_source(config.run_dir, settings.synthetic_weight)
@@ -41,7 +43,7 @@ def _sources(config: RayE5Config, settings: TrainSettings) -> list:
             sources.append(synthetic)
     for i, source in enumerate(settings.sources):
         try:
-            sources.append(source_from_settings(source))
+            sources.append(source_from_settings(source, config.data_dir))
         except SourceError as err:
             raise ConfigError(f"train.sources.{i}.path: {err}") from None
     if not sources:
@@ -99,18 +101,10 @@ def _copy_tree(src_fs, src: str, dst_uri: str) -> None:
 
 
 def _local_embedder(uri: str) -> Path:
-    """A local directory holding the embedder at ``uri`` (a copy, for run directories in object stores)."""
+    """A local directory holding the embedder at ``uri`` (a copy keyed by its listing, for object stores)."""
     if runs.is_local(uri):
         return Path(runs.resolve(uri)[1])
-    from ray_e5.model.sources import cache_root
-
-    target = cache_root() / "embedders" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    fs, path = runs.resolve(uri)
-    import pyarrow.fs as pafs
-
-    target.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return target
+    return Path(runs.local_copy(uri))
 
 
 def train(config: RayE5Config) -> Path:
