@@ -142,6 +142,38 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def zero3_load_config(settings, dtype: str, micro_batch: int):
+    """Under ZeRO-3, the object that makes ``from_pretrained`` partition the model as it builds and loads it.
+
+    transformers' DeepSpeed integration (``HfDeepSpeedConfig``) registers the DeepSpeed config behind a weakref:
+    while the object is alive, ``from_pretrained`` creates every parameter inside ``deepspeed.zero.Init`` (each one
+    partitioned over the workers the moment it is created) and loads the checkpoint one module at a time (the
+    module's parameters gathered, rank 0 copying the values in, partitioned again). A worker so holds its share of
+    the weights plus one module's, never the whole model: without it, each of a node's workers would materialise the
+    full model (7.24e9 parameters: 14.5 GB in bf16) before ``deepspeed.initialize`` partitions it.
+
+    Returns None for any other engine or stage. The caller keeps the object alive for the model's lifetime
+    (:func:`build_embedder` stores it on the Embedder), as the weakref requires.
+    """
+    if getattr(settings, "engine", None) != "deepspeed" or getattr(settings, "zero_stage", None) != 3:
+        return None
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config(settings, dtype, micro_batch))
+
+
+def build_embedder(model_settings, settings, micro_batch: int):
+    """The Embedder a training worker trains, built so that ZeRO-3 partitions it at load (see
+    :func:`zero3_load_config`); any other engine builds it as ``Embedder.from_settings`` does."""
+    from ray_e5.model import Embedder
+
+    hf_config = zero3_load_config(settings, model_settings.dtype, micro_batch)
+    embedder = Embedder.from_settings(model_settings)
+    if hf_config is not None:
+        embedder._zero3_load_config = hf_config  # transformers holds only a weakref: keep it as long as the model
+    return embedder
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO; every worker saves its own optimizer partition into the checkpoint."""
 

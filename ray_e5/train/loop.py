@@ -64,9 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
     from tqdm import tqdm
 
     from ray_e5.config import ModelSettings
-    from ray_e5.model import Embedder
     from ray_e5.train.config import TrainSettings
-    from ray_e5.train.engines import make_engine
+    from ray_e5.train.engines import build_embedder, make_engine
     from ray_e5.train.metrics import MetricsLog
     from ray_e5.train.step import prepare, train_step
 
@@ -86,7 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     torch.manual_seed(settings.seed)  # the same LoRA initialisation on every worker
-    embedder = Embedder.from_settings(model_settings)
+    # ZeRO-3 partitions the backbone as it loads (each worker holds its share, not the whole model)
+    embedder = build_embedder(model_settings, settings, settings.batch_size // world)
     embedder.train()
     engine = make_engine(embedder, settings, total_steps, model_settings.dtype, settings.batch_size // world, device)
     start = _resume(engine, fingerprint, world)

@@ -53,18 +53,19 @@ def settings(**overrides) -> SimpleNamespace:
     return SimpleNamespace(**base)
 
 
-def lora_embedder(model_dir: str, seed: int = 0, max_length: int = 64):
-    """A tiny-decoder Embedder with LoRA (no dropout) whose B matrices are random too, so every adapter weight
-    gets a gradient (peft starts B at zero)."""
+def lora_embedder(model_dir: str, seed: int = 0, max_length: int = 64, engine_settings=None):
+    """A tiny-decoder Embedder with LoRA (no dropout) whose A and B matrices are drawn from ``seed`` after the build,
+    so every adapter weight gets a gradient (peft starts B at zero) and the adapter is the same however the backbone
+    was built (under ZeRO-3 ``engine_settings`` it is partitioned at load, see ``engines.build_embedder``)."""
     from ray_e5.config import LoraSettings, ModelSettings
-    from ray_e5.model import Embedder
+    from ray_e5.train.engines import build_embedder
 
+    model_settings = ModelSettings(name=model_dir, max_length=max_length, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    embedder = build_embedder(model_settings, engine_settings or settings(), micro_batch=1)
     torch.manual_seed(seed)
-    embedder = Embedder.from_settings(ModelSettings(name=model_dir, max_length=max_length,
-                                                    lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
     with torch.no_grad():
-        for name, p in embedder.named_parameters():
-            if "lora_B" in name:
+        for name, p in sorted(embedder.named_parameters()):
+            if "lora_" in name:
                 p.normal_(0.0, 0.05)
     embedder.train()
     return embedder
@@ -77,8 +78,8 @@ def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_sett
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
 
-    embedder = lora_embedder(model_dir)
     opts = settings(**{**engine_settings, "lr": 0.0})
+    embedder = lora_embedder(model_dir, engine_settings=opts)
     engine = make_engine(embedder, opts, total_steps=10, dtype="fp32", micro_batch=len(row["query"]) // world)
     texts = prepare(row, rank, world, embedder.settings.instruction_template, cross_device=cross_device)
     runs = []
@@ -89,4 +90,116 @@ def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_sett
         engine.step()
     # ZeRO-3 leaves each worker an empty local tensor for a partitioned parameter (outside forward and backward).
     partitioned = sum(1 for _, p in engine.named if p.numel() == 0 and getattr(p, "ds_numel", 0) > 0)
-    return {"runs": runs, "partitioned": partitioned, "trainable": len(engine.named)}
+    return {"runs": runs, "partitioned": partitioned, "trainable": len(engine.named),
+            "zero3_load": getattr(embedder, "_zero3_load_config", None) is not None}
+
+
+# ---- memory of a ZeRO-3 load -----------------------------------------------------------------------------------
+def _status_kb(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in kB (VmRSS, VmHWM, RssAnon, ...)."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[key] = int(value.split()[0])
+    return out
+
+
+class PeakSampler:
+    """The peak of a process's anonymous resident memory (RssAnon: heap and tensors, not the file pages of an
+    mmap-ed checkpoint, which are the page cache's), sampled every ``interval_s`` on a thread."""
+
+    def __init__(self, interval_s: float = 0.001):
+        import threading
+
+        self.interval_s, self.peak_kb = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _status_kb("RssAnon")["RssAnon"])
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakSampler":
+        self.peak_kb = _status_kb("RssAnon")["RssAnon"]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, _status_kb("RssAnon")["RssAnon"])
+
+
+def model_bytes(model_dir: str) -> dict[str, int]:
+    """Parameter bytes of a saved model (fp32 on load): the whole model and its largest decoder layer."""
+    import re
+
+    from safetensors import safe_open
+
+    per_layer: dict[str, int] = {}
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as fh:
+            for name in fh.keys():
+                shape = fh.get_slice(name).get_shape()
+                size = 4
+                for d in shape:
+                    size *= d
+                total += size
+                match = re.search(r"layers\.(\d+)\.", name)
+                if match:
+                    per_layer[match.group(1)] = per_layer.get(match.group(1), 0) + size
+    return {"model": total, "layer": max(per_layer.values(), default=0)}
+
+
+def zero3_load_memory(rank: int, world: int, model_dir: str, partition_at_load: bool) -> dict:
+    """Build the LoRA Embedder and its ZeRO-3 engine as a training worker does, measuring this process's memory.
+
+    ``partition_at_load``: through :func:`ray_e5.train.engines.build_embedder` (``zero.Init`` at load); False: the
+    plain ``Embedder.from_settings`` then ``deepspeed.initialize``, which partitions only after a full load.
+    Returns, in bytes above the baseline taken after every import: the sampled anonymous peak while loading
+    (``load_peak``) and over loading and ``deepspeed.initialize`` (``anon_peak``), the exact resident peak (``hwm_peak``: VmHWM, which counts the checkpoint's mmap-ed pages that rank 0 reads), and
+    the parameter bytes this worker holds afterwards (``local_param_bytes``). Run it with
+    ``MALLOC_MMAP_THRESHOLD_`` fixed (e.g. 262144) in the workers' environment: glibc's moving threshold otherwise
+    keeps freed multi-MB blocks in its heap, and resident memory then counts memory that nothing holds.
+    """
+    import gc
+
+    import deepspeed  # noqa: F401  everything imported before the baseline
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModel  # noqa: F401
+
+    from ray_e5.config import LoraSettings, ModelSettings
+    from ray_e5.model import Embedder
+    from ray_e5.train.engines import DeepSpeedEngine, build_embedder
+
+    opts = settings(engine="deepspeed", zero_stage=3)
+    model_settings = ModelSettings(name=model_dir, max_length=32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    torch.ones(1024, 1024).sum()  # the allocator and thread pools up before the baseline
+    gc.collect()
+    base = _status_kb("VmRSS", "RssAnon")
+    with PeakSampler() as loading:
+        if partition_at_load:
+            embedder = build_embedder(model_settings, opts, micro_batch=1)
+        else:
+            embedder = Embedder.from_settings(model_settings)
+        gc.collect()
+    with PeakSampler() as initializing:
+        engine = DeepSpeedEngine(embedder, opts, total_steps=1, dtype="fp32", micro_batch=1)
+        gc.collect()
+    hwm = _status_kb("VmHWM")["VmHWM"]
+    local = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)
+        local += (held if held is not None else p).numel() * p.element_size()
+    partitioned = sum(1 for p in engine.module.parameters() if getattr(p, "ds_numel", 0) > 0 and p.numel() == 0)
+    return {"load_peak": (loading.peak_kb - base["RssAnon"]) * 1024,
+            "anon_peak": (max(loading.peak_kb, initializing.peak_kb) - base["RssAnon"]) * 1024,
+            "hwm_peak": (hwm - base["VmRSS"]) * 1024,
+            "local_param_bytes": local, "partitioned": partitioned,
+            "parameters": sum(1 for _ in engine.module.parameters())}
