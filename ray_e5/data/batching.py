@@ -10,7 +10,9 @@ Per epoch, each group is sampled at its source's weight (``weight < 1`` takes th
 repeats the source), shuffled, and cut into full batches; a remainder of at least ``min_batch`` rows becomes one
 smaller batch (cut to a multiple of ``multiple_of``, the number of workers), so a source smaller than a batch (a
 short synthetic run) still trains; a smaller remainder is dropped and counted. Batches of all groups are then
-interleaved at random, epoch after epoch. Everything is seeded, so a plan is reproducible.
+interleaved, each group's batches evenly spaced through the epoch from a random phase (so a run cut short by
+``max_steps`` or its time limit still saw every group in proportion), epoch after epoch. Everything is seeded, so
+a plan is reproducible.
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epoc
         dropped += len(idx) - sum(sizes)
         batches += len(sizes)
         start = 0
-        for size in sizes:
+        phase = float(rng.random())
+        for b, size in enumerate(sizes):
             rows = idx[start:start + size].tolist()
             start += size
-            out["order"].append(epoch + float(rng.random()) * 0.999)
+            # Evenly spaced through the epoch from a random phase: any prefix of the plan (a run capped by
+            # max_steps or time) holds every group in proportion to its size, even a small synthetic one.
+            out["order"].append(epoch + (b + phase) / len(sizes) * 0.999)
             out["epoch"].append(epoch)
             out["source"].append(source)
             out["kind"].append(kind)
