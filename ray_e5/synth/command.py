@@ -12,6 +12,9 @@ def register(subparsers) -> None:
                     "directory continues a killed run: no duplicate rows, no repeated request for written work.")
     add_config_arguments(parser)
     parser.add_argument("--num-examples", type=int, help="shorthand for --set generate.num_examples=N")
+    parser.add_argument("--status", action="store_true",
+                        help="print the Batch API batches recorded in the run directory (generate.batch_api), their "
+                             "state and counts, and exit without submitting anything")
     parser.set_defaults(func=_generate)
 
 
@@ -23,6 +26,11 @@ def _generate(args) -> int:
 
     if args.num_examples is not None:
         args.overrides.append(f"generate.num_examples={args.num_examples}")
+    if args.status:
+        from ray_e5.synth.batch_api import status
+
+        status(config_from_args(args))
+        return 0
     manifest = generate(config_from_args(args))
     keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "tokens_this_run", "cost_usd",
             "wall_seconds_this_run")

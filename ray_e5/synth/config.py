@@ -83,6 +83,14 @@ class GenerateSettings(Section):
     shard_size: int = Field(1000, gt=0)  # rows per Parquet shard
     flush_every_s: float = Field(30, gt=0)  # also write a shard this often, so a kill loses little
     progress: bool = True
+    # ---- the OpenAI Batch API (openai, azure): half the price, answers within 24 h ---------------------------
+    batch_api: bool = False  # each phase's requests as Batch API files; a rerun re-attaches (synthetic/batches.json)
+    batch_max_requests: int = Field(50_000, gt=0, le=50_000)  # requests per batch file (the API's limit)
+    batch_max_bytes: int = Field(200_000_000, gt=0, le=200_000_000)  # bytes per batch file (the API's limit)
+    batch_poll_s: float = Field(15.0, gt=0)  # first wait between polls, growing by half each poll ...
+    batch_poll_max_s: float = Field(300.0, gt=0)  # ... up to this
+    batch_resubmits: int = Field(1, ge=0)  # times a run resubmits lines of a batch that failed or expired
+    batch_discount: float = Field(0.5, gt=0, le=1)  # Batch API price as a share of the synchronous price
 
     @field_validator("mix")
     @classmethod
@@ -148,6 +156,15 @@ class GenerateSettings(Section):
             raise ValueError(f"generate.min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
         if self.gguf is not None and self.backend == "llamacpp" and not os.path.isfile(self.gguf):
             raise ValueError(f"generate.gguf: no such file {self.gguf!r}")
+        if self.batch_api:
+            if self.backend not in HOSTED:
+                raise ValueError(f"generate.batch_api needs backend 'openai' or 'azure' (the Batch API), not "
+                                 f"{self.backend!r}")
+            if self.prompt_style == "completion":
+                raise ValueError("generate.batch_api sends chat completions: use prompt_style 'chat' or 'auto'")
+            if self.time_budget_s is not None:
+                raise ValueError("generate.time_budget_s does not apply with batch_api (a batch takes up to 24 h; "
+                                 "stop the driver at any time and rerun to re-attach): leave it out")
         return self
 
     def preflight(self) -> None:
@@ -176,10 +193,12 @@ class GenerateSettings(Section):
         return tuple(table[match]) if match else None
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """USD for these tokens at ``price()``; with ``batch_api``, at the Batch API's discount."""
         price = self.price()
         if price is None:
             return None
-        return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+        share = self.batch_discount if self.batch_api else 1.0
+        return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 * share
 
     def completion_style(self) -> bool:
         return self.prompt_style == "completion" or (self.prompt_style == "auto" and self.backend == "llamacpp")

@@ -150,9 +150,17 @@ class _Run:
         """The output rows of ``items``; every answer is journaled (by the actors, or here for vLLM)."""
         transport: Counter = Counter()
         answered = 0
+        if self.settings.batch_api:  # the Batch API: answers come back to the driver, which journals them
+            from ray_e5.synth.batch_api import batch_rows
+
+            spent = self.settings.cost_usd(self.spent_before[0] + self.tally.prompt_tokens,
+                                           self.spent_before[1] + self.tally.completion_tokens) or 0.0
+            source = batch_rows(items, phase, self.settings, self.out_dir, spent)
+        else:
+            source = completions(items, phase, self.settings, journal_dir=self.out_dir if self.settings.backend
+                                 != "vllm" else None, **kwargs).iter_rows()
         with self._watched():
-            for row in completions(items, phase, self.settings, journal_dir=self.out_dir if self.settings.backend
-                                   != "vllm" else None, **kwargs).iter_rows():
+            for row in source:
                 drop = row["drop"]
                 if not drop.startswith("skipped_"):
                     if self.driver_journal is not None:
@@ -349,7 +357,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
         ray = connect(config.ray_address)
         stack.enter_context(_ray_data_quiet())
         kwargs: dict[str, Any] = {"deadline": run.deadline}
-        if s.backend == "vllm":
+        if s.backend == "vllm" or s.batch_api:
             run.driver_journal = JournalWriter(run.out_dir)
             stack.callback(run.driver_journal.close)
         else:
