@@ -45,6 +45,11 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def is_relative(path: str) -> bool:
+    """A path taken under ``data_dir`` (neither a URI nor absolute)."""
+    return "://" not in path and not os.path.isabs(os.path.expanduser(path))
+
+
 def data_uri(data_dir: str, path: str) -> str:
     """Where an input named in a config lives: a URI or an absolute path as it is, a relative path under
     ``data_dir`` (itself a local path or a URI)."""

@@ -113,7 +113,7 @@ def source_from_settings(settings, data_dir: str | None = None) -> Source:
         runs.check_access(path, "data")
     except runs.StorageError as err:
         raise SourceError(str(err).removeprefix("data: ")
-                          + (f" (data_dir {data_dir!r})" if data_dir is not None and path != runs.absolute(settings.path) else "")) from None
+                          + (f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(settings.path) else "")) from None
     return labeled_source(path, name=settings.name, weight=settings.weight, task=settings.task,
                           kind=settings.kind, language=settings.language, min_score=settings.min_score)
 

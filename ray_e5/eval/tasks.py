@@ -82,7 +82,7 @@ def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) 
 
         uri = task_uri(entry, data_dir)
         name = entry.name or uri.rstrip("/").rsplit("/", 1)[-1]
-        where = f" (data_dir {data_dir!r})" if data_dir is not None and uri != runs.absolute(entry.path) else ""
+        where = f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(entry.path) else ""
         folder, files = uri, None
         if not runs.is_local(uri):
             try:
