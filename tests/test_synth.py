@@ -398,15 +398,85 @@ def test_a_refused_key_stops_with_a_clear_error_that_does_not_show_it(ray_cluste
 
 @pytest.mark.slow
 def test_end_to_end_llama_cpp_gemma(ray_cluster, tmp_path):
+    kinds = {"sts": 2, "short-short": 1}
     config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": {
-        "backend": "llamacpp", "num_examples": 2, "mix": {"sts": 1}, "languages": ["en"], "max_tokens": 96,
-        "temperature": 0.7, "concurrency": 2, "progress": False}})
+        "backend": "llamacpp", "num_examples": 12, "mix": kinds, "languages": ["en"], "max_tokens": 96,
+        "brainstorm_max_tokens": 200, "temperature": 0.8, "concurrency": 2, "progress": False}})
     manifest = generate(config)
     assert manifest["tokens"]["completion"] > 0 and manifest["model"] == "gemma3-270m"
-    assert manifest["examples"] + sum(manifest["drops_this_run"].values()) == 2
+    assert "AVX2 = 1" in manifest["llamacpp_system_info"]
     rows = _rows(tmp_path)
     assert len(rows) == manifest["examples"]
+    by_kind = Counter(r["kind"] for r in rows)
+    assert all(by_kind[k] >= 1 for k in kinds), (by_kind, manifest["drops_this_run"])  # a valid row of each kind
     for row in rows:
-        assert row["kind"] == "sts" and row["query"].strip() and row["positive"].strip() and row["backend"] == "llamacpp"
-        assert row["task"] == "Retrieve semantically similar text." and row["completion_tokens"] > 0
+        assert row["query"].strip() and row["positive"].strip() and row["backend"] == "llamacpp"
+        assert row["query"].strip().lower() != row["positive"].strip().lower() and row["completion_tokens"] > 0
+    assert (tmp_path / "run" / "synthetic" / "llamacpp.log").stat().st_size > 0  # the server's log is kept
 
+
+def test_the_llama_cpp_build_claims_no_feature_it_was_not_asked_for():
+    from ray_e5.synth.llamacpp import PORTABLE_FEATURES, claimed_features, cpu_flags, system_info, unsupported
+
+    info = system_info()
+    claimed = claimed_features(info)
+    assert {"AVX2", "FMA", "F16C"} <= claimed, info  # the SIMD the portable build asks for is there ...
+    assert claimed <= PORTABLE_FEATURES, info  # ... and nothing else (no AVX-512, no AMX): it runs on any x86-64-v3
+    assert unsupported(claimed) == [], (info, sorted(cpu_flags())[:50])
+
+
+def test_a_build_for_another_cpu_is_refused_before_the_server_starts():
+    from ray_e5.synth.errors import BackendError
+    from ray_e5.synth.llamacpp import check_build, claimed_features, unsupported
+
+    amx = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 |"
+    assert claimed_features(amx) == {"SSE3", "AVX2", "AVX512", "AMX_INT8"}
+    # A VM that advertises AMX (and AVX-512) in CPUID but does not enable the tile state:
+    assert unsupported(claimed_features(amx), {"pni", "avx2", "avx512f", "amx_int8"}, amx=False) == ["AMX_INT8"]
+    assert unsupported(claimed_features(amx), {"pni", "avx2"}, amx=True) == ["AMX_INT8", "AVX512"]
+    if unsupported(claimed_features(amx)):  # this machine lacks one of them: the real check refuses the build
+        with pytest.raises(BackendError, match=r"compiled for another CPU.*CMAKE_ARGS=.*GGML_NATIVE=OFF"):
+            check_build(amx)
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_server_that_dies_mid_run_stops_the_stage_with_its_signal(ray_cluster, tmp_path):
+    import threading
+
+    from ray_e5.synth.errors import BackendError
+
+    config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": {
+        "backend": "llamacpp", "num_examples": 40, "mix": {"sts": 1}, "languages": ["en"], "max_tokens": 96,
+        "concurrency": 2, "progress": False, "flush_every_s": 1, "shard_size": 1}})
+    out = tmp_path / "run" / "synthetic"
+    killed_at: list[float] = []
+
+    def kill_when_answering():  # SIGKILL the server once it has answered a few requests, as a crash would
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            journal = list((out / "journal").glob("*.jsonl")) if (out / "journal").exists() else []
+            if sum(len(f.read_text().splitlines()) for f in journal) >= 3:
+                import psutil
+
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "llama_cpp.server" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed_at.append(time.monotonic())
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_answering, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        generate(config)
+    stopped = time.monotonic()
+    message = str(err.value)
+    assert killed_at and stopped - killed_at[0] < 15, "the stage did not stop within seconds of the crash"
+    assert "llama.cpp server" in message and "SIGKILL" in message and "llamacpp.log" in message, message
+    rows = _rows(tmp_path)
+    for row in rows:  # what was written before the crash stays valid
+        assert row["kind"] == "sts" and row["query"] and row["positive"]
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    assert manifest.get("examples", 0) == len(rows)
+    print(f"server killed; the stage stopped {stopped - killed_at[0]:.1f} s later: {message.splitlines()[0]}")

@@ -70,3 +70,44 @@ def test_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
             _assert_same(two[rank]["runs"][k], one["runs"][0])
     # The local tokens differ per worker and sum to the single worker's.
     assert two[0]["runs"][0]["tokens"] + two[1]["runs"][0]["tokens"] == one["runs"][0]["tokens"]
+
+
+def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
+    from ray_e5.train.loss import contrastive_loss
+
+    q, p, n = _unit(4, dim=16, seed=4), _unit(4, dim=16, seed=5), _unit(4, dim=16, seed=6)
+    valid = torch.tensor([True, True, False, True])
+    dims = [4, 8, 16]
+    loss = contrastive_loss(LossInputs(q, p, n, valid), 0.05, cross_device=False, matryoshka_dims=dims)
+    expected = 0.0
+    for d in dims:  # by hand: cut each vector to its first d components, re-normalise, then the plain formula
+        cut = [torch.nn.functional.normalize(x[:, :d], dim=-1) for x in (q, p, n)]
+        docs = torch.cat(cut[1:])
+        keep = [[j < 4 or bool(valid[j - 4]) for j in range(8)] for _ in range(4)]
+        expected += _reference(cut[0], docs, keep, 0.05)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    full = contrastive_loss(LossInputs(q, p, n, valid), 0.05, cross_device=False)
+    assert float(full) == pytest.approx(_reference(q, torch.cat([p, n]), keep, 0.05), rel=1e-5)
+    assert float(loss) > float(full)  # three widths, each a loss of its own
+
+
+def test_matryoshka_gradients_are_the_same_with_gradient_caching(tiny_decoder_dir):
+    from ray_e5.train.engines import make_engine
+    from ray_e5.train.step import prepare, train_step
+    from ray_e5.train.testing import lora_embedder, settings
+
+    row = _global_batch(6)
+    opts = settings(engine="torch", lr=0.0)
+    embedder = lora_embedder(str(tiny_decoder_dir), engine_settings=opts)
+    dim = embedder.dimension
+    engine = make_engine(embedder, opts, total_steps=10, dtype="fp32", micro_batch=6)
+    texts = prepare(row, 0, 1, embedder.settings.instruction_template)
+    runs = []
+    for chunk, cache in ((None, False), (2, True)):
+        result = train_step(engine, engine.module, texts, 0.05, chunk_size=chunk, gradient_cache=cache,
+                            matryoshka_dims=(dim // 4, dim // 2, dim))
+        runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
+        engine.step()
+    plain = train_step(engine, engine.module, texts, 0.05)
+    assert runs[0]["loss"] > plain.loss > 0  # the extra widths add their own terms
+    _assert_same(runs[1], runs[0])

@@ -46,6 +46,9 @@ class TrainSettings(Section):
     hard_negatives: bool = True
     cross_device_negatives: bool = True
     mask_false_negatives: bool = True
+    # Matryoshka: also train the first d components of each embedding (re-normalised) for each d listed, e.g.
+    # [64, 128, 256, 640]; the loss is the sum of InfoNCE at every width. Empty: the full width only.
+    matryoshka_dims: list[int] = Field(default_factory=list)
     # ---- optimiser -------------------------------------------------------------------------------------------
     lr: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
@@ -69,6 +72,13 @@ class TrainSettings(Section):
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
     log_every: int = Field(1, gt=0)
     progress: bool = True
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _widths(cls, dims: list[int]) -> list[int]:
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"widths must be > 0, got {dims}")
+        return sorted(set(dims))
 
     @field_validator("num_workers")
     @classmethod

@@ -75,6 +75,28 @@ def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) 
     return F.cross_entropy(scores, torch.arange(n, device=scores.device))
 
 
+def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """The first ``dim`` components, re-normalised: what a client asking for ``dimensions=dim`` gets."""
+    return None if x is None else F.normalize(x[:, :dim], dim=-1)
+
+
+def contrastive_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
+                     matryoshka_dims: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """InfoNCE on the full embeddings, or with ``matryoshka_dims`` the sum of InfoNCE at each truncated,
+    re-normalised width (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit weights), so a
+    vector cut to any of those widths stays a good embedding. The truncation is differentiable, so gradient
+    caching and cross-device negatives work unchanged."""
+    if not matryoshka_dims:
+        return info_nce(inputs, temperature, cross_device)
+    total = None
+    for dim in matryoshka_dims:
+        part = info_nce(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
+                                   truncated(inputs.negatives, dim), inputs.negative_valid, inputs.false_negatives),
+                        temperature, cross_device)
+        total = part if total is None else total + part
+    return total
+
+
 def backward_scale(cross_device: bool) -> float:
     """Factor on the loss before backward so that worker-averaged gradients equal the global-batch gradient."""
     return float(distributed()[1]) if cross_device else 1.0

@@ -21,7 +21,7 @@ import torch
 from ray_e5.data.format import format_queries
 from ray_e5.data.masking import false_negative_mask
 from ray_e5.model.tokenize import pad
-from ray_e5.train.loss import LossInputs, backward_scale, info_nce
+from ray_e5.train.loss import LossInputs, backward_scale, contrastive_loss
 
 
 @dataclass
@@ -101,7 +101,8 @@ class StepResult:
 
 
 def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_device: bool = True,
-               chunk_size: int | None = None, gradient_cache: bool = False) -> StepResult:
+               chunk_size: int | None = None, gradient_cache: bool = False,
+               matryoshka_dims: tuple[int, ...] = ()) -> StepResult:
     """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``).
 
     Texts are embedded in length-grouped chunks of ``chunk_size``; with ``gradient_cache`` the chunks are first
@@ -115,8 +116,8 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
 
     def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
-        return info_nce(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
-                        temperature, cross_device)
+        return contrastive_loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
+                                temperature, cross_device, matryoshka_dims)
 
     if not gradient_cache:
         embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
