@@ -157,9 +157,13 @@ def test_a_driver_killed_between_upload_and_batch_id_finds_its_batch(tmp_path):
         registry.write_text(json.dumps({"parts": parts}))
         server.app.state.batch_polls = 1
         rows = list(BatchPhase(settings, out, "example").rows(items))
+        # A driver killed while collecting (its journal short of these answers) downloads them again.
+        again = list(BatchPhase(settings, out, "example").rows(items[:7]))
         lines = [rid for _, rid in server.batch_lines]
     assert len(server.batches) == 3 and len(lines) == len(set(lines)) == 10  # found again, not resubmitted
     assert sorted(r["id"] for r in rows if not r["drop"]) == sorted(i["id"] for i in items)
+    assert sorted(r["id"] for r in again if not r["drop"]) == sorted(i["id"] for i in items[:7])
+    assert [r for r in again if r["id"] == items[0]["id"]] == [r for r in rows if r["id"] == items[0]["id"]]
 
 
 @pytest.mark.parametrize("faults, parts", [
@@ -249,3 +253,25 @@ def test_status_command_prints_batches_and_submits_nothing(ray_cluster, tmp_path
     empty = subprocess.run([sys.executable, "-m", "ray_e5.cli", "generate", "--status", "--set",
                             f"run_dir={tmp_path / 'other'}"], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 0 and "no Batch API batches" in empty.stdout
+
+
+def test_a_part_never_uploaded_is_submitted_once_and_a_bad_registry_is_refused(tmp_path):
+    from ray_e5.synth.batch_api import BatchPhase
+    from ray_e5.synth.plan import expand, plan_slots
+
+    out = tmp_path / "run" / "synthetic"
+    with TestServer(batch_polls=1) as server:
+        settings = _config(tmp_path, server.base_url, num_examples=10).section("generate", GenerateSettings)
+        items, _ = expand(settings, plan_slots(settings), {})
+        (out / "batches").mkdir(parents=True)  # a driver killed during its first upload left this
+        (out / "batches" / "example-00000.ids").write_text("\n".join(i["id"] for i in items[:3]) + "\n")
+        (out / "batches.json").write_text(json.dumps({"parts": [{"name": "example-00000", "phase": "example",
+                                                                 "status": "prepared", "requests": 3}]}))
+        rows = list(BatchPhase(settings, str(out), "example").rows(items))
+        lines = [rid for _, rid in server.batch_lines]
+        parts = json.loads((out / "batches.json").read_text())["parts"]
+        (out / "batches.json").write_text('{"parts": [{"name": "x"')  # torn by hand
+        with pytest.raises(GenerateError, match="batches.json is not a batch registry"):
+            list(BatchPhase(settings, str(out), "example").rows(items))
+    assert len(lines) == len(set(lines)) == 10 and sum(not r["drop"] for r in rows) == 10
+    assert [p["status"] for p in parts] == ["abandoned", "completed"]

@@ -128,7 +128,15 @@ class Registry:
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.uri = runs.join(out_dir, REGISTRY)
-        self.parts: list[dict] = runs.read_json(self.uri)["parts"] if runs.exists(self.uri) else []
+        self.parts: list[dict] = []
+        if runs.exists(self.uri):
+            try:
+                self.parts = list(runs.read_json(self.uri)["parts"])
+                assert all(isinstance(p, dict) and {"name", "phase", "status"} <= set(p) for p in self.parts)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise GenerateError(f"generate: {self.uri} is not a batch registry this version wrote. It records the "
+                                    "batches in flight: restore it, or move it away to start over (batches still "
+                                    "in flight would then be submitted and paid again)") from None
 
     def save(self) -> None:
         text = json.dumps({"parts": self.parts}, indent=1, sort_keys=True) + "\n"
@@ -215,8 +223,11 @@ class BatchPhase:
             code = err.status_code
             hint = {401: f"the API key in ${self.settings.key_env()} was refused",
                     403: f"the API key in ${self.settings.key_env()} has no access to the Batch API or this model",
-                    404: f"not found (is generate.base_url {self.settings.base_url!r} right?)",
-                    413: "the file is too large: lower generate.batch_max_bytes (or batch_max_requests)"}.get(
+                    404: f"not found (is generate.base_url {self.settings.base_url!r} right, and the key of the "
+                         f"project that submitted the batches in synthetic/{REGISTRY}?)",
+                    413: "the file is too large: lower generate.batch_max_bytes (or batch_max_requests)",
+                    429: "the organisation's batch queue is full (its enqueued-token limit) or the rate limit was "
+                         "hit: rerun later (recorded parts are picked up), or lower generate.batch_max_requests"}.get(
                         code, "see the provider's Batch API limits")
             raise GenerateError(f"generate: the Batch API refused to {what} with HTTP {code}: {hint}. Nothing was "
                                 f"lost: batches in flight are in synthetic/{REGISTRY}; a rerun re-attaches") from None
