@@ -458,7 +458,7 @@ class BatchPhase:
                 if changed:
                     self.registry.save()
                 self.bar.n = done + running
-                self.bar.set_postfix(batches=len(live), refresh=False)
+                self.bar.set_postfix(refresh=False, **Counter(p["status"] for p in live))
                 self.bar.refresh()
         finally:
             if self.bar is not None:
