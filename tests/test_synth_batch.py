@@ -275,3 +275,18 @@ def test_a_part_never_uploaded_is_submitted_once_and_a_bad_registry_is_refused(t
             list(BatchPhase(settings, str(out), "example").rows(items))
     assert len(lines) == len(set(lines)) == 10 and sum(not r["drop"] for r in rows) == 10
     assert [p["status"] for p in parts] == ["abandoned", "completed"]
+
+
+def test_a_brainstorm_batch_that_fails_twice_leaves_its_examples_for_a_rerun(ray_cluster, tmp_path):
+    with TestServer(batch_faults=["fail"], batch_polls=1) as server:
+        with pytest.raises(EmptySyntheticError) as err:
+            generate(_config(tmp_path, server.base_url, mix={"short-short": 1}))
+        lines = [rid for _, rid in server.batch_lines]
+        manifest = err.value.manifest
+        assert len(lines) == 2 and len(set(lines)) == 1  # the brainstorm line, resubmitted once
+        assert manifest["brainstorm"]["drops_this_run"] == {"skipped_batch_failed": 1}
+        assert manifest["drops_this_run"] == {"skipped_batch_failed": 24}  # waiting on it, named for why
+    with TestServer(batch_polls=1) as server:  # the provider is back: the rerun sends what never ran
+        manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1}))
+        again = [rid for _, rid in server.batch_lines]
+    assert manifest["examples"] == 24 and again.count(lines[0]) == 1 and len(again) == len(set(again)) == 25

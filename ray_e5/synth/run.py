@@ -252,7 +252,9 @@ class _Run:
                    and not self.journal.answered(i["id"])]
         self.pending = len(pending) + len(waiting)
         if waiting:  # their brainstorm was skipped (time or budget): so are they
-            reason = "skipped_budget" if self.tally.brainstorm_drops.get("skipped_budget") else "skipped_time_budget"
+            reason = next((r for r in ("skipped_budget", "skipped_batch_failed", "skipped_batch_expired",
+                                       "skipped_batch_error") if self.tally.brainstorm_drops.get(r)),
+                          "skipped_time_budget")  # (skipped_batch_*: a brainstorm batch that did not run)
             self.tally.drops[reason] += len(waiting)
         if not pending:
             return
