@@ -57,7 +57,10 @@ class ChatBackend:
         import openai
 
         self.settings = settings
-        common = dict(api_key=api_key or "EMPTY", max_retries=settings.max_retries, timeout=settings.request_timeout_s)
+        # Our own llama.cpp server on loopback has no rate limits to wait out: a failed call means it is gone, and
+        # one quick retry lets the stage see that (and stop with the server's exit) within a second or two.
+        retries = min(settings.max_retries, 1) if settings.backend == "llamacpp" else settings.max_retries
+        common = dict(api_key=api_key or "EMPTY", max_retries=retries, timeout=settings.request_timeout_s)
         if settings.backend == "azure":
             self.client = openai.AsyncAzureOpenAI(azure_endpoint=settings.base_url,
                                                   api_version=settings.azure_api_version, **common)
@@ -111,42 +114,194 @@ class ChatBackend:
 
 
 # ---- vLLM in Ray Data (GPU clusters) ----------------------------------------------------------------------------
+# Checked against the installed ray.data.llm (ray/llm/_internal/batch/stages/vllm_engine_stage.py):
+# - input: ``messages`` (the chat-template stage writes ``prompt`` from them) or ``prompt`` with the chat template
+#   off; ``sampling_params`` becomes ``vllm.SamplingParams(**sampling_params)`` after its ``structured_outputs`` dict
+#   is popped into ``vllm.sampling_params.StructuredOutputsParams(**structured_outputs)`` (key ``json``: a schema,
+#   as a dict or a JSON string);
+# - output (``vLLMOutputData``): ``generated_text``, ``num_input_tokens``, ``num_generated_tokens``, the input columns
+#   carried over; a row that failed comes back with a non-empty ``__inference_error__`` and bypasses postprocess.
+# The schema travels as a JSON string: rows go through Arrow, where a nested dict column of schemas with different
+# keys would be unified into one struct type (every schema gaining the others' keys as nulls).
+VLLM_OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "__inference_error__")
+# A planned request crosses the processor as one JSON string (brainstorm and example requests have different
+# columns; one dataset carries both phases, so its rows keep one schema).
+ITEM_COLUMN, PHASE_COLUMN = "ray_e5_item", "ray_e5_phase"
+
+
 def vllm_processor_config(settings: GenerateSettings):
     """The ``ray.data.llm`` vLLM engine processor config: ``vllm.concurrency`` engine replicas of
     ``tensor_parallel_size`` GPUs each; a row that fails comes back with ``__inference_error__`` instead of
-    failing the job."""
+    failing the job. A base-model writer (completion-style prompts) gets no chat template."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     v = settings.vllm
     return vLLMEngineProcessorConfig(
         model_source=v.model, concurrency=v.concurrency, batch_size=v.batch_size,
         accelerator_type=v.accelerator_type, should_continue_on_error=True,
+        chat_template_stage=not settings.completion_style(),
         engine_kwargs={"tensor_parallel_size": v.tensor_parallel_size, "max_model_len": v.max_model_len,
                        "gpu_memory_utilization": v.gpu_memory_utilization, "enable_prefix_caching": True})
 
 
+def vllm_request(settings: GenerateSettings, item: dict) -> dict:
+    """The vLLM stage's input for one planned request (``prompt``, ``schema`` as JSON, ``max_tokens``): chat
+    messages (or the raw prompt for a completion-style base model, cut at the end of the answer's line) and sampling
+    parameters with structured (JSON-schema) outputs."""
+    sampling: dict = {"temperature": settings.temperature, "top_p": settings.top_p, "max_tokens": int(item["max_tokens"])}
+    if settings.completion_style():
+        sampling["stop"] = ["\n"]
+        return {"prompt": item["prompt"], "sampling_params": sampling}
+    if settings.json_mode != "off":
+        schema = item["schema"]
+        sampling["structured_outputs"] = {"json": schema if isinstance(schema, str) else json.dumps(schema)}
+    return {"messages": [{"role": "user", "content": item["prompt"]}], "sampling_params": sampling}
+
+
 def vllm_preprocess(settings: GenerateSettings):
-    """A planned request (``prompt``, ``schema`` as JSON, ``max_tokens``) as the vLLM stage's input: chat messages
-    and sampling parameters with structured (JSON-schema) outputs."""
+    """Preprocess for the processor: a row holding a planned request (as JSON in ``ray_e5_item``, with its phase,
+    as :class:`VllmSession` feeds it; or the request's own columns) becomes the vLLM stage's input, the request
+    kept alongside."""
 
     def preprocess(row: dict) -> dict:
-        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "max_tokens": int(row["max_tokens"])}
-        if settings.json_mode != "off":
-            sampling["structured_outputs"] = {"json": json.loads(row["schema"])}
-        return {**row, "messages": [{"role": "user", "content": row["prompt"]}], "sampling_params": sampling}
+        if ITEM_COLUMN not in row:  # a planned request as the row itself
+            return {**row, **vllm_request(settings, row)}
+        return {ITEM_COLUMN: row[ITEM_COLUMN], PHASE_COLUMN: row[PHASE_COLUMN],
+                **vllm_request(settings, json.loads(row[ITEM_COLUMN]))}
 
     return preprocess
 
 
 def vllm_postprocess(row: dict) -> dict:
-    """The vLLM stage's output as the columns every backend returns (rows that failed bypass this, see
-    :func:`vllm_completion`)."""
-    return {**{k: v for k, v in row.items() if k not in ("messages", "sampling_params")},
-            "__inference_error__": ""}
+    """The vLLM stage's output reduced to the request and the columns :func:`vllm_completion` reads (rows that
+    failed bypass this and keep every column)."""
+    if ITEM_COLUMN not in row:
+        return {**{k: v for k, v in row.items() if k not in ("messages", "sampling_params")}, "__inference_error__": ""}
+    return {ITEM_COLUMN: row[ITEM_COLUMN], PHASE_COLUMN: row[PHASE_COLUMN], "generated_text": row.get("generated_text"),
+            "num_input_tokens": int(row.get("num_input_tokens") or 0),
+            "num_generated_tokens": int(row.get("num_generated_tokens") or 0), "__inference_error__": ""}
 
 
-def vllm_completion(row: dict) -> Completion | Dropped:
+def vllm_completion(row: dict, settings: GenerateSettings | None = None) -> Completion | Dropped:
     if row.get("__inference_error__"):
         return Dropped("request_engine_error")
-    return Completion(row.get("generated_text"), int(row.get("num_input_tokens") or 0),
-                      int(row.get("num_generated_tokens") or 0))
+    text = row.get("generated_text")
+    if settings is not None and settings.completion_style() and text is not None:
+        from ray_e5.synth.prompts import answer_text
+
+        prompt = json.loads(row[ITEM_COLUMN])["prompt"] if ITEM_COLUMN in row else row.get("prompt", "")
+        text = answer_text(prompt, text)
+    return Completion(text, int(row.get("num_input_tokens") or 0), int(row.get("num_generated_tokens") or 0))
+
+
+class _QueueSource:
+    """A Ray Data datasource of one read task that yields the batches put on a Ray queue until ``None``: one
+    dataset, executed once, whose input arrives in phases."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def datasource(self):
+        import pyarrow as pa
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        queue = self.queue
+
+        def read():
+            while (batch := queue.get()) is not None:
+                yield pa.table({ITEM_COLUMN: [json.dumps(r) for r, _ in batch], PHASE_COLUMN: [p for _, p in batch]})
+
+        class Source(Datasource):
+            def estimate_inmemory_data_size(self):
+                return None
+
+            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+                return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
+                                                     exec_stats=None))]
+
+        return Source()
+
+
+class VllmSession:
+    """Both generation phases through one ``ray.data.llm`` processor and one dataset execution, so the vLLM engines
+    load once: brainstorm requests go in, their answers come out, then the example requests built from them go
+    into the same running dataset. ``stage`` turns the request dataset into answered rows (default: the vLLM
+    processor); :meth:`close` (after the last phase, on an error, or at exit) ends the dataset and frees the GPUs.
+    """
+
+    def __init__(self, settings: GenerateSettings, stage=None):
+        import atexit
+
+        import ray
+        from ray.util.queue import Queue
+
+        self.settings = settings
+        self.queue = Queue()
+        ds = ray.data.read_datasource(_QueueSource(self.queue).datasource(), override_num_blocks=1)
+        if stage is None:
+            from ray.data.llm import build_processor
+
+            stage = build_processor(vllm_processor_config(settings), preprocess=vllm_preprocess(settings),
+                                    postprocess=vllm_postprocess)
+        self._rows = iter(stage(ds).iter_rows())
+        self.closed = False
+        atexit.register(self.close)
+
+    def run(self, items: list[dict], phase: str, last: bool = False):
+        """The answered rows of ``items`` (one each, in the order the engines finish them); ``last`` closes the
+        session once they are all out."""
+        if self.closed:
+            raise RuntimeError("this vLLM session is closed")
+        self.queue.put([(item, phase) for item in items])
+        done = False
+        try:
+            for _ in range(len(items)):
+                yield next(self._rows)
+            done = True
+        finally:
+            if last or not done:  # the last phase, or a stop mid-phase (an error, Ctrl-C): no other phase follows
+                self.close(drain=done)
+
+    def close(self, drain: bool = True) -> None:
+        """End the dataset: its actors (the engines) exit and the GPUs are free."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.queue.put(None)
+            if drain:
+                for _ in self._rows:  # nothing is left: the read task sees the end and the dataset completes
+                    pass
+            elif hasattr(self._rows, "close"):
+                self._rows.close()  # stops the execution without waiting for rows nobody will read
+            from ray.util import kill
+
+            kill(self.queue.actor)
+        except Exception:  # the cluster may be gone at exit
+            pass
+
+
+_SESSION: VllmSession | None = None
+
+
+def vllm_session(settings: GenerateSettings, stage=None) -> VllmSession:
+    """The running session for these settings (the brainstorm's, when the examples come), else a new one."""
+    global _SESSION
+    if _SESSION is None or _SESSION.closed or _SESSION.settings != settings:
+        if _SESSION is not None:
+            _SESSION.close(drain=False)
+        _SESSION = VllmSession(settings, stage)
+    return _SESSION
+
+
+class VllmPhase:
+    """One phase's rows through the session, as ``completions`` returns them (what the stage reads: ``iter_rows``);
+    ``finish(item, result)`` turns a request and its Completion or Dropped into the phase's output row."""
+
+    def __init__(self, session: VllmSession, items: list[dict], phase: str, finish, last: bool):
+        self.session, self.items, self.phase, self.finish, self.last = session, items, phase, finish, last
+
+    def iter_rows(self):
+        for row in self.session.run(self.items, self.phase, last=self.last):
+            yield self.finish(json.loads(row[ITEM_COLUMN]), vllm_completion(row, self.session.settings))

@@ -136,16 +136,6 @@ class _Run:
                                f"failed without an answer ({reasons}) after the client's retries; is the server up "
                                f"and generate.base_url right? Nothing was lost: a rerun sends them again")
 
-    @contextmanager
-    def _watched(self):
-        """Turn the watcher's interrupt (the llama.cpp server died) into the error that says so."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            if self.server is not None and self.server.death():
-                raise BackendError(self.server.death()) from None
-            raise
-
     def _rows(self, items: list[dict], phase: str, kwargs: dict):
         """The output rows of ``items``; every answer is journaled (by the actors, or here for vLLM)."""
         transport: Counter = Counter()
@@ -159,18 +149,17 @@ class _Run:
         else:
             source = completions(items, phase, self.settings, journal_dir=self.out_dir if self.settings.backend
                                  != "vllm" else None, **kwargs).iter_rows()
-        with self._watched():
-            for row in source:
-                drop = row["drop"]
-                if not drop.startswith("skipped_"):
-                    if self.driver_journal is not None:
-                        self.driver_journal.append({**row, "phase": phase})
-                    if is_transient(drop):
-                        transport[drop] += 1
-                    else:
-                        answered += 1
-                self._check_backend(phase, answered, transport)
-                yield row
+        for row in source:
+            drop = row["drop"]
+            if not drop.startswith("skipped_"):
+                if self.driver_journal is not None:
+                    self.driver_journal.append({**row, "phase": phase})
+                if is_transient(drop):
+                    transport[drop] += 1
+                else:
+                    answered += 1
+            self._check_backend(phase, answered, transport)
+            yield row
 
     # ---- brainstorm ----------------------------------------------------------------------------------------
     def brainstorm(self, slots, request_kwargs) -> dict[str, list[str]]:
@@ -347,8 +336,6 @@ def generate(config: RayE5Config) -> dict[str, Any]:
 
     Raises :class:`EmptySyntheticError` when the plan is not empty and no valid row is on disk at the end, and
     :class:`BackendError` when the backend is gone (after writing every valid row received)."""
-    import _thread
-
     run = _Run(config)  # validates the section and the eval paths, reads what earlier runs wrote
     s = run.settings
     slots = plan_slots(s)
@@ -369,8 +356,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
                 log_path, upload_log = _llamacpp_log(run.out_dir)
                 if upload_log:
                     stack.callback(lambda: runs.write_text(upload_log, open(log_path, errors="replace").read()))
-                run.server = stack.enter_context(LlamaCppServer(s.gguf, n_ctx=s.llamacpp_ctx, log_path=log_path,
-                                                                on_death=_thread.interrupt_main))
+                run.server = stack.enter_context(LlamaCppServer(s.gguf, n_ctx=s.llamacpp_ctx, log_path=log_path))
                 print(f"[ray-e5 generate] llama.cpp {run.server.info} (log: {upload_log or log_path})", flush=True)
                 kwargs["base_url"] = run.url = run.server.base_url
                 kwargs["node_id"] = ray.get_runtime_context().get_node_id()
