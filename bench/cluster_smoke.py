@@ -186,8 +186,12 @@ class Cluster:
                 "--disable-usage-stats"]
 
     def _start(self, name: str, args: list[str]) -> None:
+        # Ray Serve's HAProxy ingress binds fixed stats and metrics ports on every node; nodes on one machine (and
+        # other clusters on it) need their own.
+        env = {**self.env, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+               "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
         with open(self.logs / f"{name}.log", "wb") as log:
-            done = subprocess.run([str(BIN / "ray"), "start", *args, *self._node_ports()], env=self.env,
+            done = subprocess.run([str(BIN / "ray"), "start", *args, *self._node_ports()], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, timeout=180)
         if done.returncode:
             raise RuntimeError(f"ray start ({name}) failed; see {self.logs / f'{name}.log'}:\n"
