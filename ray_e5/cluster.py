@@ -25,7 +25,13 @@ VERBOSE_ENV = "RAY_E5_VERBOSE"
 NOISY_WARNINGS = (("`is_gradient_checkpointing` is deprecated", "FutureWarning"),)
 # Worker log lines (forwarded to the driver) that are known noise.
 NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller actor state|"
-                         r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning")
+                         r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning|"
+                         # Ray Train's controller and workers narrating their start-up and every checkpoint
+                         r"Requesting resources: |Attempting to start training worker group|"
+                         r"Started training worker group|^- \(ip=.*world_rank=|Setting up process group for|"
+                         r"Checkpoint successfully created at|Reporting training result \d+|"
+                         r"has constructor arguments in the object store and max_restarts|"
+                         r"Progress bars disabled\. To enable")
 
 
 # Ray's own driver-side log lines that are known noise: (logger, message prefix).
@@ -123,6 +129,8 @@ def _quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropPrefix) for f in handler.filters):
+                handler.addFilter(_DropPrefix("Progress bars disabled"))  # we draw our own bars
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
