@@ -124,8 +124,8 @@ class ChatBackend:
 # The schema travels as a JSON string: rows go through Arrow, where a nested dict column of schemas with different
 # keys would be unified into one struct type (every schema gaining the others' keys as nulls).
 VLLM_OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "__inference_error__")
-# A planned request crosses the processor as one JSON string (brainstorm and example requests have different
-# columns; one dataset carries both phases, so its rows keep one schema).
+# A planned request may cross the processor as one JSON string (``ray_e5_item``, with ``ray_e5_phase``), so that
+# brainstorm and example requests (different columns) can share one dataset and keep one schema.
 ITEM_COLUMN, PHASE_COLUMN = "ray_e5_item", "ray_e5_phase"
 
 
@@ -159,9 +159,8 @@ def vllm_request(settings: GenerateSettings, item: dict) -> dict:
 
 
 def vllm_preprocess(settings: GenerateSettings):
-    """Preprocess for the processor: a row holding a planned request (as JSON in ``ray_e5_item``, with its phase,
-    as :class:`VllmSession` feeds it; or the request's own columns) becomes the vLLM stage's input, the request
-    kept alongside."""
+    """Preprocess for the processor: a row holding a planned request (its own columns, or as JSON in
+    ``ray_e5_item`` with its phase) becomes the vLLM stage's input, the request kept alongside."""
 
     def preprocess(row: dict) -> dict:
         if ITEM_COLUMN not in row:  # a planned request as the row itself
@@ -194,114 +193,19 @@ def vllm_completion(row: dict, settings: GenerateSettings | None = None) -> Comp
     return Completion(text, int(row.get("num_input_tokens") or 0), int(row.get("num_generated_tokens") or 0))
 
 
-class _QueueSource:
-    """A Ray Data datasource of one read task that yields the batches put on a Ray queue until ``None``: one
-    dataset, executed once, whose input arrives in phases."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def datasource(self):
-        import pyarrow as pa
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import Datasource, ReadTask
-
-        queue = self.queue
-
-        def read():
-            while (batch := queue.get()) is not None:
-                yield pa.table({ITEM_COLUMN: [json.dumps(r) for r, _ in batch], PHASE_COLUMN: [p for _, p in batch]})
-
-        class Source(Datasource):
-            def estimate_inmemory_data_size(self):
-                return None
-
-            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-                return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
-                                                     exec_stats=None))]
-
-        return Source()
+_PROCESSORS: dict[str, object] = {}
 
 
-class VllmSession:
-    """Both generation phases through one ``ray.data.llm`` processor and one dataset execution, so the vLLM engines
-    load once: brainstorm requests go in, their answers come out, then the example requests built from them go
-    into the same running dataset. ``stage`` turns the request dataset into answered rows (default: the vLLM
-    processor); :meth:`close` (after the last phase, on an error, or at exit) ends the dataset and frees the GPUs.
+def vllm_processor(settings: GenerateSettings):
+    """The processor for these settings, built once and reused by both phases (brainstorm, then examples).
+
+    Note: ray.data.llm starts the engine actors per dataset execution, so the engines still load once per phase;
+    keeping them across phases needs one running dataset for both (or a Ray Serve LLM deployment), not done yet.
     """
+    key = settings.model_dump_json()
+    if key not in _PROCESSORS:
+        from ray.data.llm import build_processor
 
-    def __init__(self, settings: GenerateSettings, stage=None):
-        import atexit
-
-        import ray
-        from ray.util.queue import Queue
-
-        self.settings = settings
-        self.queue = Queue()
-        ds = ray.data.read_datasource(_QueueSource(self.queue).datasource(), override_num_blocks=1)
-        if stage is None:
-            from ray.data.llm import build_processor
-
-            stage = build_processor(vllm_processor_config(settings), preprocess=vllm_preprocess(settings),
-                                    postprocess=vllm_postprocess)
-        self._rows = iter(stage(ds).iter_rows())
-        self.closed = False
-        atexit.register(self.close)
-
-    def run(self, items: list[dict], phase: str, last: bool = False):
-        """The answered rows of ``items`` (one each, in the order the engines finish them); ``last`` closes the
-        session once they are all out."""
-        if self.closed:
-            raise RuntimeError("this vLLM session is closed")
-        self.queue.put([(item, phase) for item in items])
-        done = False
-        try:
-            for _ in range(len(items)):
-                yield next(self._rows)
-            done = True
-        finally:
-            if last or not done:  # the last phase, or a stop mid-phase (an error, Ctrl-C): no other phase follows
-                self.close(drain=done)
-
-    def close(self, drain: bool = True) -> None:
-        """End the dataset: its actors (the engines) exit and the GPUs are free."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.queue.put(None)
-            if drain:
-                for _ in self._rows:  # nothing is left: the read task sees the end and the dataset completes
-                    pass
-            elif hasattr(self._rows, "close"):
-                self._rows.close()  # stops the execution without waiting for rows nobody will read
-            from ray.util import kill
-
-            kill(self.queue.actor)
-        except Exception:  # the cluster may be gone at exit
-            pass
-
-
-_SESSION: VllmSession | None = None
-
-
-def vllm_session(settings: GenerateSettings, stage=None) -> VllmSession:
-    """The running session for these settings (the brainstorm's, when the examples come), else a new one."""
-    global _SESSION
-    if _SESSION is None or _SESSION.closed or _SESSION.settings != settings:
-        if _SESSION is not None:
-            _SESSION.close(drain=False)
-        _SESSION = VllmSession(settings, stage)
-    return _SESSION
-
-
-class VllmPhase:
-    """One phase's rows through the session, as ``completions`` returns them (what the stage reads: ``iter_rows``);
-    ``finish(item, result)`` turns a request and its Completion or Dropped into the phase's output row."""
-
-    def __init__(self, session: VllmSession, items: list[dict], phase: str, finish, last: bool):
-        self.session, self.items, self.phase, self.finish, self.last = session, items, phase, finish, last
-
-    def iter_rows(self):
-        for row in self.session.run(self.items, self.phase, last=self.last):
-            yield self.finish(json.loads(row[ITEM_COLUMN]), vllm_completion(row, self.session.settings))
+        _PROCESSORS[key] = build_processor(vllm_processor_config(settings), preprocess=vllm_preprocess(settings),
+                                           postprocess=vllm_postprocess)
+    return _PROCESSORS[key]

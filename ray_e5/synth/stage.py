@@ -139,14 +139,11 @@ def completions(items: list[dict], phase: str, settings: GenerateSettings, *, ba
     import ray
 
     if settings.backend == "vllm":
-        from ray.data.llm import build_processor
-
-        from ray_e5.synth.backends import vllm_processor_config
+        from ray_e5.synth.backends import vllm_processor
 
         ds = ray.data.from_items(items)
-        processor = build_processor(vllm_processor_config(settings), preprocess=vllm_preprocess(settings),
-                                    postprocess=vllm_postprocess)
-        return processor(ds).map(_finish_vllm(phase, settings))
+        return vllm_processor(settings)(ds).map(  # one processor for both phases
+            lambda row: finish(phase, row, vllm_completion(row, settings), settings))
 
     # Each block is one batch; an actor overlaps 4 of them, which keeps 2x `concurrency` requests queued behind
     # its semaphore and so hides the tail of each batch.
