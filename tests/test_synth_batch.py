@@ -290,3 +290,15 @@ def test_a_brainstorm_batch_that_fails_twice_leaves_its_examples_for_a_rerun(ray
         manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1}))
         again = [rid for _, rid in server.batch_lines]
     assert manifest["examples"] == 24 and again.count(lines[0]) == 1 and len(again) == len(set(again)) == 25
+
+
+def test_azure_batch_api_through_the_azure_client(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-batch-test")
+    with TestServer(batch_polls=1) as server:
+        root = server.base_url.rsplit("/v1", 1)[0]  # Azure's resource endpoint; the client adds /openai/...
+        manifest = generate(_config(tmp_path, root, backend="azure", model="my-gpt-4o-mini-batch", num_examples=8,
+                                    prices={"my-gpt-4o-mini-batch": [0.15, 0.6]}))
+        endpoints = {b["endpoint"] for b in server.batches.values()}
+        auth = {c.authorization for c in server.calls}
+    assert manifest["examples"] == 8 and endpoints == {"/chat/completions"} and manifest["cost_usd"] > 0
+    assert auth == {""}  # Azure sends its key in the api-key header, not as a bearer token

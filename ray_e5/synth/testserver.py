@@ -118,6 +118,23 @@ def _multipart(content_type: str, data: bytes) -> dict[str, tuple[str | None, by
     return fields
 
 
+class _AzurePaths:
+    """Azure OpenAI's paths (``/openai/files``, ``/openai/batches``, ``/openai/deployments/<name>/chat/...``) served
+    as the OpenAI ones, so the AzureOpenAI client can be tested here too (pure ASGI: disconnects still show)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/openai/"):
+            rest = path[len("/openai/"):]
+            if rest.startswith("deployments/"):
+                rest = rest.split("/", 2)[2] if rest.count("/") >= 2 else rest
+            scope = {**scope, "path": "/v1/" + rest, "raw_path": ("/v1/" + rest).encode()}
+        await self.app(scope, receive, send)
+
+
 def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 30.0, retry_after_s: float = 0.05,
               batch_faults: list[str] | None = None, batch_polls: int = 2, max_file_bytes: int | None = None,
               deterministic: bool = False):
@@ -125,6 +142,7 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     app = FastAPI()
+    app.add_middleware(_AzurePaths)
     schedule = itertools.cycle(faults or ["ok"])
     batch_schedule = itertools.cycle(batch_faults or ["complete"])
     counter = itertools.count()
