@@ -2,7 +2,7 @@
 
 import sys
 
-from ray_e5.cli import main
+from ray_e5.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    sys.exit(job_main("generate"))

@@ -7,12 +7,7 @@ stage joins the job's cluster.
 
 import sys
 
-try:  # torch's libraries first: loaded late, after pyarrow's S3 client and Ray Data, libtorch_cpu.so failed to load
-    import torch  # noqa: F401  (oneMKL FATAL ERROR, exit 2) in a job driver on an s3:// run dir
-except ImportError:  # a driver without torch (generation only) has nothing to load
-    pass
-
-from ray_e5.cli import main
+from ray_e5.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    sys.exit(job_main("pipeline"))

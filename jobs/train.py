@@ -5,7 +5,7 @@ Inside a Ray job, RAY_ADDRESS is set, so training joins the job's cluster.
 
 import sys
 
-from ray_e5.cli import main
+from ray_e5.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(job_main("train"))

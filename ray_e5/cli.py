@@ -103,6 +103,18 @@ def _loaded_error_types() -> tuple[type, ...]:
     return (sources.UnknownModelError,) if sources is not None else ()
 
 
+def job_main(command: str) -> int:
+    """``main`` for the ``jobs/<stage>.py`` entry points of `ray job submit`.
+
+    torch's libraries are loaded first: loaded late, after pyarrow's S3 client and Ray Data, libtorch_cpu.so failed
+    to load in a job driver on an s3:// run dir (oneMKL FATAL ERROR, exit 2)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # a driver without torch (generation only) has nothing to load
+        pass
+    return main([command, *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

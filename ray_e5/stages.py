@@ -17,7 +17,6 @@ imported when used), so ``ray_e5.config`` can read it without a cycle and ``ray-
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -115,28 +114,23 @@ class UnknownStageError(ValueError):
     """A stage name that is not registered; the message lists the accepted ones."""
 
 
-def _absolute(run_dir: str) -> str:
-    return run_dir if "://" in run_dir else os.path.abspath(run_dir)
-
-
 def _run_generate(config: "RayE5Config") -> GenerateResult:
-    from ray_e5 import runs
+    from ray_e5.rundir import RunDir
     from ray_e5.synth.run import generate
 
     manifest = generate(config)
-    return GenerateResult.from_manifest(manifest, runs.join(config.run_dir, "synthetic"))
+    return GenerateResult.from_manifest(manifest, RunDir.of(config.run_dir).synthetic)
 
 
 def _run_train(config: "RayE5Config") -> TrainResult:
-    from ray_e5 import runs
+    from ray_e5.rundir import RunDir
     from ray_e5.train.run import train
 
     local_dir = Path(train(config))
-    train_dir = runs.join(_absolute(config.run_dir), "train")
-    summary = _read_json(runs.join(train_dir, "summary.json"))
-    return TrainResult(embedder_uri=summary.get("embedder", runs.join(config.run_dir, "embedder")),
-                       steps=int(summary.get("steps", 0)), local_dir=local_dir, summary=summary,
-                       data=_read_json(runs.join(train_dir, "data.json")))
+    run = RunDir.of(config.run_dir)
+    summary = _read_json(run.join("train", "summary.json"))
+    return TrainResult(embedder_uri=summary.get("embedder", run.embedder), steps=int(summary.get("steps", 0)),
+                       local_dir=local_dir, summary=summary, data=_read_json(run.join("train", "data.json")))
 
 
 def _run_evaluate(config: "RayE5Config") -> EvaluateResult:

@@ -52,8 +52,8 @@ def test_every_stage_has_a_job_entry_point_running_its_command(name):
     job = ROOT / STAGES[name].job
     assert job.is_file(), job
     calls = [n for n in ast.walk(ast.parse(job.read_text())) if isinstance(n, ast.Call)
-             and getattr(n.func, "id", None) == "main"]
-    assert calls and isinstance(calls[0].args[0], ast.List) and calls[0].args[0].elts[0].value == name
+             and getattr(n.func, "id", None) == "job_main"]
+    assert calls and isinstance(calls[0].args[0], ast.Constant) and calls[0].args[0].value == name
 
 
 @pytest.mark.parametrize("name", list(STAGES))

@@ -173,7 +173,7 @@ def test_a_hosted_backend_without_its_key_is_refused_when_generation_starts(bad,
 def test_config_sections_of_the_shipped_configs_validate(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     quick = load_config(ROOT / "configs" / "quickstart.yaml").section("generate", GenerateSettings)
-    assert quick.backend == "llamacpp" and quick.num_examples <= 64 and quick.time_budget_s
+    assert quick.backend == "llamacpp" and quick.num_examples <= 200 and quick.time_budget_s
     paper = load_config(ROOT / "configs" / "e5-mistral-7b.yaml").section("generate", GenerateSettings)
     assert paper.backend == "openai" and paper.num_examples == 500_000 and paper.price() is not None
     assert paper.mix == {"short-long": 167, "long-short": 122, "sts": 99, "bitext": 89, "long-long": 17, "short-short": 13}
@@ -252,7 +252,7 @@ def test_vllm_processor_config_and_rows(ray_cluster, tiny_decoder_dir):
     row = vllm_preprocess(settings)({"id": "x", "prompt": "Write S1.", "schema": json.dumps(schema), "max_tokens": 333})
     assert row["messages"] == [{"role": "user", "content": "Write S1."}]
     assert row["sampling_params"] == {"temperature": 0.7, "top_p": 1.0, "max_tokens": 333,
-                                      "structured_outputs": {"json": schema}}
+                                      "structured_outputs": {"json": json.dumps(schema)}}
     item = {"id": "x", "kind": "sts", "task": "t", "language": "en", "tgt_language": "", "prompt_id": "p"}
     ok = finish("example", item, vllm_completion({**item, "generated_text": '{"S1": "a", "S2": "b", "S3": "c"}',
                                                    "num_input_tokens": 7, "num_generated_tokens": 9}), settings)
@@ -480,7 +480,6 @@ def test_a_llama_cpp_server_that_dies_mid_run_stops_the_stage_with_its_signal(ra
 
     killer = threading.Thread(target=kill_when_answering, daemon=True)
     killer.start()
-    started = time.monotonic()
     with pytest.raises(BackendError) as err:
         generate(config)
     stopped = time.monotonic()

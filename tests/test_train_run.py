@@ -186,19 +186,21 @@ def test_config_errors_name_the_key(ray_cluster, tiny_decoder_dir, tmp_path, cap
     assert "train.temperature: Input should be greater than 0" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_run_with_other_settings(ray_cluster, tiny_decoder_dir, tmp_path):
-    from ray_e5.train.config import TrainSettings
-    from ray_e5.train.run import _run_name, train
+def test_a_run_with_other_settings_starts_fresh_with_a_printed_reason(ray_cluster, tiny_decoder_dir, tmp_path,
+                                                                         capsys):
+    from ray_e5.train.run import train
 
     config = _config(tmp_path, tiny_decoder_dir, max_steps=2)
     train(RayE5Config.model_validate(config))
     first = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
-    config["train"]["batch_size"] = 4
-    with pytest.raises(ConfigError, match=r"train\.resume: .* other settings \(changed: batch_size"):
-        train(RayE5Config.model_validate(config))
-    # resume=false starts a fresh Ray Train run beside the old one.
-    settings = TrainSettings.model_validate({**config["train"], "resume": False})
-    fresh = _run_name(str(tmp_path / "run" / "train"), settings, {**first["settings"], "batch_size": 4})
-    assert fresh != first["name"]  # names carry the start time; the first run took seconds
+    capsys.readouterr()
+    config["train"]["batch_size"] = 4  # as new synthetic shards change the plan: a new run, never an error
+    train(RayE5Config.model_validate(config))
+    out = capsys.readouterr().out
+    assert f"starting a fresh run: {tmp_path / 'run' / 'train'} holds run {first['name']}" in out
+    assert "changed: batch_size" in out
     saved = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
-    assert saved["name"] == fresh and saved["settings"]["batch_size"] == 4
+    assert saved["name"] != first["name"] and saved["settings"]["batch_size"] == 4
+    assert (tmp_path / "run" / "train" / first["name"]).is_dir()  # the old run's checkpoints are kept
+    summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
+    assert summary["run_name"] == saved["name"] and summary["steps"] == 2

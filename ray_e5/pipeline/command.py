@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     quick.add_argument("--config", help="recipe (default: configs/quickstart.yaml)")
     quick.add_argument("--run-dir", help="where outputs go (default: the recipe's run_dir, runs/quickstart)")
     quick.add_argument("--data-dir", default=None,
-                       help="folder of the labeled datasets (default: the recipe's ../shared/data paths)")
+                       help="the labeled datasets: sets data_dir (default: the recipe's data_dir, ../shared/data)")
     quick.add_argument("--budget-min", type=float, default=20.0, help="time budget in minutes (default 20)")
     quick.add_argument("--smoke", action="store_true",
                        help="reduced size (2 examples, 30 steps, small eval sets): the CI end-to-end run")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray_e5.cluster import wait_forever  # noqa: F401  (kept importable from here for older callers)
 from ray_e5.config import RayE5Config, check_sections
+from ray_e5.rundir import RunDir
 from ray_e5.stages import STAGES, GenerateResult, select
 
 
@@ -41,7 +41,6 @@ def run_pipeline(config: RayE5Config, stages: tuple[str, ...] | list[str] = tupl
 
 
 def _generate(stage, config: RayE5Config, log, allow_empty: bool) -> GenerateResult:
-    from ray_e5 import runs
     from ray_e5.synth.run import EmptySyntheticError
 
     try:
@@ -51,4 +50,4 @@ def _generate(stage, config: RayE5Config, log, allow_empty: bool) -> GenerateRes
             raise EmptySyntheticError(f"{err} (pass --allow-empty-synthetic to train on the labeled sources "
                                       "alone)", err.manifest) from None
         log(f"[ray-e5] warning: {err} -- going on without synthetic data (--allow-empty-synthetic)")
-        return GenerateResult.from_manifest(err.manifest, runs.join(config.run_dir, "synthetic"))
+        return GenerateResult.from_manifest(err.manifest, RunDir.of(config.run_dir).synthetic)

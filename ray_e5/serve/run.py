@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ray_e5 import runs
 from ray_e5.config import RayE5Config
+from ray_e5.rundir import RunDir
 from ray_e5.serve.config import ServeSettings
 
 APP_NAME = "ray-e5"
@@ -13,10 +13,8 @@ def model_reference(config: RayE5Config, settings: ServeSettings) -> str:
     """serve.model, else the run's trained embedder when it exists, else model.name."""
     if settings.model:
         return settings.model
-    trained = runs.join(config.run_dir, "embedder")
-    if runs.exists(runs.join(trained, "ray_e5.json")):  # replicas copy a remote one to their node
-        return trained
-    return config.model.name
+    trained = RunDir.of(config.run_dir).trained_embedder()  # replicas copy a remote one to their node
+    return trained or config.model.name
 
 
 def serve(config: RayE5Config, blocking: bool = True) -> str:
@@ -32,7 +30,7 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
     ray_serve.run(build_app(settings, model_reference(config, settings)), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}/v1"
     if blocking:
-        from ray_e5.pipeline.run import wait_forever
+        from ray_e5.cluster import wait_forever
 
         print(f"[ray-e5] serving {settings.model_name} at {url}")
         wait_forever()

@@ -113,7 +113,7 @@ _QUOTED = re.compile(r'"((?:[^"\\]|\\.){11,500})"')
 def parse_tasks(text: str | None) -> list[str]:
     try:
         value = parse_json(text)
-    except Dropped as drop:  # a list cut short (max_tokens) or broken late still holds the tasks written before
+    except Dropped:  # a list cut short (max_tokens) or broken late still holds the tasks written before
         found = [t for t in _QUOTED.findall((text or "").split("[", 1)[-1]) if t != "tasks"]
         if not found:
             raise

@@ -22,6 +22,7 @@ from typing import Any
 
 from ray_e5 import runs
 from ray_e5.config import RayE5Config
+from ray_e5.rundir import RunDir
 from ray_e5.synth.backends import FATAL_STATUSES, is_transient
 from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.errors import BackendError, EmptySyntheticError, GenerateError
@@ -105,7 +106,7 @@ class _Run:
             self.contamination = ContaminationFilter.from_config(config, self.settings)
         except FileNotFoundError as err:
             raise GenerateError(str(err)) from None
-        self.out_dir = runs.join(config.run_dir, "synthetic")
+        self.out_dir = RunDir.of(config.run_dir).synthetic
         self.store = Store(self.out_dir)
         self.previous = self.store.load_manifest()
         self.dedup = Deduplicator(self.settings.near_duplicate_threshold)

@@ -13,7 +13,7 @@ import asyncio
 import json
 import math
 import time
-from ray_e5.synth.backends import ChatBackend, Completion, vllm_completion, vllm_postprocess, vllm_preprocess
+from ray_e5.synth.backends import ChatBackend, Completion, vllm_completion
 from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.parse import Dropped, parse_json, parse_tasks, validate_answer
 from ray_e5.synth.store import COLUMNS
@@ -123,13 +123,6 @@ class ChatCompleter:
         if self.journal is not None:
             self.journal.flush()
         return {key: [r[key] for r in rows] for key in self.columns}
-
-
-def _finish_vllm(phase: str, settings: GenerateSettings):
-    def fn(row: dict) -> dict:
-        return finish(phase, row, vllm_completion(row), settings)
-
-    return fn
 
 
 def completions(items: list[dict], phase: str, settings: GenerateSettings, *, base_url: str | None = None,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray_e5 import runs
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
+from ray_e5.rundir import RunDir
 from ray_e5.train.config import TrainSettings
 
 log = logging.getLogger("ray_e5.train")
@@ -100,13 +101,6 @@ def _copy_tree(src_fs, src: str, dst_uri: str) -> None:
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
-def _local_embedder(uri: str) -> Path:
-    """A local directory holding the embedder at ``uri`` (a copy keyed by its listing, for object stores)."""
-    if runs.is_local(uri):
-        return Path(runs.resolve(uri)[1])
-    return Path(runs.local_copy(uri))
-
-
 def train(config: RayE5Config) -> Path:
     """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``)."""
     settings = config.section("train", TrainSettings)
@@ -130,8 +124,8 @@ def train(config: RayE5Config) -> Path:
                           min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
-    run_dir = config.run_dir if not runs.is_local(config.run_dir) else runs.resolve(config.run_dir)[1]
-    train_dir = runs.join(run_dir, "train")  # absolute: the workers run in another working directory
+    run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory
+    train_dir = run.train
     runs.makedirs(train_dir)
     runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
     for name, s in plan.sources.items():
@@ -171,7 +165,7 @@ def train(config: RayE5Config) -> Path:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
-    embedder_uri = runs.join(run_dir, "embedder")
+    embedder_uri = run.embedder
     _copy_tree(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri)
     curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
@@ -182,4 +176,4 @@ def train(config: RayE5Config) -> Path:
     runs.write_json(runs.join(train_dir, "summary.json"), summary)
     print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
           + (f"; loss curve {curve}" if curve else ""))
-    return _local_embedder(embedder_uri)
+    return Path(run.local_embedder())
