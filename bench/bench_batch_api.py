@@ -12,7 +12,9 @@ Printed side by side, in one run, for the same planned requests (fixed-task kind
     them to shards).
 The plan (``expand``) is held in memory by run.py either way; its own RSS is printed first.
 
-    python bench/bench_batch_api.py [--requests 100000] [--part-requests 50000] [--part-mb 200]
+    python bench/bench_batch_api.py [--requests 100000] [--part-requests 50000] [--part-mb 200] [--paper-mix]
+
+``--paper-mix``: the paper's mix of six kinds (longer prompts), with stand-in brainstorm tasks.
 """
 
 from __future__ import annotations
@@ -97,22 +99,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--part-requests", type=int, default=50_000)
     parser.add_argument("--part-mb", type=float, default=200)
+    parser.add_argument("--paper-mix", action="store_true", help="the paper's six kinds, stand-in brainstorm tasks")
     args = parser.parse_args()
 
     from ray_e5.synth.batch_api import BatchPhase, make_client
     from ray_e5.synth.config import GenerateSettings
-    from ray_e5.synth.plan import expand, plan_slots
+    from ray_e5.synth.plan import brainstorm_requests, expand, plan_slots
 
     server, base_url = start_server()
     try:
         settings = GenerateSettings(backend="openai", base_url=base_url, model="gpt-4o-mini",
-                                    num_examples=args.requests, mix={"sts": 1, "bitext": 1}, batch_api=True,
+                                    num_examples=args.requests, batch_api=True,
+                                    **({} if args.paper_mix else {"mix": {"sts": 1, "bitext": 1}}),
                                     batch_max_requests=args.part_requests,
                                     batch_max_bytes=int(args.part_mb * 1e6), batch_poll_s=0.2, batch_poll_max_s=1.0,
                                     progress=False, request_timeout_s=600)
         start_rss = rss()
         t = time.perf_counter()
-        items, _ = expand(settings, plan_slots(settings), {})
+        slots = plan_slots(settings)
+        tasks = {r["key"]: [f"Given a query about subject {r['key']} number {i}, retrieve documents that answer it."
+                            for i in range(20)] for r in brainstorm_requests(settings, slots)}
+        items, _ = expand(settings, slots, tasks)
         plan_s, plan_rss = time.perf_counter() - t, rss()
         size = sum(len(i["prompt"]) for i in items)
         print(f"plan: {len(items)} requests ({size / 1e6:.0f} MB of prompts) in {plan_s:.1f} s; "
