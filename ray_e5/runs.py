@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ray_e5.digest import digest
 from ray_e5.config import ConfigError
 
 
@@ -168,7 +169,6 @@ def local_copy(uri: str) -> str:
     """
     if "://" not in uri:
         return uri
-    import hashlib
     import shutil
     from pathlib import Path
 
@@ -179,7 +179,7 @@ def local_copy(uri: str) -> str:
     if files is None:
         raise FileNotFoundError(f"{uri!r} is not a directory; accepted: a local path, a packaged name or the URI "
                                 "of a model directory (s3://, gs://, file://, ...)")
-    key = hashlib.sha256(json.dumps([uri.rstrip("/"), files]).encode()).hexdigest()[:20]
+    key = digest([uri.rstrip("/"), files], 20)
     target = cache_root() / "remote" / key
     if target.is_dir():
         return str(target)

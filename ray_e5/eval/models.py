@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_e5.digest import digest
 from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.eval.config import EvaluateSettings, ModelEntry
 
@@ -31,7 +30,7 @@ class ModelSpec:
         key = {"ref": self.ref, "overrides": self.overrides, "instructions": self.instructions,
                "endpoint": self.endpoint, "template": self.instruction_template, "mode": self.instruction_mode,
                "files": _dir_stats(self.ref)}
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return digest(key)
 
     def build(self):
         """The encoding model: an Embedder, or an EndpointEmbedder in Serve mode."""

@@ -5,12 +5,11 @@ are checked against mteb's registry here and loaded by the worker that runs them
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_e5.digest import digest
 from ray_e5.config import ConfigError
 from ray_e5.eval.config import TaskEntry
 from ray_e5.eval.local_tasks import load_local_task
@@ -144,5 +143,4 @@ def resolve_tasks(entries: list[TaskEntry], seed: int = 42, benchmark: str | Non
     return specs
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+_digest = digest

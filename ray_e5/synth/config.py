@@ -23,6 +23,12 @@ DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}
 HOSTED = ("openai", "azure")
 
 
+def _refuse_unknown_kinds(by_kind: dict) -> None:
+    unknown = sorted(set(by_kind) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown kind(s) {unknown}; accepted: {', '.join(KINDS)}")
+
+
 class VllmSettings(Section):
     """ray.data.llm's vLLM engine on GPU nodes (the processor is built here; it runs only on a GPU cluster)."""
 
@@ -95,9 +101,7 @@ class GenerateSettings(Section):
     @field_validator("mix")
     @classmethod
     def _known_kinds(cls, mix: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(mix) - set(KINDS))
-        if unknown:
-            raise ValueError(f"unknown kind(s) {unknown}; accepted: {', '.join(KINDS)}")
+        _refuse_unknown_kinds(mix)
         negative = sorted(k for k, w in mix.items() if w < 0)
         if negative:
             raise ValueError(f"negative weight for {negative}; weights are counts or shares >= 0")
@@ -108,9 +112,7 @@ class GenerateSettings(Section):
     @field_validator("max_tokens_by_kind")
     @classmethod
     def _max_tokens_kinds(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = sorted(set(value) - set(KINDS))
-        if unknown:
-            raise ValueError(f"unknown kind(s) {unknown}; accepted: {', '.join(KINDS)}")
+        _refuse_unknown_kinds(value)
         if any(v <= 0 for v in value.values()):
             raise ValueError("token limits must be > 0")
         return value

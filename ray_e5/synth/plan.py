@@ -13,12 +13,12 @@ example. The ``j``-th slot of an asymmetric kind takes its task from brainstorm 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from typing import Any
 
+from ray_e5.digest import digest
 from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.prompts import (BRAINSTORM_SCHEMA, PROMPT_VERSION, answer_schema, brainstorm_completion_prompt,
                                   brainstorm_prompt, completion_prompt, example_prompt, TOPICS)
@@ -26,7 +26,7 @@ from ray_e5.synth.taxonomy import KINDS, bitext_target, language_weights, sample
 
 
 def content_id(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest(list(parts), 24)
 
 
 @dataclass(frozen=True)

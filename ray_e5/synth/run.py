@@ -365,7 +365,11 @@ def generate(config: RayE5Config) -> dict[str, Any]:
                 from ray_e5.synth.ledger import Ledger
 
                 spent = s.cost_usd(*run.spent_before) or 0.0
-                ledger = ray.remote(Ledger).options(num_cpus=0).remote(
+                # On the driver's node: a worker node the autoscaler removes would take the shared limits with it.
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                ledger = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote(
                     s.requests_per_minute, s.tokens_per_minute, s.budget_usd, s.price(), spent)
                 kwargs["ledger"] = ledger
                 stack.callback(ray.kill, ledger)

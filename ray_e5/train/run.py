@@ -11,12 +11,12 @@ Outputs under the run directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
+from ray_e5.digest import digest as _digest
 from ray_e5 import runs
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
 from ray_e5.rundir import RunDir
@@ -64,10 +64,6 @@ def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, to
         "num_workers": settings.num_workers, "engine": settings.engine,
         "zero_stage": settings.zero_stage if settings.engine == "deepspeed" else None,
     }
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
