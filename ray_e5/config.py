@@ -55,7 +55,11 @@ class ModelSettings(Section):
     name: str = "gemma3-270m"
     pooling: Literal["last", "mean", "cls"] | None = None  # None: the backbone's natural pooling
     normalize: bool = True
-    max_length: int = Field(512, gt=1)
+    max_length: int = Field(512, gt=1)  # refused at load above the backbone's limit (max_position_embeddings)
+    # Long context (E5-mistral section 5.2), set on the backbone's HF config before the weights load, saved in
+    # ray_e5.json and in an export's config.json. None keeps the checkpoint's own value.
+    rope_theta: float | None = Field(None, gt=0)  # RoPE base; Gemma 3: its global (full-attention) layers
+    sliding_window: int | None = Field(None, gt=0)  # attention window: Mistral's; Gemma 3's local layers
     instruction_template: str = "Instruct: {task}\nQuery: {text}"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False

@@ -248,3 +248,125 @@ def test_mean_pooling_and_forward_are_float32_for_a_bf16_model(minilm):
     assert float((pooled.double() - exact).abs().max()) < 1e-5
     np.testing.assert_allclose(torch.linalg.vector_norm(vectors, dim=1).numpy(), 1.0, atol=1e-6)
     assert _cosines(half.encode(TEXTS), minilm.encode(TEXTS)).min() >= BF16_MIN_COSINE
+
+
+# ---- long context: model.rope_theta, model.sliding_window, model.max_length up to the backbone's limit ---------
+LONG = " ".join(SAMPLE for SAMPLE in TEXTS * 6)
+
+
+def _inv_freq(embedder: Embedder, layer_type: str | None = None) -> torch.Tensor:
+    rotary = embedder._base_model().rotary_emb
+    return getattr(rotary, f"{layer_type}_inv_freq") if layer_type else rotary.inv_freq
+
+
+def test_long_context_settings_reach_the_model_and_survive_save_load_export(tiny_decoder_dir, tmp_path):
+    import json
+
+    from ray_e5.model.export import export_sentence_transformers
+
+    plain = Embedder.load(str(tiny_decoder_dir), max_length=64)
+    embedder = Embedder.load(str(tiny_decoder_dir), max_length=64, rope_theta=40_000.0, sliding_window=8,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    config = embedder._base_model().config
+    assert config.rope_parameters["rope_theta"] == 40_000.0 and config.sliding_window == 8
+    head_dim = config.hidden_size // config.num_attention_heads
+    expected = 1.0 / 40_000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    torch.testing.assert_close(_inv_freq(embedder), expected)  # the rotary table is built from the new base
+    assert plain._base_model().config.rope_parameters["rope_theta"] == 10_000.0
+    # the window and the base change what a long text embeds to; a text shorter than the window is unaffected
+    windowed = Embedder.load(str(tiny_decoder_dir), max_length=64, sliding_window=4)
+    assert not np.allclose(windowed.encode([LONG]), plain.encode([LONG]), atol=1e-4)
+    np.testing.assert_allclose(Embedder.load(str(tiny_decoder_dir), max_length=64, sliding_window=64).encode([LONG]),
+                               plain.encode([LONG]), atol=1e-5)
+    ours = embedder.encode([LONG, *TEXTS])
+
+    embedder.save(tmp_path / "emb")
+    saved = json.loads((tmp_path / "emb" / "ray_e5.json").read_text())
+    assert (saved["rope_theta"], saved["sliding_window"], saved["max_length"]) == (40_000.0, 8, 64)
+    loaded = Embedder.load(str(tmp_path / "emb"))
+    assert loaded._base_model().config.rope_parameters["rope_theta"] == 40_000.0
+    assert loaded._base_model().config.sliding_window == 8
+    np.testing.assert_array_equal(loaded.encode([LONG, *TEXTS]), ours)
+
+    export_sentence_transformers(tmp_path / "emb", tmp_path / "merged")
+    exported = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert exported["rope_parameters"]["rope_theta"] == 40_000.0 and exported["sliding_window"] == 8
+    assert json.loads((tmp_path / "merged" / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    again = Embedder.load(str(tmp_path / "merged"), max_length=64)  # config.json alone carries base and window
+    assert again._base_model().config.rope_parameters["rope_theta"] == 40_000.0
+    assert again._base_model().config.sliding_window == 8
+    np.testing.assert_allclose(again.encode([LONG, *TEXTS]), ours, atol=1e-5)
+    assert _st_cosines(tmp_path / "merged", ours, [LONG, *TEXTS]).min() > 0.9999
+
+
+def _tiny_gemma3(directory: Path) -> Path:
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    from ray_e5.model.testing import build_tokenizer
+
+    if (directory / "config.json").is_file():
+        return directory
+    tok = build_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, architectures=["Gemma3ForCausalLM"])
+    torch.manual_seed(0)
+    Gemma3TextModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_gemma3_rope_theta_sets_the_global_layers_and_the_window_the_local_ones(tmp_path):
+    import json
+
+    from ray_e5.model.export import export_sentence_transformers
+
+    directory = _tiny_gemma3(tmp_path / "gemma3")
+    base = Embedder.load(str(directory), max_length=256)
+    cfg = base._base_model().config
+    default_global = cfg.rope_parameters["full_attention"]["rope_theta"]
+    local = cfg.rope_parameters["sliding_attention"]["rope_theta"]
+    long = Embedder.load(str(directory), max_length=256, rope_theta=4 * default_global, sliding_window=8)
+    cfg = long._base_model().config
+    assert cfg.rope_parameters["full_attention"]["rope_theta"] == 4 * default_global
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == local  # the local layers keep their base
+    assert cfg.sliding_window == 8 and cfg.layer_types == base._base_model().config.layer_types
+    slower, default = _inv_freq(long, "full_attention"), _inv_freq(base, "full_attention")
+    assert torch.all(slower <= default) and torch.all(slower[1:] < default[1:])  # a larger base: slower rotations
+    torch.testing.assert_close(_inv_freq(long, "sliding_attention"), _inv_freq(base, "sliding_attention"))
+    assert not np.allclose(long.encode([LONG]), base.encode([LONG]), atol=1e-4)
+    export_sentence_transformers(long, tmp_path / "merged")
+    exported = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert exported["rope_parameters"]["full_attention"]["rope_theta"] == 4 * default_global
+    assert exported["sliding_window"] == 8
+    np.testing.assert_allclose(Embedder.load(str(tmp_path / "merged"), max_length=256).encode([LONG]),
+                               long.encode([LONG]), atol=1e-5)
+
+
+def test_max_length_above_the_backbone_limit_and_settings_it_lacks_are_refused(tiny_decoder_dir, tmp_path):
+    from ray_e5.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.max_length: 2048 exceeds .*1024 tokens"):
+        Embedder.load(str(tiny_decoder_dir), max_length=2048)
+    assert Embedder.load(str(tiny_decoder_dir), max_length=1024).settings.max_length == 1024  # the limit itself
+    with pytest.raises(ConfigError, match=r"model\.max_length: 257 exceeds .*256"):
+        Embedder.load(str(_tiny_gemma3(tmp_path / "gemma3")), max_length=257)
+    with pytest.raises(ConfigError, match=r"model\.rope_theta"):
+        Embedder.load(str(tiny_decoder_dir), rope_theta=0)
+    with pytest.raises(ConfigError, match=r"model\.sliding_window"):
+        Embedder.load(str(tiny_decoder_dir), sliding_window=-4)
+
+
+def test_an_encoder_without_rope_or_window_says_so(minilm):
+    from ray_e5.config import ConfigError, ModelSettings
+    from ray_e5.model.context import apply_long_context
+
+    config = minilm._base_model().config
+    with pytest.raises(ConfigError) as err:
+        apply_long_context(config, ModelSettings(name="minilm-l6", rope_theta=1e6, sliding_window=128,
+                                                 max_length=4096), "minilm-l6")
+    assert [e.split(":")[0] for e in err.value.errors] == ["model.rope_theta", "model.sliding_window",
+                                                           "model.max_length"]
+    assert "512 tokens" in err.value.errors[-1]

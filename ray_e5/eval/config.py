@@ -43,6 +43,8 @@ class ModelEntry(Section):
     max_length: int | None = Field(None, gt=1)
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     normalize: bool | None = None
+    rope_theta: float | None = Field(None, gt=0)  # long context: the RoPE base (model.rope_theta)
+    sliding_window: int | None = Field(None, gt=0)  # long context: the attention window (model.sliding_window)
 
 
 class TaskEntry(Section):

@@ -11,7 +11,7 @@ from ray_e5.digest import digest
 from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.eval.config import EvaluateSettings, ModelEntry
 
-_OVERRIDES = ("pooling", "max_length", "dtype", "normalize")
+_OVERRIDES = ("pooling", "max_length", "dtype", "normalize", "rope_theta", "sliding_window")
 
 
 @dataclass
@@ -86,7 +86,8 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
         else:
             m = config.model
             entries = [ModelEntry(ref=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
-                                  dtype=m.dtype, normalize=m.normalize)]
+                                  dtype=m.dtype, normalize=m.normalize, rope_theta=m.rope_theta,
+                                  sliding_window=m.sliding_window)]
     specs = []
     for i, entry in enumerate(entries):
         ref = entry.ref.replace("{run_dir}", config.run_dir.rstrip("/"))

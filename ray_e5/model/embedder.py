@@ -81,18 +81,27 @@ class Embedder(torch.nn.Module):
 
     @classmethod
     def from_settings(cls, settings: ModelSettings) -> "Embedder":
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from ray_e5.model.context import apply_long_context
 
         backbone_ref = resolve_backbone(settings.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
-            # The weights are loaded in settings.dtype whatever the checkpoint's own (a merged export, a hub model);
-            # under an active ZeRO-3 HfDeepSpeedConfig (ray_e5.train.engines.zero3_load) this partitions at load.
-            model = AutoModel.from_pretrained(backbone_ref.path, dtype=DTYPES[settings.dtype])
+            config = AutoConfig.from_pretrained(backbone_ref.path)
         except OSError as err:
             hint = " (the hub is unreachable or HF_HUB_OFFLINE=1: use a local directory or a packaged name)" \
                 if backbone_ref.path == settings.name and not Path(settings.name).exists() else ""
             raise UnknownModelError(f"could not load model {settings.name!r}{hint}: {err}") from err
+        # RoPE base, attention window, length limit: on the config before the weights load (the rotary tables and
+        # masks are built from it), so training, evaluation, serving and export all see the same model.
+        apply_long_context(config, settings, settings.name)
+        try:
+            # The weights are loaded in settings.dtype whatever the checkpoint's own (a merged export, a hub model);
+            # under an active ZeRO-3 HfDeepSpeedConfig (ray_e5.train.engines.zero3_load) this partitions at load.
+            model = AutoModel.from_pretrained(backbone_ref.path, config=config, dtype=DTYPES[settings.dtype])
+        except OSError as err:
+            raise UnknownModelError(f"could not load model {settings.name!r}: {err}") from err
         if settings.pooling is None:
             settings = settings.model_copy(update={"pooling": _natural_pooling(backbone_ref, model.config)})
         if tokenizer.pad_token_id is None:

@@ -27,7 +27,9 @@ def token_ids(tokenizer, texts: Sequence[str], max_length: int, append_eos: bool
     """Token ids per text, truncated so that, with EOS appended, each fits in ``max_length``."""
     if not texts:
         return []
-    budget = max_length - 1 if append_eos else max_length
+    # A tokenizer that appends EOS itself (an export's, whose post-processor we rewrote) keeps it inside its own
+    # truncation: then the whole budget is its to use, as sentence-transformers gives it.
+    budget = max_length - 1 if append_eos and not _appends_eos(tokenizer) else max_length
     ids = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=budget)["input_ids"]
     if not append_eos:
         return [list(x) for x in ids]
@@ -35,6 +37,18 @@ def token_ids(tokenizer, texts: Sequence[str], max_length: int, append_eos: bool
     if eos is None:
         raise ValueError("this tokenizer has no EOS token; use mean or cls pooling, or set append_eos=False")
     return [list(x) if x and x[-1] == eos else list(x) + [eos] for x in ids]
+
+
+def _appends_eos(tokenizer) -> bool:
+    cached = getattr(tokenizer, "_ray_e5_appends_eos", None)
+    if cached is None:
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        cached = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+        try:
+            tokenizer._ray_e5_appends_eos = cached
+        except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes probes each time
+            pass
+    return cached
 
 
 def pad(ids: list[list[int]], pad_id: int, side: Literal["left", "right"] = "right") -> dict[str, torch.Tensor]:
