@@ -21,8 +21,9 @@ What it does:
    training workers ran (Ray's state API), asks the served embedder through the openai client, and prints wall
    time and the bytes written to the object store.
 
-The helpers (``start_moto``, ``upload``, ``Cluster``, ``submit``, ``bucket_files``, ``actor_nodes``) are what
-``tests/test_cluster.py`` uses. Everything started is stopped in a ``finally`` (by process id).
+The helpers (``start_moto``, ``upload``, ``Cluster`` (with ``kill_node``), ``submit``, ``start_job``,
+``bucket_files``, ``actor_nodes``, ``alive_actors``) are what ``tests/test_cluster.py`` and
+``tests/test_cluster_failures.py`` use. Everything started is stopped in a ``finally`` (by process id).
 """
 
 from __future__ import annotations
@@ -190,8 +191,11 @@ class Cluster:
         # other clusters on it) need their own.
         env = {**self.env, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+        # start_new_session: each node's processes (raylet, its workers, agents) in a process group of their own,
+        # as separate machines are, so that kill_node can end one node by its group.
         with open(self.logs / f"{name}.log", "wb") as log:
             done = subprocess.run([str(BIN / "ray"), "start", *args, *self._node_ports()], env=env,
+                                  start_new_session=True,
                                   stdout=log, stderr=subprocess.STDOUT, timeout=180)
         if done.returncode:
             raise RuntimeError(f"ray start ({name}) failed; see {self.logs / f'{name}.log'}:\n"
@@ -244,6 +248,65 @@ class Cluster:
                 except psutil.NoSuchProcess:
                     pass
 
+    def node_pids(self, name: str) -> list[int]:
+        """The processes of one node (``head``, ``worker0``, ...): those whose command line names its temp dir."""
+        import psutil
+
+        mark = str(self.temp_dir / ("h" if name == "head" else f"w{name.removeprefix('worker')}"))
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(part.endswith(mark) or f"{mark}/" in part for part in (p.info["cmdline"] or [])):
+                    found.append(p.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    def kill_node(self, name: str) -> list[int]:
+        """Crash a node as a lost machine does: SIGKILL its raylet's process group, then every process of the node
+        (children of the raylet included) that is left; returns the pids killed."""
+        import signal
+
+        import psutil
+
+        procs: dict[int, psutil.Process] = {}
+        for pid in self.node_pids(name):
+            try:
+                proc = psutil.Process(pid)
+                for p in [proc, *proc.children(recursive=True)]:
+                    procs[p.pid] = p
+            except psutil.NoSuchProcess:
+                continue
+        raylets = [p for p in procs.values() if "raylet" in (p.name() or "")]
+        for raylet in raylets:
+            try:
+                group = os.getpgid(raylet.pid)
+                if group != os.getpgid(0):  # never our own group
+                    os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in procs.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(procs.values()), timeout=10)
+        return sorted(procs)
+
+    def nodes(self) -> dict[str, dict]:
+        """Node name (the custom resource each node carries: ``head``, ``worker0``, ...) -> its record in Ray's
+        state API (``node_id``, ``state``, ...)."""
+        done = self.ray("list", "nodes", "--address", self.dashboard, "--detail", "--format", "json",
+                        "--limit", "1000")
+        if done.returncode:
+            raise RuntimeError(f"ray list nodes failed: {done.stderr[-2000:]}")
+        out = {}
+        for node in json.loads(done.stdout):
+            for key in node.get("resources_total", {}):
+                if key == "head" or (key.startswith("worker") and key[6:].isdigit()):
+                    out[key] = node
+        return out
+
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
@@ -260,6 +323,26 @@ def submit(cluster: Cluster, args: list[str], timeout: float, log_path: Path) ->
         except subprocess.TimeoutExpired:
             code = 124
     return code, time.perf_counter() - started
+
+
+def start_job(cluster: Cluster, args: list[str], log_path: Path) -> subprocess.Popen:
+    """``ray job submit`` of jobs/pipeline.py ARGS in the background (the caller waits for it, or kills it)."""
+    log = open(log_path, "wb")
+    try:
+        return subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir",
+                                 str(ROOT), "--", "python", "jobs/pipeline.py", *args], env=cluster.env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+def alive_actors(cluster: Cluster) -> list[dict]:
+    """The alive actors (class_name, node_id, ...), from Ray's state API."""
+    done = cluster.ray("list", "actors", "--address", cluster.dashboard, "--detail", "--format", "json",
+                       "--limit", "10000", "--filter", "state=ALIVE")
+    if done.returncode:
+        raise RuntimeError(f"ray list actors failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def actor_nodes(cluster: Cluster) -> dict[str, set[str]]:
