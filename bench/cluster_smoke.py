@@ -155,7 +155,7 @@ class Cluster:
     Ray on the machine)."""
 
     def __init__(self, workers: int, env: dict[str, str], temp_dir: Path, head_cpus: int = 1, worker_cpus: int = 2,
-                 object_store_mb: int = 150):
+                 object_store_mb: int = 150, head_args: tuple[str, ...] = ()):
         self.temp_dir = temp_dir
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
         self.env.update(env)
@@ -173,7 +173,7 @@ class Cluster:
                                  "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                                  "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir / "h"),
                                  "--num-cpus", str(head_cpus), "--num-gpus", "0", "--object-store-memory", store,
-                                 "--resources", json.dumps({"head": 1})])
+                                 "--resources", json.dumps({"head": 1}), *head_args])
             for i in range(workers):
                 self.add_worker(i, worker_cpus, store)
         except BaseException:
@@ -325,12 +325,12 @@ def submit(cluster: Cluster, args: list[str], timeout: float, log_path: Path) ->
     return code, time.perf_counter() - started
 
 
-def start_job(cluster: Cluster, args: list[str], log_path: Path) -> subprocess.Popen:
-    """``ray job submit`` of jobs/pipeline.py ARGS in the background (the caller waits for it, or kills it)."""
+def start_job(cluster: Cluster, args: list[str], log_path: Path, script: str = "jobs/pipeline.py") -> subprocess.Popen:
+    """``ray job submit`` of ``script`` ARGS in the background (the caller waits for it, or kills it)."""
     log = open(log_path, "wb")
     try:
         return subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir",
-                                 str(ROOT), "--", "python", "jobs/pipeline.py", *args], env=cluster.env, stdout=log,
+                                 str(ROOT), "--", "python", script, *args], env=cluster.env, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     finally:
         log.close()  # the child holds its own descriptor
