@@ -59,11 +59,27 @@ class TaskEntry(Section):
     max_corpus: int | None = Field(None, gt=0)  # retrieval: documents kept (every relevant one is always kept)
     instruction: str | None = None  # override the instruction table for this task
     main_score: str | None = None  # override mteb's main score for a local task
+    # built-in tasks (no data to read): `type: passkey` is passkey retrieval at each of `lengths` (tokens), with
+    # max_samples documents per length (default 10: chance is 0.1), the key at `depth` (None: seeded random)
+    type: Literal["passkey"] | None = None
+    lengths: list[int] | None = None
+    depth: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _path_or_name(self) -> "TaskEntry":
+        if self.type == "passkey":
+            if self.path:
+                raise ValueError("a passkey task is built in: it takes no `path`")
+            if self.lengths is not None and (not self.lengths or any(n < 32 for n in self.lengths)):
+                raise ValueError(f"passkey `lengths` must list token counts of at least 32 (got {self.lengths})")
+            if self.max_samples is not None and self.max_samples < 2:
+                raise ValueError("passkey `max_samples` (documents per length) must be at least 2")
+            return self
+        if self.lengths is not None or self.depth is not None:
+            raise ValueError("`lengths` and `depth` belong to `type: passkey` tasks")
         if not self.path and not self.name:
-            raise ValueError("a task needs `path` (a local folder) or `name` (an MTEB task name)")
+            raise ValueError("a task needs `path` (a local folder), `name` (an MTEB task name) or "
+                             "`type: passkey` (built in)")
         return self
 
 
@@ -84,6 +100,16 @@ class EvaluateSettings(Section):
     overwrite: bool = False  # ignore cached per-task results and run everything again
     instructions: dict[str, str] = Field(default_factory=dict)  # task name -> instruction override
     report: bool = True  # write report.json, report.md and scores.png
+    # Matryoshka: also score every model at these widths (its vectors cut to the first d dimensions and
+    # re-normalised), reported as `<label>@<d>` and in the report's score-against-width table and widths.png
+    dimensions: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dimensions(self) -> "EvaluateSettings":
+        bad = [d for d in self.dimensions if not isinstance(d, int) or d < 1]
+        if bad or len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"evaluate.dimensions must list distinct positive widths (got {self.dimensions})")
+        return self
 
     def task_entries(self, data_dir: str | None = None) -> list[TaskEntry]:
         """The tasks as entries; a string is a folder when it holds a ``/`` or names a folder (under

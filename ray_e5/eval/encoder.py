@@ -32,6 +32,29 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32) -> np.ndarray: ...
 
 
+class TruncatedModel:
+    """A model whose vectors are cut to the first ``dimension`` components and re-normalised (Matryoshka
+    evaluation, ``evaluate.dimensions``); everything else is the wrapped model's."""
+
+    def __init__(self, model: TextEncoder, dimension: int):
+        full = int(model.dimension)
+        if not 0 < int(dimension) <= full:
+            raise ValueError(f"evaluate.dimensions: {dimension} is not a width of model {model.name!r}, "
+                             f"whose vectors have {full} dimensions")
+        self.model = model
+        self.dimension = int(dimension)
+        self.full_dimension = full
+
+    def __getattr__(self, name: str) -> Any:  # name, settings, tokenizer, parameters of the wrapped model
+        return getattr(self.__dict__["model"], name)
+
+    def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32) -> np.ndarray:
+        vectors = np.asarray(self.model.encode(texts, instruction=instruction, batch_size=batch_size),
+                             dtype=np.float32)[:, :self.dimension]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
 def wants_instructions(model: Any) -> bool:
     """``instructions: auto``: on for last-token (E5-style decoder) models, off for encoders trained without them."""
     settings = getattr(model, "settings", None)

@@ -23,17 +23,36 @@ class ModelSpec:
     endpoint: str | None = None
     instruction_template: str | None = None
     instruction_mode: str = "server"
+    dimension: int | None = None  # evaluate.dimensions: vectors cut to this width and re-normalised
+    parent: str | None = None  # the full-width model's label, for a truncated variant
 
     @property
-    def fingerprint(self) -> str:
-        """Changes when the model does: its reference, overrides, and for a local directory its files."""
+    def model_key(self) -> str:
+        """Changes when the loaded model does (not with the width it is cut to): workers reuse a loaded model
+        across the widths of ``evaluate.dimensions``."""
         key = {"ref": self.ref, "overrides": self.overrides, "instructions": self.instructions,
                "endpoint": self.endpoint, "template": self.instruction_template, "mode": self.instruction_mode,
                "files": _dir_stats(self.ref)}
         return digest(key)
 
-    def build(self):
-        """The encoding model: an Embedder, or an EndpointEmbedder in Serve mode."""
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the model does: its reference, overrides, for a local directory its files; its width."""
+        if self.dimension is None:
+            return self.model_key
+        return digest({"model": self.model_key, "dimension": self.dimension})
+
+    def build(self, base=None):
+        """The encoding model: an Embedder, or an EndpointEmbedder in Serve mode; cut to ``dimension`` when set
+        (``base``: the already loaded full-width model)."""
+        model = base if base is not None else self.build_base()
+        if self.dimension is not None:
+            from ray_e5.eval.encoder import TruncatedModel
+
+            return TruncatedModel(model, self.dimension)
+        return model
+
+    def build_base(self):
         if self.endpoint:
             from ray_e5.eval.endpoint import EndpointEmbedder
 
@@ -96,6 +115,10 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
                                instructions=None if entry.instructions == "auto" else entry.instructions,
                                endpoint=entry.endpoint, instruction_template=entry.instruction_template,
                                instruction_mode=entry.instruction_mode))
+    if settings.dimensions:
+        specs = [variant for spec in specs for variant in
+                 [spec] + [ModelSpec(**{**spec.__dict__, "label": f"{spec.label}@{d}", "dimension": d,
+                                        "parent": spec.label}) for d in sorted(settings.dimensions)]]
     labels = [s.label for s in specs]
     for label in labels:
         if labels.count(label) > 1:

@@ -181,7 +181,8 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     from ray_e5.eval.report import build_report, write_report
 
     report = build_report(
-        [{"label": m.label, "ref": m.ref, "endpoint": m.endpoint} for m in models],
+        [{"label": m.label, "ref": m.ref, "endpoint": m.endpoint, "dimension": m.dimension, "parent": m.parent,
+          "full_dimension": _full_dimension(records.get(m.label, {}))} for m in models],
         [{"name": t.name, "type": t.type, "main_score": _main_score(t, records), "local": t.local,
           "path": t.entry.path} for t in tasks],
         records)
@@ -189,6 +190,10 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     if settings.report:
         report["paths"] = write_report(out_dir, report)
     return report
+
+
+def _full_dimension(by_task: dict[str, dict]) -> int | None:
+    return next((r["dimension"] for r in by_task.values() if r.get("dimension")), None)
 
 
 def _main_score(task: TaskSpec, records: dict[str, dict[str, dict]]) -> str:

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 def run_task(encoder, task, batch_size: int = 32) -> dict[str, Any]:
     """Evaluate ``encoder`` (an E5Encoder) on an mteb task; never raises, returns a record."""
+    if getattr(task, "is_passkey", False):  # built in: not an mteb task
+        return task.run(encoder, batch_size=min(batch_size, 8))
     import mteb
 
     md = task.metadata
@@ -31,7 +33,7 @@ def run_task(encoder, task, batch_size: int = 32) -> dict[str, Any]:
             raise RuntimeError(f"mteb returned no result for {md.name}: {result.exceptions}")
         task_result = result.task_results[0]
         record.update(status="ok", score=float(task_result.get_score()), splits=sorted(task_result.scores),
-                      result=task_result.to_dict())
+                      result=task_result.to_dict(), dimension=int(encoder.model.dimension))
     except Exception as err:  # noqa: BLE001 - recorded, the other tasks go on
         log.warning("task %s failed: %s", md.name, err)
         record.update(status="error", error=f"task {md.name!r}: {type(err).__name__}: {err}", traceback=traceback.format_exc())
@@ -59,6 +61,8 @@ class EvalWorker:
         self.key: tuple[str, str] | None = None
         self.encoder = None
         self.load_error: str | None = None
+        self.base_key: str | None = None  # the loaded full-width model, reused across evaluate.dimensions
+        self.base = None
 
     def _load(self, spec) -> None:
         key = (spec.label, spec.fingerprint)
@@ -71,11 +75,16 @@ class EvalWorker:
         from ray_e5.eval.encoder import E5Encoder
 
         self.key, self.encoder, self.load_error = key, None, None
-        gc.collect()  # free the previous model before loading the next
         try:
-            model = spec.build()
-            if self.use_gpu and torch.cuda.is_available() and hasattr(model, "to"):
-                model = model.to("cuda")
+            model_key = spec.model_key
+            if model_key != self.base_key:
+                self.base_key, self.base = None, None
+                gc.collect()  # free the previous model before loading the next
+                base = spec.build_base()
+                if self.use_gpu and torch.cuda.is_available() and hasattr(base, "to"):
+                    base = base.to("cuda")
+                self.base_key, self.base = model_key, base
+            model = spec.build(self.base)
             self.encoder = E5Encoder(model, spec.label, spec.instructions, self.instructions,
                                      revision=spec.fingerprint)
         except Exception as err:  # noqa: BLE001 - every task of this model reports it

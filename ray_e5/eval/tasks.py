@@ -37,6 +37,8 @@ class TaskSpec:
         task is loaded only by its worker)."""
         if not self.local or self.task is None:
             return 0
+        if hasattr(self.task, "text_chars"):
+            return self.task.text_chars()
         return _text_chars(getattr(self.task, "dataset", None))
 
 
@@ -75,7 +77,20 @@ def task_uri(entry: TaskEntry, data_dir: str | None = None) -> str:
     return runs.data_uri(data_dir, entry.path) if data_dir is not None else runs.absolute(entry.path)
 
 
+def passkey_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
+    from ray_e5.eval.passkey import DEFAULT_LENGTHS, DEFAULT_SAMPLES, PasskeyTask
+
+    task = PasskeyTask(name=entry.name or "Passkey", lengths=sorted(set(entry.lengths or DEFAULT_LENGTHS)),
+                       samples=entry.max_samples or DEFAULT_SAMPLES, depth=entry.depth, seed=seed,
+                       instruction=entry.instruction)
+    key = {"type": "passkey", "lengths": task.lengths, "samples": task.samples, "depth": task.depth, "seed": seed,
+           "version": 1}
+    return TaskSpec(task.name, "Passkey", entry, True, _digest(key), task)
+
+
 def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) -> TaskSpec:
+    if entry.type == "passkey":
+        return passkey_task(entry, seed)
     if entry.path:
         from ray_e5 import runs
 
