@@ -76,9 +76,9 @@ def cached_record(out_dir: str, model: ModelSpec, task: TaskSpec, instructions: 
 # ---- fan-out -------------------------------------------------------------------------------------------------
 def _worker_resources(settings: EvaluateSettings, ray) -> tuple[float, int]:
     cpus = settings.cpus_per_worker
-    if cpus is None:
-        total = ray.cluster_resources().get("CPU", 1.0)
-        cpus = max(1.0, float(int(total // settings.num_workers)))
+    if cpus is None:  # what is free now (a server left up may hold some): the total would never be scheduled
+        free = min(ray.available_resources().get("CPU", 1.0), ray.cluster_resources().get("CPU", 1.0))
+        cpus = max(1.0, float(int(free // settings.num_workers)))
     threads = settings.torch_threads or max(1, int(cpus))
     return cpus, threads
 
