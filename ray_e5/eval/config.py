@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ray_e5.config import Section
 
@@ -104,12 +104,12 @@ class EvaluateSettings(Section):
     # re-normalised), reported as `<label>@<d>` and in the report's score-against-width table and widths.png
     dimensions: list[int] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _dimensions(self) -> "EvaluateSettings":
-        bad = [d for d in self.dimensions if not isinstance(d, int) or d < 1]
-        if bad or len(set(self.dimensions)) != len(self.dimensions):
-            raise ValueError(f"evaluate.dimensions must list distinct positive widths (got {self.dimensions})")
-        return self
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, value: list[int]) -> list[int]:
+        if any(d < 1 for d in value) or len(set(value)) != len(value):
+            raise ValueError("must list distinct positive widths")
+        return value
 
     def task_entries(self, data_dir: str | None = None) -> list[TaskEntry]:
         """The tasks as entries; a string is a folder when it holds a ``/`` or names a folder (under
