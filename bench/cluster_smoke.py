@@ -155,13 +155,13 @@ class Cluster:
     Ray on the machine)."""
 
     def __init__(self, workers: int, env: dict[str, str], temp_dir: Path, head_cpus: int = 1, worker_cpus: int = 2,
-                 object_store_mb: int = 150, head_args: tuple[str, ...] = ()):
+                 object_store_mb: int = 150, head_args: tuple[str, ...] = (), port: int | None = None):
         self.temp_dir = temp_dir
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
         self.env.update(env)
         self.env.update({"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                          "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
-        self.port = free_port()
+        self.port = port or free_port()
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -172,7 +172,7 @@ class Cluster:
             self._start("head", ["--head", "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
                                  "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                                  "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir / "h"),
-                                 "--num-cpus", str(head_cpus), "--num-gpus", "0", "--object-store-memory", store,
+                                 "--num-cpus", str(int(head_cpus)), "--num-gpus", "0", "--object-store-memory", store,
                                  "--resources", json.dumps({"head": 1}), *head_args])
             for i in range(workers):
                 self.add_worker(i, worker_cpus, store)
