@@ -93,7 +93,9 @@ def failures(shared_data, tmp_path_factory):
         data_uri = cs.upload_smoke_data(moto, "ray-e5")
         # 1.5 s an answer, 8 in flight: generation lasts tens of seconds, shards flushed every 2 s
         server, base_url = cs.test_server(base, latency=1.5)
-        cluster = cs.Cluster(2, moto.env, temp)
+        # a head with no CPUs (as cluster.yaml's was): the generation actors and the training workers can only run
+        # on worker nodes, so that a killed node always holds some (the driver and Ray Train's controller take 0)
+        cluster = cs.Cluster(2, moto.env, temp, head_cpus=0)
         args = cs.smoke_args(RUN, data_uri, base_url, cs.free_port(), extra=[
             f"generate.num_examples={EXAMPLES}", "generate.flush_every_s=2", "generate.shard_size=8",
             "generate.time_budget_s=600", f"train.max_steps={MAX_STEPS}",
