@@ -23,8 +23,9 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
     from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
     from ray_e5.serve.run import shutdown
 
+    port = _free_port()
     config = quickstart_config(None, str(tmp_path / "run"), str(shared_data), Budget(20 * 60), smoke=True,
-                               overrides=[f"serve.port={_free_port()}"])
+                               overrides=[f"serve.port={port}"])
     lines: list[str] = []
     try:
         results = run_quickstart(config, log=lines.append)  # no valid synthetic row would stop it here
@@ -52,9 +53,10 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
         assert scores["trained"] > scores["gemma3-270m"] + 5  # x100 Spearman
 
         # A rerun into the same run directory that generates more (new shards) resumes and completes: training
-        # starts afresh on the new plan, with a printed reason, instead of refusing the changed shard list.
+        # starts afresh on the new plan, with a printed reason, instead of refusing the changed shard list. (Same
+        # port: Serve is still up in this cluster, and a running Serve keeps the port it started on.)
         again = quickstart_config(None, str(tmp_path / "run"), str(shared_data), Budget(20 * 60), smoke=True,
-                                  overrides=[f"serve.port={_free_port()}", "generate.num_examples=24",
+                                  overrides=[f"serve.port={port}", "generate.num_examples=24",
                                              "generate.time_budget_s=60"])
         run_quickstart(again, log=lines.append)
         second = runs.read_json(runs.join(run, "synthetic", "manifest.json"))

@@ -117,6 +117,16 @@ class JournalState:
             self.outcome[record["id"]] = reason
 
 
+def answered_rows(out_dir: str, phase: str) -> dict[str, dict]:
+    """The journaled rows of ``phase`` whose request got an answer, by id: what a restarted actor hands back for a
+    batch Ray retries, instead of paying for it again."""
+    rows: dict[str, dict] = {}
+    for record in read_journal(out_dir):
+        if record.get("phase") == phase and not is_transient(record.get("drop") or ""):
+            rows[record["id"]] = record
+    return rows
+
+
 def load_state(out_dir: str, written: set[str]) -> JournalState:
     """The journal folded; valid rows that never reached a shard are kept (whole) for the rerun to write."""
     state = JournalState()

@@ -187,11 +187,12 @@ def _header_body(kind: Kind, task: str, lang: str, v: dict, tgt_language: str | 
     if kind.name in ("short-short", "long-long"):
         return f"Task: {task}\nLanguage: {lang}."
     if kind.name == "sts":
-        return (f"Task: three {v['unit']}s in {lang}; S1 and S2 mean nearly the same (similarity "
-                f"{v['high_score']} of 5), S1 and S3 share words but differ in meaning ({v['low_score']} of 5).")
+        return (f"Task: three {v['unit']}s in {lang} at {v['difficulty']} level; S1 and S2 mean nearly the same "
+                f"(similarity {v['high_score']} of 5), S1 and S3 share words but differ in meaning "
+                f"({v['low_score']} of 5).")
     tgt = language_name(tgt_language or "en")  # bitext
-    return (f"Task: a {v['unit']} S1 in {lang}, S2 its translation into {tgt} (quality {v['high_score']} of 5) and S3 "
-            f"a poor translation into {tgt} ({v['low_score']} of 5).")
+    return (f"Task: a {v['unit']} S1 in {lang} at {v['difficulty']} level, S2 its translation into {tgt} (quality "
+            f"{v['high_score']} of 5) and S3 a poor translation into {tgt} ({v['low_score']} of 5).")
 
 
 def _opening(keys: tuple[str, ...]) -> str:

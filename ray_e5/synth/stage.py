@@ -73,6 +73,7 @@ class ChatCompleter:
         self.settings, self.phase, self.base_url = settings, phase, base_url
         self.journal_dir = journal_dir
         self.journal = None
+        self.recovered: dict[str, dict] = {}  # id -> row answered before this actor was restarted
         self.api_key = api_key  # a pydantic SecretStr: its repr never shows the key
         self.ledger, self.deadline = ledger, deadline
         self.backend: ChatBackend | None = None
@@ -104,6 +105,9 @@ class ChatCompleter:
 
     async def _answer(self, item: dict) -> dict:
         """One request as an output row, journaled the moment it is answered (see :mod:`ray_e5.synth.journal`)."""
+        known = self.recovered.get(item["id"])
+        if known is not None:  # answered before this actor died and was restarted: Ray retries its batch
+            return {key: known.get(key, "") for key in self.columns}
         result = await self._request(item)
         row = finish(self.phase, item, result, self.settings)
         if self.journal is not None and not row["drop"].startswith("skipped_"):
@@ -116,9 +120,13 @@ class ChatCompleter:
             self.backend = ChatBackend(self.settings, self.base_url, key)
             self.gate = asyncio.Semaphore(self.settings.concurrency)
             if self.journal_dir is not None:
-                from ray_e5.synth.journal import JournalWriter
+                from ray_e5.synth.journal import JournalWriter, answered_rows
 
                 self.journal = JournalWriter(self.journal_dir)
+                import ray
+
+                if ray.get_runtime_context().was_current_actor_reconstructed:  # a batch Ray retries after a crash
+                    self.recovered = answered_rows(self.journal_dir, self.phase)
         rows = await asyncio.gather(*(self._answer(item) for item in _rows(batch)))
         if self.journal is not None:
             self.journal.flush()

@@ -128,7 +128,10 @@ def train(config: RayE5Config) -> Path:
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
               f"skipped {sum(s['skipped'].values())} ({skipped}), filtered {sum(s['filtered'].values())}")
-    if plan.steps == 0:
+    # Smaller batches let a small source contribute beside full ones; a plan of nothing but smaller batches means
+    # the batch size does not fit the data at all.
+    full = any(used >= settings.batch_size for st in plan.sources.values() for used in st["used_by_kind"].values())
+    if plan.steps == 0 or not full:
         valid = sum(s["valid"] for s in plan.sources.values())
         raise ConfigError(f"train.batch_size: no full batch of {settings.batch_size} can be made from the data "
                           f"({valid} valid rows, batches hold one source and kind); lower train.batch_size")
