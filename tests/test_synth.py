@@ -309,6 +309,15 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as with a preempted node
         proc.wait()
+        # Ray reaps the dead job's actors on its own time; until then one of them may still journal an answer
+        # that arrived before the kill. Wait for them to be gone (on a loaded machine that takes seconds), as a
+        # rerun after a real preemption would find them.
+        import psutil
+
+        gone_by = time.monotonic() + 90
+        while time.monotonic() < gone_by and any(
+                "ChatCompleter" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+            time.sleep(0.5)
         settled = len(server.calls)  # let the dead driver's actors be reaped before counting the rerun's calls
         while True:
             time.sleep(1.5)
