@@ -24,6 +24,7 @@ from ray_e5.synth.parse import Dropped, parse_json, validate_answer
 from ray_e5.synth.plan import brainstorm_requests, expand, per_brainstorm, plan_slots
 from ray_e5.synth.run import generate
 from ray_e5.synth.taxonomy import KINDS, LANGUAGE_NAMES, LANGUAGES, language_weights
+from ray_e5.synth.testing import generation_driver
 from ray_e5.synth.testserver import FAULTS, TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,11 +299,7 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
                      mix={"short-short": 1, "sts": 1}, request_timeout_s=60.0)
     with TestServer(latency_s=0.15, slots=2) as server:
         config.generate["base_url"] = server.base_url
-        payload = json.dumps({**config.model_dump(), "ray_address": address})
-        code = ("import json, sys; from ray_e5.config import RayE5Config; from ray_e5.synth.run import generate; "
-                "generate(RayE5Config.model_validate(json.loads(sys.argv[1])))")
-        proc = subprocess.Popen([sys.executable, "-c", code, payload], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = generation_driver(config, address)
         out = tmp_path / "run" / "synthetic"
         deadline = time.monotonic() + 120
         while len(list(out.glob("*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +20,7 @@ from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.synth.config import GenerateSettings
 from ray_e5.synth.errors import EmptySyntheticError, GenerateError
 from ray_e5.synth.run import generate
+from ray_e5.synth.testing import generation_driver
 from ray_e5.synth.testserver import TestServer
 
 FIELDS = ("id", "kind", "task", "language", "query", "positive", "negative", "prompt_id", "prompt_tokens",
@@ -102,11 +102,7 @@ def test_sigkill_while_polling_then_resume_submits_no_line_twice(ray_cluster, tm
     config = _config(tmp_path, "", num_examples=30, batch_max_requests=8, batch_poll_s=0.1)
     with TestServer(deterministic=True, batch_polls=10**6) as server:  # batches stay in flight until we say so
         config.generate["base_url"] = server.base_url
-        payload = json.dumps({**config.model_dump(), "ray_address": address})
-        code = ("import json, sys; from ray_e5.config import RayE5Config; from ray_e5.synth.run import generate; "
-                "generate(RayE5Config.model_validate(json.loads(sys.argv[1])))")
-        proc = subprocess.Popen([sys.executable, "-c", code, payload], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = generation_driver(config, address)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:  # kill once every part has been polled
             parts = _registry(tmp_path)
