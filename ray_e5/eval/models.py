@@ -96,11 +96,10 @@ def default_label(ref: str) -> str:
 def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[ModelSpec]:
     entries = list(settings.models)
     if not entries:
-        from ray_e5 import runs
-        from ray_e5.model import is_embedder_dir
+        from ray_e5.rundir import RunDir
 
-        embedder = runs.join(config.run_dir, "embedder")
-        if is_embedder_dir(embedder) if runs.is_local(embedder) else runs.exists(runs.join(embedder, "ray_e5.json")):
+        embedder = RunDir.of(config.run_dir).trained_embedder()  # wherever it lives (local or a URI)
+        if embedder is not None:
             entries = [ModelEntry(ref=embedder, label="trained")]
         else:
             m = config.model

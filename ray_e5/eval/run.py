@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray_e5.rundir import RunDir
 from ray_e5 import runs
 from ray_e5.config import RayE5Config
 from ray_e5.eval.config import EvaluateSettings
@@ -138,7 +139,7 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     """Evaluate the configured models on the configured tasks; write results and the report under
     ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
     settings = config.section("evaluate", EvaluateSettings)
-    out_dir = settings.output or runs.join(config.run_dir, "eval")
+    out_dir = settings.output or RunDir.of(config.run_dir).eval
     runs.check_access(out_dir, "evaluate.output" if settings.output else "run_dir", must_exist=False)
     tasks = resolve_tasks(settings.task_entries(config.data_dir), settings.seed, settings.benchmark, config.data_dir)
     models = resolve_models(config, settings)

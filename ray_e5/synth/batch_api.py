@@ -36,6 +36,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+from ray_e5.rundir import RunDir
 from ray_e5 import runs
 from ray_e5.synth.backends import Completion, is_transient, response_format
 from ray_e5.synth.config import GenerateSettings
@@ -477,7 +478,7 @@ def status(config) -> list[dict]:
     """Print the recorded parts, their batches' state and counts (asked of the API when the key is set); submits
     nothing and writes nothing. Returns the parts as printed."""
     settings = config.section("generate", GenerateSettings)
-    out_dir = runs.join(config.run_dir, "synthetic")
+    out_dir = RunDir.of(config.run_dir).synthetic
     registry = Registry(out_dir)
     if not registry.parts:
         print(f"no Batch API batches recorded in {runs.join(out_dir, REGISTRY)}")

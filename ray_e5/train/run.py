@@ -49,7 +49,7 @@ def _sources(config: RayE5Config, settings: TrainSettings) -> list:
             raise ConfigError(f"train.sources.{i}.path: {err}") from None
     if not sources:
         raise ConfigError(f"train.sources: no training data; list labeled sources (JSONL files or folders), or run "
-                          f"`ray-e5 generate` first so that {runs.join(config.run_dir, 'synthetic')} holds Parquet "
+                          f"`ray-e5 generate` first so that {RunDir.of(config.run_dir).synthetic} holds Parquet "
                           f"shards")
     return sources
 
