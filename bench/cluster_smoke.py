@@ -118,6 +118,12 @@ class Moto:
         self.log.close()
 
 
+def require_moto() -> None:
+    """moto's server is a dev dependency: a cluster test without it fails (it never skips what it exists to show)."""
+    if shutil.which("moto_server", path=str(BIN)) is None:
+        raise RuntimeError(f"moto_server is not installed in {BIN}: pip install 'moto[server]' (in the dev extra)")
+
+
 def start_moto(log_dir: Path, auth: bool = False) -> Moto:
     return Moto(log_dir, auth=auth)
 

@@ -80,8 +80,7 @@ def _busiest(cluster, candidates: list[str], actor_class: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def failures(shared_data, tmp_path_factory):
-    if shutil.which("moto_server", path=str(cs.BIN)) is None:
-        pytest.skip(f"moto_server is not installed in {cs.BIN} (pip install 'moto[server]', in the dev extra)")
+    cs.require_moto()
     base = tmp_path_factory.mktemp("failures")
     moto = cs.start_moto(base)
     server = cluster = job = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ cs = _smoke_module()
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    if shutil.which("moto_server", path=str(cs.BIN)) is None:
-        pytest.skip(f"moto_server is not installed in {cs.BIN} (pip install 'moto[server]', in the dev extra)")
+    cs.require_moto()
     server = cs.start_moto(tmp_path_factory.mktemp("moto"))
     try:
         server.create_bucket("data")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pytest
 
 from ray_e5.synth.config import GenerateSettings
 
@@ -71,12 +70,8 @@ def test_completion_style_writer_gets_the_raw_prompt_and_no_chat_template(ray_cl
 
     from ray_e5.synth.backends import ITEM_COLUMN, PHASE_COLUMN, vllm_preprocess, vllm_processor_config
 
-    settings = _settings(str(tiny_decoder_dir), prompt_style="completion") \
-        if "prompt_style" in GenerateSettings.model_fields else None
-    if settings is None or not settings.completion_style():
-        settings = next((s for s in (_settings(str(tiny_decoder_dir), json_mode="off"),) if s.completion_style()), None)
-    if settings is None:
-        pytest.skip("no GenerateSettings field selects completion-style prompts for a vLLM model here")
+    settings = _settings(str(tiny_decoder_dir), prompt_style="completion")
+    assert settings.completion_style()
     processor = build_processor(vllm_processor_config(settings), preprocess=vllm_preprocess(settings))
     assert "ChatTemplateStage" not in [type(s).__name__ for s in processor.stages.values()]
     row = vllm_preprocess(settings)({ITEM_COLUMN: json.dumps({"prompt": "Q: a\nA:", "schema": "{}", "max_tokens": 9}),
