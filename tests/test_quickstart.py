@@ -3,17 +3,10 @@ evaluation, Ray Serve answering the openai client; the trained model must beat t
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from ray_e5 import runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ray_e5.net import free_port
 
 
 @pytest.mark.slow
@@ -23,7 +16,7 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
     from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
     from ray_e5.serve.run import shutdown
 
-    port = _free_port()
+    port = free_port()
     config = quickstart_config(None, str(tmp_path / "run"), str(shared_data), Budget(20 * 60), smoke=True,
                                overrides=[f"serve.port={port}"])
     lines: list[str] = []

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
 
 from ray_e5.net import free_port
 from ray_e5.synth.errors import BackendError
@@ -124,18 +123,17 @@ class LlamaCppServer:
     loopback port; a context manager that stops it on exit.
 
     Its log goes to ``log_path`` (appended, never deleted; a pipe nobody reads would fill up and stall the server).
-    A watcher thread notices the process exiting while we still need it: :meth:`death` then describes it, and
-    ``on_death`` (for example ``_thread.interrupt_main``) is called so the stage stops at once.
+    A watcher thread notices the process exiting while we still need it; :meth:`death` then describes it (the stage
+    checks it at every row, and its own loopback client retries once, so a crash stops the stage within a second).
     """
 
     def __init__(self, gguf: str | None = None, n_ctx: int = 4096, threads: int | None = None,
-                 startup_s: float = 180, log_path: str | None = None, on_death: Callable[[], None] | None = None):
+                 startup_s: float = 180, log_path: str | None = None):
         self.gguf, self.n_ctx, self.startup_s = gguf, n_ctx, startup_s
         self.threads = threads or os.cpu_count() or 1
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
         self.log_path = log_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ray-e5-llamacpp-{os.getpid()}.log")
-        self.on_death = on_death
         self.info = ""
         self._stopping = False
         self._died: int | None = None
@@ -159,8 +157,6 @@ class LlamaCppServer:
         code = self.proc.wait()
         if not self._stopping:
             self._died = code
-            if self.on_death is not None:
-                self.on_death()
 
     def __enter__(self) -> "LlamaCppServer":
         import httpx
