@@ -69,7 +69,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.synth.testserver", "--port", str(port), "--batch-polls",
+    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.generate.testserver", "--port", str(port), "--batch-polls",
                              "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     if "test server on" not in line:
@@ -80,7 +80,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 def peer_upload(client, settings, items) -> int:
     """Each part built in memory and uploaded as bytes (then submitted): the in-memory recipe."""
-    from ray_e5.synth.batch_api import request_line
+    from ray_e5.generate.batch_api import request_line
 
     parts = 0
     for start in range(0, len(items), settings.batch_max_requests):
@@ -102,9 +102,9 @@ def main() -> None:
     parser.add_argument("--paper-mix", action="store_true", help="the paper's six kinds, stand-in brainstorm tasks")
     args = parser.parse_args()
 
-    from ray_e5.synth.batch_api import BatchPhase, make_client
-    from ray_e5.synth.config import GenerateSettings
-    from ray_e5.synth.plan import brainstorm_requests, expand, plan_slots
+    from ray_e5.generate.batch_api import BatchPhase, make_client
+    from ray_e5.generate.config import GenerateSettings
+    from ray_e5.generate.plan import brainstorm_requests, expand, plan_slots
 
     server, base_url = start_server()
     try:

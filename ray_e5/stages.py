@@ -116,7 +116,7 @@ class UnknownStageError(ValueError):
 
 def _run_generate(config: "RayE5Config") -> GenerateResult:
     from ray_e5.rundir import RunDir
-    from ray_e5.synth.run import generate
+    from ray_e5.generate.run import generate
 
     manifest = generate(config)
     return GenerateResult.from_manifest(manifest, RunDir.of(config.run_dir).synthetic)
@@ -134,7 +134,7 @@ def _run_train(config: "RayE5Config") -> TrainResult:
 
 
 def _run_evaluate(config: "RayE5Config") -> EvaluateResult:
-    from ray_e5.eval.run import evaluate
+    from ray_e5.evaluate.run import evaluate
 
     report = evaluate(config)
     return EvaluateResult(report_paths=dict(report.get("paths") or {}), scores=dict(report.get("scores") or {}),
@@ -156,7 +156,7 @@ def _read_json(uri: str) -> dict[str, Any]:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("generate", "ray_e5.synth", "ray_e5.synth.config:GenerateSettings", _run_generate, GenerateResult,
+    Stage("generate", "ray_e5.generate", "ray_e5.generate.config:GenerateSettings", _run_generate, GenerateResult,
           (Output("synthetic/", "part-*.parquet shards (the training-example rows + provenance), brainstorm.json "
                                 "(task definitions), manifest.json (examples, by_kind, drops, tokens, cost)"),),
           "LLM-written training examples (the paper's two-step prompting) on Ray Data"),
@@ -165,7 +165,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                             "summary.json, Ray Train checkpoints"),
            Output("embedder/", "the trained embedder: ray_e5.json + adapter/ (LoRA)")),
           "contrastive LoRA fine-tuning of a decoder into an embedder on Ray Train"),
-    Stage("evaluate", "ray_e5.eval", "ray_e5.eval.config:EvaluateSettings", _run_evaluate, EvaluateResult,
+    Stage("evaluate", "ray_e5.evaluate", "ray_e5.evaluate.config:EvaluateSettings", _run_evaluate, EvaluateResult,
           (Output("eval/", "results/<model>/<task>.json (per-task cache), report.json, report.md, scores.png"),),
           "MTEB evaluation with the paper's instructions, fanned out over Ray"),
     Stage("serve", "ray_e5.serve", "ray_e5.serve.config:ServeSettings", _run_serve, ServeResult,

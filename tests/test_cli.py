@@ -75,7 +75,7 @@ def test_pipeline_runs_the_chosen_stages_in_registry_order(recorded, tmp_path, c
 
 
 def _empty():
-    from ray_e5.synth.run import EmptySyntheticError
+    from ray_e5.generate.run import EmptySyntheticError
 
     return EmptySyntheticError("generate: 4 planned requests wrote no valid row (drops: malformed_json 4)",
                                {"examples": 0, "by_kind": {}, "drops": {"malformed_json": 4}})

@@ -109,11 +109,11 @@ def test_refused_credentials_are_named(tmp_path, monkeypatch):
 
 
 def test_eval_tasks_and_contamination_sets_from_s3(aws):
-    from ray_e5.eval.config import EvaluateSettings
-    from ray_e5.eval.tasks import resolve_tasks
-    from ray_e5.eval.testing import toy_tasks
-    from ray_e5.synth.config import GenerateSettings
-    from ray_e5.synth.filters import ContaminationFilter
+    from ray_e5.evaluate.config import EvaluateSettings
+    from ray_e5.evaluate.tasks import resolve_tasks
+    from ray_e5.evaluate.testing import toy_tasks
+    from ray_e5.generate.config import GenerateSettings
+    from ray_e5.generate.filters import ContaminationFilter
 
     import tempfile
 
@@ -144,8 +144,8 @@ def test_eval_tasks_and_contamination_sets_from_s3(aws):
 
 def test_remote_embedder_is_evaluated_cached_by_listing_and_exported(aws, tiny_decoder_dir, tmp_path):
     from ray_e5.cli import main
-    from ray_e5.eval.config import EvaluateSettings
-    from ray_e5.eval.models import resolve_models
+    from ray_e5.evaluate.config import EvaluateSettings
+    from ray_e5.evaluate.models import resolve_models
     from ray_e5.model import Embedder
 
     embedder = Embedder.load(str(tiny_decoder_dir))

@@ -41,19 +41,19 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "e5-mistral-7b.yaml"
 def stage_demands(config) -> dict[str, list[tuple[str, dict, int, bool]]]:
     """What each stage asks Ray for: stage -> [(what, one bundle {resource: amount}, how many, pinned to the
     driver's node)], read from the validated settings as the stages read them."""
-    from ray_e5.eval.config import EvaluateSettings
+    from ray_e5.evaluate.config import EvaluateSettings
     from ray_e5.serve.config import ServeSettings
-    from ray_e5.synth.config import GenerateSettings
+    from ray_e5.generate.config import GenerateSettings
     from ray_e5.train.config import TrainSettings
 
     g = config.section("generate", GenerateSettings)
     t = config.section("train", TrainSettings)
     s = config.section("serve", ServeSettings)
     e = config.section("evaluate", EvaluateSettings)
-    generate = [("ledger (rate and budget limits)", {"CPU": 0}, 1, True)]  # ray_e5/synth/run.py: num_cpus=0
+    generate = [("ledger (rate and budget limits)", {"CPU": 0}, 1, True)]  # ray_e5/generate/run.py: num_cpus=0
     if g.backend == "vllm":  # ray.data.llm: vllm.concurrency engines of tensor_parallel_size GPUs, each on one node
         generate.append(("vLLM engine", {"CPU": 1, "GPU": g.vllm.tensor_parallel_size}, g.vllm.concurrency, False))
-    else:  # ChatCompleter actors; llama.cpp's sit on the driver's node, beside the server (ray_e5/synth/stage.py)
+    else:  # ChatCompleter actors; llama.cpp's sit on the driver's node, beside the server (ray_e5/generate/completions.py)
         generate.append((f"{g.backend} generation actor", {"CPU": g.actor_cpus}, g.actors, g.backend == "llamacpp"))
     train = [("Ray Train controller and dataset manager", {"CPU": 0}, 2, True),
              ("training worker", {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}, t.num_workers,

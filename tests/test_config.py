@@ -111,7 +111,7 @@ def test_check_sections_validates_a_config_built_without_load_config():
 
 
 def test_a_config_with_a_hosted_backend_loads_without_its_key(monkeypatch):
-    # The key is the environment's business, checked when generation starts (tests/test_synth.py): a train or
+    # The key is the environment's business, checked when generation starts (tests/test_generate.py): a train or
     # serve job on the paper's config needs no OpenAI key.
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert load_config(CONFIGS / "e5-mistral-7b.yaml").generate["backend"] == "openai"

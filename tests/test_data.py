@@ -205,3 +205,34 @@ def test_stsb_train_pairs_above_min_score(shared_data):
     rows = read_rows(source).to_pylist()
     assert sum(1 for r in rows if not r["problem"]) == expected
     assert all(r["problem"].startswith("filtered") for r in rows if r["problem"])
+
+
+def test_plan_by_task_keeps_one_instruction_per_batch(tmp_path):
+    records = [{**t, "kind": "short-long", "task": f"task {i % 3}"} for i, t in enumerate(triplets(48))]
+    source = labeled_source(str(write_jsonl(tmp_path / "tasks.jsonl", records)))
+    table, stats = plan_source(source, batch_size=8, epochs=1, seed=0, batch_by="task")
+    batches = table.to_pylist()
+    assert len(batches) == 6 and stats["used"] == 48 and stats["kinds"] == ["short-long"]
+    assert all(len(set(b["task"])) == 1 for b in batches)
+    mixed, _ = plan_source(source, batch_size=8, epochs=1, seed=0, batch_by="kind")
+    assert any(len(set(b["task"])) > 1 for b in mixed.to_pylist())  # by kind alone, tasks mix
+    with pytest.raises(ValueError, match="batch_by"):
+        plan_source(source, batch_size=8, epochs=1, seed=0, batch_by="language")
+
+
+def test_labeled_texts_become_classification_examples_with_misleading_labels(tmp_path):
+    records = [{"text": f"where is my card {i}", "label": "card_arrival"} for i in range(4)]
+    records += [{"text": f"card delivery time {i}", "label": "card_delivery_estimate"} for i in range(4)]
+    records += [{"text": f"exchange rate {i}", "label": "exchange_rate"} for i in range(4)]
+    records += [{"text": "", "label": "exchange_rate"}, {"text": "no label here", "label": None}]
+    source = labeled_source(str(write_jsonl(tmp_path / "train.jsonl", records)), task="Classify the intent")
+    rows = read_rows(source).to_pylist()
+    good = [r for r in rows if not r["problem"]]
+    assert len(good) == 12 and {r["kind"] for r in good} == {"long-short"}
+    assert {r["positive"] for r in good} == {"card arrival", "card delivery estimate", "exchange rate"}
+    assert all(r["negative"] and r["negative"] != r["positive"] for r in good)
+    # a label sharing a word with the true one is the misleading label when there is one
+    assert all(r["negative"] == "card delivery estimate" for r in good if r["positive"] == "card arrival")
+    assert all(r["task"] == "Classify the intent" for r in good)
+    problems = sorted(r["problem"] for r in rows if r["problem"])
+    assert problems[0] == "empty text" and "label is None" in problems[1]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ray_e5.config import ConfigError, load_config
-from ray_e5.eval.config import TaskEntry
-from ray_e5.eval.passkey import (FILLER, PasskeyTask, build_documents, needle, query, token_counter,
+from ray_e5.evaluate.config import TaskEntry
+from ray_e5.evaluate.passkey import (FILLER, PasskeyTask, build_documents, needle, query, token_counter,
                                  top1_accuracy)
 
 
@@ -46,7 +46,7 @@ class HashingEncoder:
 
 
 def _encoder(model, use_instructions=False):
-    from ray_e5.eval.encoder import E5Encoder
+    from ray_e5.evaluate.encoder import E5Encoder
 
     return E5Encoder(model, model.name, use_instructions)
 
@@ -132,7 +132,7 @@ def test_passkey_with_the_tiny_decoder_embedder(tiny_decoder_dir):
 def test_passkey_config_entries():
     entry = TaskEntry(type="passkey", lengths=[256, 512])
     assert entry.path is None and entry.lengths == [256, 512]
-    from ray_e5.eval.tasks import resolve_tasks
+    from ray_e5.evaluate.tasks import resolve_tasks
 
     spec = resolve_tasks([TaskEntry(type="passkey")])[0]
     assert (spec.name, spec.type, spec.task.lengths, spec.task.samples) == ("Passkey", "Passkey",
@@ -161,8 +161,8 @@ def test_query_names_the_person():
 
 # ---- the stage and the report ------------------------------------------------------------------------------------
 def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_dir, tmp_path):
-    from ray_e5.eval.run import evaluate
-    from ray_e5.eval.testing import toy_tasks
+    from ray_e5.evaluate.run import evaluate
+    from ray_e5.evaluate.testing import toy_tasks
 
     toys = toy_tasks(tmp_path / "toys", ["toy_bitext", "toy_sts"])
     data = {"run_dir": str(tmp_path / "run"),
@@ -218,7 +218,7 @@ def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_di
 
 
 def test_truncated_model_renormalises_and_refuses_a_wider_cut(tokenizer):
-    from ray_e5.eval.encoder import TruncatedModel
+    from ray_e5.evaluate.encoder import TruncatedModel
 
     class Dense(HashingEncoder):
         def encode(self, texts, instruction=None, batch_size=32):

@@ -102,7 +102,7 @@ def test_no_command_module_imports_the_cli_back():
 def test_pipeline_does_not_import_stage_packages():
     """The pipeline reaches the stages through the registry only (serve imports nothing of the pipeline back)."""
     for path in (ROOT / "ray_e5" / "pipeline").glob("*.py"):
-        stage_imports = {m for m in _imports(path) if m.startswith(("ray_e5.serve", "ray_e5.train", "ray_e5.eval"))}
+        stage_imports = {m for m in _imports(path) if m.startswith(("ray_e5.serve", "ray_e5.train", "ray_e5.evaluate"))}
         assert not stage_imports, (path.name, stage_imports)
 
 

@@ -2,7 +2,9 @@
 
 The plan is one Ray Dataset row per *global* batch (the examples of one optimiser step over all workers), with
 list columns ``query``/``positive``/``negative``/``task``. Every batch holds rows of one (source, kind) group, as
-the paper trains: in-batch negatives from another task are too easy to teach anything. Each worker reads the same
+the paper trains: in-batch negatives from another task are too easy to teach anything. With ``batch_by="task"``
+a group is one (source, kind, task): one brainstormed task or one labeled source's instruction per batch, as the
+paper and LLM2Vec batch (groups smaller than ``min_batch`` are dropped and counted). Each worker reads the same
 plan and takes its own slice of every batch, so the global batch (and with it the cross-device negatives) is
 identical whatever the number of workers, and a resumed run skips exactly the steps already taken.
 
@@ -52,8 +54,9 @@ def weighted_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndar
 
 
 def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epochs: int, seed: int,
-               min_batch: int = 4, multiple_of: int = 1) -> pa.Table:
-    """The batches of one (source, kind) group for all epochs, plus one stats row (``size`` 0, ``order`` -1)."""
+               min_batch: int = 4, multiple_of: int = 1, salt: str = "") -> pa.Table:
+    """The batches of one (source, kind) group for all epochs, plus one stats row (``size`` 0, ``order`` -1);
+    ``salt`` (the task, when batches are by task) keeps the groups' random streams apart."""
     source = group.column("source")[0].as_py()
     kind = group.column("kind")[0].as_py()
     problems = group.column("problem").to_pylist()
@@ -62,7 +65,7 @@ def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epoc
     out: dict[str, list] = {f.name: [] for f in PLAN_SCHEMA}
     used = dropped = batches = 0
     for epoch in range(epochs):
-        rng = np.random.default_rng(_key(seed, source, kind, epoch))
+        rng = np.random.default_rng(_key(seed, source, kind, epoch, *([salt] if salt else [])))
         idx = good[weighted_indices(len(good), weights.get(source, 1.0), rng)]
         sizes = [batch_size] * (len(idx) // batch_size)
         rest = (len(idx) - sum(sizes)) // max(1, multiple_of) * max(1, multiple_of)
@@ -129,23 +132,31 @@ def merge_stats(rows: list[dict]) -> dict[str, dict]:
         m["skipped"].update(stats["skipped"])
         m["kinds"].append(stats["kind"])
     for m in merged.values():
-        m["filtered"], m["skipped"], m["kinds"] = dict(m["filtered"]), dict(m["skipped"]), sorted(m["kinds"])
+        m["filtered"], m["skipped"], m["kinds"] = dict(m["filtered"]), dict(m["skipped"]), sorted(set(m["kinds"]))
     return merged
 
 
+BATCH_BY = ("kind", "task")
+
+
 def plan_source(source, batch_size: int, epochs: int, seed: int, min_batch: int = 4,
-                multiple_of: int = 1, rows: pa.Table | None = None) -> tuple[pa.Table, dict]:
-    """Read one source (unless its ``rows`` are given) and cut its batches (one group per kind); returns the batch
-    rows and the source's stats."""
+                multiple_of: int = 1, rows: pa.Table | None = None, batch_by: str = "kind") -> tuple[pa.Table, dict]:
+    """Read one source (unless its ``rows`` are given) and cut its batches (one group per kind, or per kind and
+    task with ``batch_by="task"``); returns the batch rows and the source's stats."""
     from ray_e5.data.sources import read_rows
 
+    if batch_by not in BATCH_BY:
+        raise ValueError(f"batch_by must be one of {BATCH_BY}, got {batch_by!r}")
     if rows is None:
         rows = read_rows(source)
-    kinds = rows.column("kind").to_pylist()
+    keys = list(zip(rows.column("kind").to_pylist(),
+                    rows.column("task").to_pylist() if batch_by == "task" else [""] * rows.num_rows))
     tables, group_stats = [], []
-    for kind in sorted(set(kinds)):
-        group = rows.filter(pa.compute.equal(rows.column("kind"), kind))
-        planned = plan_group(group, batch_size, {source.name: source.weight}, epochs, seed, min_batch, multiple_of)
+    for kind, task in sorted(set(keys)):
+        mask = pa.array([k == (kind, task) for k in keys])
+        group = rows.filter(mask)
+        planned = plan_group(group, batch_size, {source.name: source.weight}, epochs, seed, min_batch, multiple_of,
+                             salt=task)
         tables.append(planned.filter(pa.compute.greater(planned.column("size"), 0)))
         group_stats.append(json.loads(planned.column("stats")[-1].as_py()))
     stats = merge_stats(group_stats).get(source.name) or {
@@ -163,7 +174,7 @@ def interleave(*tables: pa.Table, block_rows: int = 256) -> Iterator[pa.Table]:
 
 
 def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_batch: int = 4,
-               multiple_of: int = 1) -> Plan:
+               multiple_of: int = 1, batch_by: str = "kind") -> Plan:
     """Mix the sources at their weights into task-homogeneous global batches, as a Ray Dataset.
 
     One Ray task per source reads and plans it, one more interleaves the batches; the result is handed to Ray
@@ -189,7 +200,7 @@ def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_bat
     def rows_of(source):
         return ray.put(read_rows(source)) if isinstance(source.filesystem, pafs.LocalFileSystem) else None
 
-    planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of, rows_of(s)) for s in sources]
+    planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of, rows_of(s), batch_by) for s in sources]
     stats = dict(zip(names, ray.get([p[1] for p in planned])))
     blocks = list(ray.remote(num_returns="streaming")(interleave).remote(*[p[0] for p in planned]))
     dataset = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(PLAN_SCHEMA.empty_table().drop_columns(["stats"]))

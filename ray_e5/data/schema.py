@@ -2,8 +2,10 @@
 
 A row (ARCHITECTURE.md): ``task`` (the instruction), ``kind`` (short-long, long-short, short-short, long-long, sts,
 bitext, labeled), ``language``, ``query``, ``positive``, ``negative`` (may be empty), plus provenance. Raw records
-come as triplets (``query``/``positive``/``negative``) or as pairs (``sentence1``/``sentence2``/``score``, as the
-STS and bitext sets are stored). A record that cannot be a training example is not an error: it is skipped and its
+come as triplets (``query``/``positive``/``negative``), as pairs (``sentence1``/``sentence2``/``score``, as the
+STS and bitext sets are stored) or as labeled texts (``text``/``label``, a classification set's train split), which
+become the paper's long-short (classification) examples: the text as the query, its label as the positive (the
+misleading label, the negative, is chosen per source by :func:`ray_e5.data.sources.read_rows`). A record that cannot be a training example is not an error: it is skipped and its
 reason counted, so one bad line never stops a run.
 """
 
@@ -56,6 +58,14 @@ def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
     if not isinstance(record, Mapping):
         row["problem"] = f"record is {type(record).__name__}, expected an object"
         return row
+    if "query" not in record and "text" in record and "label" in record:  # a labeled text (classification)
+        text, problem = _text(record, "text", required=True)
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            problem = problem or f"label is {label!r}, expected a non-empty string or an integer"
+        row.update(query=text, positive=label_text(label) if not problem else "", kind="long-short",
+                   problem=problem or "")
+        return row
     if "query" not in record and "sentence1" in record:  # a pair: (sentence1, sentence2[, score])
         keys = ("sentence1", "sentence2", None)
         if defaults.min_score is not None:
@@ -85,6 +95,11 @@ def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
             row[column] = value
     row["problem"] = "; ".join(problems)
     return row
+
+
+def label_text(label: Any) -> str:
+    """A class label as the text a model embeds: ``card_arrival`` -> ``card arrival``."""
+    return " ".join(str(label).replace("_", " ").split())
 
 
 def is_filtered(problem: str) -> bool:

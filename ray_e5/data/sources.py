@@ -142,8 +142,27 @@ def iter_records(source: Source, batch_rows: int = 8192) -> Iterator[list]:
                     yield record_batch.to_pylist()
 
 
+def misleading_labels(rows: list[dict], seed: int = 0) -> None:
+    """Give each labeled-text row (kind long-short, no negative) a misleading label as its hard negative, as the
+    paper's classification examples have: another label of the same source, preferably one sharing a word with the
+    true one (``card arrival`` against ``card delivery estimate``), else any other. Seeded by the row's text."""
+    import random
+
+    labels = sorted({r["positive"] for r in rows if r["kind"] == "long-short" and not r["problem"] and not r["negative"]})
+    if len(labels) < 2:
+        return
+    sharing = {label: [o for o in labels if o != label and set(o.split()) & set(label.split())] for label in labels}
+    for row in rows:
+        if row["kind"] != "long-short" or row["problem"] or row["negative"] or row["positive"] not in sharing:
+            continue
+        rng = random.Random(f"{seed}:{row['query']}")
+        pool = sharing[row["positive"]] or [o for o in labels if o != row["positive"]]
+        row["negative"] = rng.choice(pool)
+
+
 def read_rows(source: Source) -> pa.Table:
-    """All rows of a source, normalised (ROW_COLUMNS; ``problem`` non-empty on rows that cannot train)."""
+    """All rows of a source, normalised (ROW_COLUMNS; ``problem`` non-empty on rows that cannot train); labeled
+    texts get their misleading labels (:func:`misleading_labels`)."""
     rows = []
     for batch in iter_records(source):
         for record in batch:
@@ -153,4 +172,5 @@ def read_rows(source: Source) -> pa.Table:
             else:
                 row = normalize_record(record, source.defaults)
             rows.append(row)
+    misleading_labels(rows)
     return pa.table({c: pa.array([r[c] for r in rows], type=pa.string()) for c in ROW_COLUMNS})

@@ -9,12 +9,20 @@ from ray_e5.config import LoraSettings
 
 def add_lora(backbone, settings: LoraSettings) -> PeftModel:
     """Wrap the backbone with fresh LoRA adapters; afterwards only adapter weights require grad."""
+    layers = None
+    if settings.top_layers is not None:
+        config = getattr(backbone, "config", None)
+        config = getattr(config, "text_config", None) or config
+        depth = int(getattr(config, "num_hidden_layers", 0) or 0)
+        if depth and settings.top_layers < depth:
+            layers = list(range(depth - settings.top_layers, depth))
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         bias="none",
+        layers_to_transform=layers,
     )
     return get_peft_model(backbone, config)
 

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         description="Gemma 3 270M writes synthetic data (llama.cpp), a Gemma 270M LoRA embedder is trained on it "
                     "(plus ../shared/data when present), base and trained models are scored, and the trained one is "
                     "served behind /v1/embeddings. A rerun into the same run directory resumes.")
-    quick.add_argument("--config", help="recipe (default: configs/quickstart.yaml)")
+    quick.add_argument("--config", help="recipe (default: configs/cpu-1h.yaml for a budget of 60 min or more, "
+                                        "else configs/quickstart.yaml)")
     quick.add_argument("--run-dir", help="where outputs go (default: the recipe's run_dir, runs/quickstart)")
     quick.add_argument("--data-dir", default=None,
                        help="the labeled datasets: sets data_dir (default: the recipe's data_dir, ../shared/data)")

@@ -9,28 +9,35 @@ resumes: finished stages are skipped, generation continues, evaluation reuses it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray_e5 import runs
-from ray_e5.config import RayE5Config, apply_overrides, check_config, read_yaml
+from ray_e5.config import BudgetShares, RayE5Config, apply_overrides, check_config, read_yaml, validate
 from ray_e5.stages import STAGES, GenerateResult, TrainResult
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+#: budgets of at least this many minutes run the one-hour recipe (the best found for a 2-core CPU hour)
+LONG_BUDGET_MIN = 60.0
+
+
+def recipe_for_budget(minutes: float) -> Path:
+    """The recipe a budget runs when no --config is given: ``cpu-1h.yaml`` from an hour up, else ``quickstart.yaml``."""
+    return REPO_CONFIGS / ("cpu-1h.yaml" if minutes >= LONG_BUDGET_MIN else "quickstart.yaml")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """How the time budget is shared out between the stages (fractions of the whole)."""
+    """The time budget and how it is shared out between the stages (the recipe's ``budget:`` shares)."""
 
     total_s: float
-    generate: float = 0.3  # the packaged Gemma writes about 15 valid rows a minute on 2 cores
-    train: float = 0.4
-    evaluate: float = 0.18
+    shares: BudgetShares = field(default_factory=BudgetShares)  # the packaged Gemma writes about 15 valid rows a minute on 2 cores
 
     def seconds(self, stage: str) -> int:
-        return max(30, int(self.total_s * getattr(self, stage)))
+        return max(30, int(self.total_s * getattr(self.shares, stage)))
 
 
 def _keep_present(items: list, data_dir: str, key: str, log) -> list:
@@ -58,7 +65,9 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
                       smoke: bool, overrides: list[str], log=print) -> RayE5Config:
     """The quickstart recipe with the budget applied, absent datasets dropped, and the user's overrides last;
     validated whole (every section, every error at once) before anything runs."""
-    data: dict[str, Any] = read_yaml(config_path or REPO_CONFIGS / "quickstart.yaml")
+    data: dict[str, Any] = read_yaml(config_path or recipe_for_budget(budget.total_s / 60))
+    if "budget" in data:  # the recipe's own shares (checked again with the whole config below)
+        budget = Budget(budget.total_s, validate(BudgetShares, data["budget"] or {}, prefix="budget."))
     if run_dir:
         data["run_dir"] = run_dir
     if data_dir:

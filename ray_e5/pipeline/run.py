@@ -19,7 +19,7 @@ def run_pipeline(config: RayE5Config, stages: tuple[str, ...] | list[str] = tupl
     """Run ``stages`` (a subset of the registered stages, run in registry order); return each stage's typed
     result by stage name.
 
-    Generation that ends with no valid row (:class:`~ray_e5.synth.run.EmptySyntheticError`) stops the pipeline
+    Generation that ends with no valid row (:class:`~ray_e5.generate.run.EmptySyntheticError`) stops the pipeline
     there, unless ``allow_empty_synthetic``: then one warning line is logged and training goes on with the labeled
     sources alone.
     """
@@ -41,7 +41,7 @@ def run_pipeline(config: RayE5Config, stages: tuple[str, ...] | list[str] = tupl
 
 
 def _generate(stage, config: RayE5Config, log, allow_empty: bool) -> GenerateResult:
-    from ray_e5.synth.run import EmptySyntheticError
+    from ray_e5.generate.run import EmptySyntheticError
 
     try:
         return stage.run(config)

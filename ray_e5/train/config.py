@@ -40,6 +40,7 @@ class TrainSettings(Section):
     seed: int = 0
     # ---- loss ------------------------------------------------------------------------------------------------
     batch_size: int = Field(64, gt=1)  # global: examples per optimiser step over all workers
+    batch_by: Literal["kind", "task"] = "kind"  # a batch holds one source's kind, or one kind's task (instruction)
     chunk_size: int | None = Field(None, gt=0)  # texts per forward pass, grouped by length (None: all at once)
     gradient_cache: bool = False  # embed chunks without a graph first: memory of one chunk, any batch size
     temperature: float = Field(0.02, gt=0.0)

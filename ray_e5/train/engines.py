@@ -25,11 +25,43 @@ import torch.distributed as dist
 from ray_e5.train.loss import distributed
 
 
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup to the peak lr, then linear decay to zero at ``total_steps`` (transformers' schedule)."""
-    from transformers import get_linear_schedule_with_warmup
+class WarmupLinearDecay:
+    """The lr factor at a step: linear warmup to the peak over ``warmup`` steps, then linear decay to zero at
+    ``horizon`` (transformers' linear schedule), with a horizon that training may move.
 
-    return get_linear_schedule_with_warmup(optimizer, min(warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1))
+    A run capped by ``max_time_s`` does not know how many steps it will reach; with the horizon fixed at the plan's
+    length it would stop near the peak lr, before any decay. The loop re-fits the horizon from the measured step
+    time (:func:`fitted_horizon`), so the decay ends where the time limit will. A callable object rather than a
+    function, because ``LambdaLR.state_dict`` saves such objects' attributes: a resumed run keeps its horizon.
+    """
+
+    def __init__(self, warmup: int, horizon: int):
+        self.horizon = max(int(horizon), 1)
+        self.warmup = min(int(warmup), max(self.horizon - 1, 0))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return float(step) / float(max(1, self.warmup))
+        return max(0.0, float(self.horizon - step) / float(max(1, self.horizon - self.warmup)))
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup, then linear decay to zero at ``total_steps`` (or at the horizon the loop fits later)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup_steps, total_steps))
+
+
+def fitted_horizon(step: int, total_steps: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The last step a time-capped run will reach: the steps that start before the deadline, at most the plan."""
+    if seconds_per_step <= 0:
+        return total_steps
+    return int(min(total_steps, step + max(1, -(-max(seconds_left, 0.0) // seconds_per_step))))
+
+
+def set_horizon(scheduler, horizon: int) -> None:
+    """Move the decay's end of every parameter group's schedule (no effect on a schedule of another kind)."""
+    for factor in getattr(scheduler, "lr_lambdas", ()):
+        if isinstance(factor, WarmupLinearDecay):
+            factor.horizon = max(int(horizon), factor.warmup + 1)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ray_e5.config import ModelSettings
     from ray_e5.train.config import TrainSettings
-    from ray_e5.train.engines import build_embedder, make_engine
+    from ray_e5.train.engines import build_embedder, fitted_horizon, make_engine, set_horizon
     from ray_e5.train.metrics import MetricsLog
     from ray_e5.train.step import prepare, train_step
 
@@ -98,6 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", mininterval=5.0, dynamic_ncols=False,
                disable=rank != 0 or not settings.progress)
     step, last_checkpoint, stop = 0, start, False
+    first_began, stepped = None, 0  # this session's steps, for the time-fitted lr horizon
     for row in ray.train.get_dataset_shard("train").iter_rows():
         if step >= total_steps:
             break
@@ -105,6 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             continue
         began = time.perf_counter()
+        first_began = first_began or began
         texts = prepare(row, rank, world, template, settings.hard_negatives, settings.cross_device_negatives,
                         settings.mask_false_negatives)
         result = train_step(engine, embedder, texts, settings.temperature, settings.cross_device_negatives,
@@ -112,12 +114,20 @@ def train_loop_per_worker(config: dict) -> None:
         lr = engine.lr()
         engine.step()
         step += 1
-        # One small all-reduce: tokens over workers, the loss, and rank 0's decision to stop on the time limit.
+        stepped += 1
+        # One small all-reduce: tokens over workers, the loss, and rank 0's decisions on the time limit: stop now,
+        # and the step the lr decay should end at (the steps that fit before the deadline at the pace so far).
         out_of_time = rank == 0 and deadline is not None and time.time() >= deadline
-        shared = torch.tensor([float(result.tokens), result.loss, float(out_of_time)], device=engine.device)
+        horizon = 0.0
+        if rank == 0 and deadline is not None:
+            horizon = float(fitted_horizon(step, total_steps, (time.perf_counter() - first_began) / stepped,
+                                           deadline - time.time()))
+        shared = torch.tensor([float(result.tokens), result.loss, float(out_of_time), horizon], device=engine.device)
         if world > 1:
             dist.all_reduce(shared)
         stop = bool(shared[2] > 0)
+        if deadline is not None:
+            set_horizon(engine.scheduler, int(shared[3]))
         seconds = time.perf_counter() - began
         loss = float(shared[1]) / world
         if log is not None and (step % settings.log_every == 0 or step == total_steps or stop):

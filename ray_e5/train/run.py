@@ -117,7 +117,8 @@ def train(config: RayE5Config) -> Path:
 
     try:
         plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed,
-                          min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers)
+                          min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers,
+                          batch_by=settings.batch_by)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
     run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory

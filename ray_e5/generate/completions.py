@@ -1,0 +1,161 @@
+"""The Ray Data operator that turns planned requests into parsed rows, for every backend.
+
+OpenAI-compatible backends run in an autoscaling actor pool (1 to ``actors`` actors) of :class:`ChatCompleter`s:
+an async UDF, so each actor overlaps several batches on one event loop while a semaphore keeps at most
+``concurrency`` requests in flight per actor. vLLM runs as ``ray.data.llm``'s processor. Either way each request
+comes back as one row: the parsed and validated answer, or empty texts and a ``drop`` reason. Parsing happens in
+the workers, so the driver only filters and writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from ray_e5.generate.backends import ChatBackend, Completion, vllm_completion
+from ray_e5.generate.config import GenerateSettings
+from ray_e5.generate.parse import Dropped, parse_json, parse_tasks, validate_answer
+from ray_e5.generate.store import COLUMNS
+from ray_e5.generate.taxonomy import KINDS, to_row
+
+EXAMPLE_COLUMNS = (*COLUMNS, "drop")
+BRAINSTORM_COLUMNS = ("id", "key", "kind", "tasks", "prompt_tokens", "completion_tokens", "drop")
+# A parse failure on an answer the server cut at max_tokens is named for its cause.
+_CUT = ("empty_answer", "not_json", "truncated_json", "malformed_json")
+
+
+def model_name(settings: GenerateSettings) -> str:
+    return settings.vllm.model if settings.backend == "vllm" else settings.model
+
+
+def estimate_tokens(text: str) -> int:
+    """A generous prompt-token estimate for reservations (about 3 characters per token)."""
+    return len(text) // 3 + 8
+
+
+def finish(phase: str, item: dict, result: Completion | Dropped, settings: GenerateSettings) -> dict:
+    """One planned request and its outcome as an output row of ``phase`` ("example" or "brainstorm")."""
+    tokens = (result.prompt_tokens, result.completion_tokens) if isinstance(result, Completion) else (0, 0)
+    if phase == "brainstorm":
+        out = {"id": item["id"], "key": item["key"], "kind": item["kind"], "tasks": "[]",
+               "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "drop": ""}
+    else:
+        out = {k: item[k] for k in ("id", "kind", "task", "language", "prompt_id")}
+        out.update(query="", positive="", negative="", backend=settings.backend, model=model_name(settings),
+                   prompt_tokens=tokens[0], completion_tokens=tokens[1], drop="")
+    if isinstance(result, Dropped):
+        return {**out, "drop": result.reason}
+    try:
+        if phase == "brainstorm":
+            return {**out, "tasks": json.dumps(parse_tasks(result.text))}
+        kind = KINDS[item["kind"]]
+        fields = validate_answer(parse_json(result.text), kind, settings.min_chars, settings.max_chars,
+                                 prompt=item.get("prompt", ""), task=item.get("task", ""))
+    except Dropped as drop:
+        reason = "truncated_max_tokens" if result.finish_reason == "length" and drop.reason in _CUT else drop.reason
+        return {**out, "drop": reason}
+    return {**out, **to_row(kind, fields, item["task"], item["language"], item.get("tgt_language") or None)}
+
+
+def _rows(batch: dict) -> list[dict]:
+    def plain(v):
+        return v.item() if hasattr(v, "item") else v
+
+    return [{k: plain(v) for k, v in zip(batch, values)} for values in zip(*batch.values())]
+
+
+class ChatCompleter:
+    """Ray Data UDF (one per actor): sends planned requests through an OpenAI-compatible client."""
+
+    def __init__(self, settings: GenerateSettings, phase: str, base_url: str | None, api_key=None, ledger=None,
+                 deadline: float | None = None, journal_dir: str | None = None):
+        self.settings, self.phase, self.base_url = settings, phase, base_url
+        self.journal_dir = journal_dir
+        self.journal = None
+        self.recovered: dict[str, dict] = {}  # id -> row answered before this actor was restarted
+        self.api_key = api_key  # a pydantic SecretStr: its repr never shows the key
+        self.ledger, self.deadline = ledger, deadline
+        self.backend: ChatBackend | None = None
+        self.gate: asyncio.Semaphore | None = None
+        self.columns = BRAINSTORM_COLUMNS if phase == "brainstorm" else EXAMPLE_COLUMNS
+
+    def _late(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    async def _request(self, item: dict) -> Completion | Dropped:
+        async with self.gate:
+            if self._late():
+                return Dropped("skipped_time_budget")
+            estimate, max_tokens = estimate_tokens(item["prompt"]), int(item["max_tokens"])
+            if self.ledger is not None and not await self.ledger.acquire.remote(estimate, max_tokens):
+                return Dropped("skipped_budget")
+            result: Completion | Dropped = Dropped("skipped_time_budget")
+            try:
+                if not self._late():  # waiting for the rate limit may have taken us past the deadline
+                    result = await self.backend.complete(item["prompt"], json.loads(item["schema"]), max_tokens,
+                                                         request_id=item["id"])
+            except Dropped as drop:
+                result = drop
+            finally:
+                if self.ledger is not None:
+                    used = (result.prompt_tokens, result.completion_tokens) if isinstance(result, Completion) else (0, 0)
+                    await self.ledger.settle.remote(estimate, max_tokens, *used)
+            return result
+
+    async def _answer(self, item: dict) -> dict:
+        """One request as an output row, journaled the moment it is answered (see :mod:`ray_e5.generate.journal`)."""
+        known = self.recovered.get(item["id"])
+        if known is not None:  # answered before this actor died and was restarted: Ray retries its batch
+            return {key: known.get(key, "") for key in self.columns}
+        result = await self._request(item)
+        row = finish(self.phase, item, result, self.settings)
+        if self.journal is not None and not row["drop"].startswith("skipped_"):
+            self.journal.append({**row, "phase": self.phase})
+        return row
+
+    async def __call__(self, batch: dict) -> dict[str, list]:
+        if self.backend is None:  # built on the actor's event loop, shared by its overlapping batches
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self.backend = ChatBackend(self.settings, self.base_url, key)
+            self.gate = asyncio.Semaphore(self.settings.concurrency)
+            if self.journal_dir is not None:
+                from ray_e5.generate.journal import JournalWriter, answered_rows
+
+                self.journal = JournalWriter(self.journal_dir)
+                import ray
+
+                if ray.get_runtime_context().was_current_actor_reconstructed:  # a batch Ray retries after a crash
+                    self.recovered = answered_rows(self.journal_dir, self.phase)
+        rows = await asyncio.gather(*(self._answer(item) for item in _rows(batch)))
+        if self.journal is not None:
+            self.journal.flush()
+        return {key: [r[key] for r in rows] for key in self.columns}
+
+
+def completions(items: list[dict], phase: str, settings: GenerateSettings, *, base_url: str | None = None,
+                api_key=None, ledger=None, deadline: float | None = None, node_id: str | None = None,
+                journal_dir: str | None = None):
+    """A Ray Dataset of output rows (``BRAINSTORM_COLUMNS`` or ``EXAMPLE_COLUMNS``), one per planned request."""
+    import ray
+
+    if settings.backend == "vllm":
+        from ray_e5.generate.backends import vllm_processor
+
+        ds = ray.data.from_items(items)
+        return vllm_processor(settings)(ds).map(  # one processor for both phases
+            lambda row: finish(phase, row, vllm_completion(row, settings), settings))
+
+    # Each block is one batch; an actor overlaps 4 of them, which keeps 2x `concurrency` requests queued behind
+    # its semaphore and so hides the tail of each batch.
+    batch = max(1, math.ceil(settings.concurrency / 2))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
+    # A server on this node's loopback (llama.cpp): keep the actors on this node.
+    where = {"label_selector": {"ray.io/node-id": node_id}} if node_id is not None else {}
+    return ds.map_batches(
+        ChatCompleter, batch_size=batch, num_cpus=settings.actor_cpus,
+        fn_constructor_kwargs={"settings": settings, "phase": phase, "base_url": base_url, "api_key": api_key,
+                               "ledger": ledger, "deadline": deadline, "journal_dir": journal_dir},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors, max_tasks_in_flight_per_actor=4,
+                                           max_concurrent_calls_per_actor=4),
+        **where)
