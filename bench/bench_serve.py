@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from ray_e5.net import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VENV = Path(__file__).resolve().parent / ".venvs" / "infinity"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _text(i: int) -> str:
@@ -156,7 +151,7 @@ def _ray_e5(args) -> Result:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
+        port = free_port()
         replicas = {"min_replicas": args.replicas, "max_replicas": args.replicas}
         settings = ServeSettings(model_name="minilm", host="127.0.0.1", port=port, ingress=args.ingress,
                                  num_cpus=args.replica_cpus or os.cpu_count() / args.replicas, api_key_env=None,
@@ -172,7 +167,7 @@ def _ray_e5(args) -> Result:
 
 
 def _infinity_run(args) -> Result | None:
-    port = _free_port()
+    port = free_port()
     proc = _start_infinity(port)
     try:
         if not _wait(f"http://127.0.0.1:{port}/models", proc):
@@ -298,7 +293,7 @@ def _soak(args) -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         replicas = {"min_replicas": args.replicas, "max_replicas": args.replicas}
         extra = {"max_queued_requests": args.max_queued_requests} if args.max_queued_requests else {}

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from ray_e5.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAY_E5_SHARED_DATA", ROOT / ".." / "shared" / "data")).resolve()
@@ -45,11 +46,6 @@ SMOKE_DATA = ["snli_triplets/train.jsonl", "stsbenchmark/task.json", "stsbenchma
               "stsbenchmark/test.jsonl"]
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:

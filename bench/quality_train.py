@@ -1,16 +1,15 @@
-"""Quality of contrastive LoRA training: the packaged Gemma 3 270M before and after training, on CPU.
+"""The one-hour recipe's levers, each measured on the English dev suite: trained variants, base Gemma and MiniLM
+in one ``ray-e5 evaluate`` report, with the wall time of every training run.
 
-Trains on ../shared/data/snli_triplets plus STS-B train pairs scoring >= 4 (configs/quickstart.yaml's labeled
-sources), then scores base and trained model, each with and without the instruction:
-  - STS-B test: Spearman correlation of cosine similarity with the gold score (1379 pairs);
-  - SciFact (BEIR test, 300 claims): nDCG@10, on a corpus subsample (every relevant abstract plus seeded random
-    others, ``--corpus`` documents in all, truncated to ``--eval-max-length`` tokens) to keep CPU time reasonable. Scores on a subsample are higher than on
-    the full corpus; both models see the same subsample.
+Each variant is ``configs/cpu-1h.yaml`` (or ``--config``) with a few keys changed, trained for ``--train-min``
+minutes on the labeled train splits and the synthetic rows already in ``--synthetic-from`` (a run directory whose
+``generate`` stage ran; none: labeled data only), so the variants differ in one lever each and share their data.
+Then every trained embedder, the base Gemma (last-token and mean pooling) and MiniLM-L6 are scored on the recipe's
+evaluate tasks in one report (``<out>/eval/report.md``), and a table of English average, per-task scores and
+training wall time is printed.
 
-    python bench/quality_train.py --run-dir runs/quality [--max-time-s 840] [--max-steps N] [--skip-train] [--corpus 1000]
-
-Scores use ``ray_e5.evaluate.score_local_task`` when the eval stage provides it, else scipy (Spearman) and
-pytrec_eval (nDCG@10, the scorer mteb uses).
+    python bench/quality_train.py --out runs/levers --train-min 8 [--variants recipe,labeled-only,...]
+        [--synthetic-from runs/cpu-1h] [--config configs/cpu-1h.yaml] [--skip-train]
 """
 
 from __future__ import annotations
@@ -18,147 +17,102 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import shutil
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
 
-DATA = Path(os.environ.get("RAY_E5_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
-STS_INSTRUCTION = "Retrieve semantically similar text."
-SCIFACT_INSTRUCTION = "Given a scientific claim, retrieve documents that support or refute the claim"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def sts_spearman(embedder, instruction: str | None) -> float:
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    rows = _jsonl(DATA / "stsbenchmark" / "test.jsonl")
-    a = embedder.encode([r["sentence1"] for r in rows], instruction=instruction)
-    b = embedder.encode([r["sentence2"] for r in rows], instruction=instruction)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(spearmanr(cos, [r["score"] for r in rows]).statistic)
+#: variant -> the overrides it makes to the recipe (one lever each; "recipe" is the recipe itself)
+VARIANTS: dict[str, list[str]] = {
+    "recipe": [],
+    "labeled-only": ["train.synthetic=false"],
+    "no-classification-pairs": ["__drop_source__=banking77"],
+    "batch-by-task": ["train.batch_by=task"],
+    "no-false-negative-mask": ["train.mask_false_negatives=false"],
+    "no-instruction": ["model.instruction_template={text}"],
+    "last-token": ["model.pooling=last"],
+    "all-layers-lora": ["model.lora.top_layers=null"],
+    "grad-cache-128": ["train.gradient_cache=true", "train.batch_size=128"],
+    "fixed-schedule": ["train.fit_schedule_to_time=false"],
+}
 
 
-def scifact_subsample(corpus_size: int, seed: int = 0):
-    folder = DATA / "scifact"
-    corpus = {d["_id"]: d for d in _jsonl(folder / "corpus.jsonl")}
-    queries = {q["_id"]: q["text"] for q in _jsonl(folder / "queries.jsonl")}
-    qrels: dict[str, dict[str, int]] = {}
-    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
-        qid, did, score = line.split("\t")
-        qrels.setdefault(qid, {})[did] = int(score)
-    queries = {q: t for q, t in queries.items() if q in qrels}
-    relevant = sorted({d for rel in qrels.values() for d in rel})
-    others = sorted(set(corpus) - set(relevant))
-    random.Random(seed).shuffle(others)
-    keep = relevant + others[:max(0, corpus_size - len(relevant))]
-    docs = {d: (corpus[d].get("title", "") + " " + corpus[d]["text"]).strip() for d in keep}
-    return queries, docs, qrels
+def variant_config(recipe: Path, name: str, out: Path, train_min: float, synthetic_from: str | None):
+    from ray_e5.config import apply_overrides, check_config, RayE5Config, read_yaml
 
-
-def scifact_ndcg(embedder, instruction: str | None, data, doc_vectors=None) -> tuple[float, object]:
-    import numpy as np
-    import pytrec_eval
-
-    queries, docs, qrels = data
-    doc_ids = list(docs)
-    if doc_vectors is None:
-        doc_vectors = embedder.encode([docs[d] for d in doc_ids], batch_size=16)
-    qids = list(queries)
-    q = embedder.encode([queries[i] for i in qids], instruction=instruction)
-    scores = q @ doc_vectors.T
-    run = {}
-    for row, qid in enumerate(qids):
-        top = np.argsort(-scores[row])[:100]
-        run[qid] = {doc_ids[j]: float(scores[row, j]) for j in top}
-    evaluator = pytrec_eval.RelevanceEvaluator({k: v for k, v in qrels.items() if k in run}, {"ndcg_cut.10"})
-    per_query = evaluator.evaluate(run)
-    return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()])), doc_vectors
-
-
-def evaluate(embedder, label: str, scifact, corpus: int) -> dict:
-    out = {}
-    began = time.time()
-    try:
-        from ray_e5.evaluate.run import score_local_task  # mteb on the local folders, the paper's instructions
-    except ImportError:
-        score_local_task = None
-    if score_local_task is not None:
-        for flag, suffix in ((False, ""), (True, "_instruction")):
-            out["stsb_spearman" + suffix] = score_local_task(embedder, DATA / "stsbenchmark", instructions=flag)
-            out["scifact_ndcg10" + suffix] = score_local_task(embedder, DATA / "scifact", instructions=flag,
-                                                              max_corpus=corpus, batch_size=16)
-        out["scorer"] = "ray_e5.evaluate.score_local_task (mteb)"
-    else:
-        out["stsb_spearman"] = sts_spearman(embedder, None)
-        out["stsb_spearman_instruction"] = sts_spearman(embedder, STS_INSTRUCTION)
-        out["scifact_ndcg10"], docs = scifact_ndcg(embedder, None, scifact)
-        out["scifact_ndcg10_instruction"], _ = scifact_ndcg(embedder, SCIFACT_INSTRUCTION, scifact, docs)
-        out["scorer"] = "scipy + pytrec_eval"
-    out["eval_seconds"] = round(time.time() - began, 1)
-    print(f"{label:8s} " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) and k != "eval_seconds" else f"{k}={v}"
-                                     for k, v in out.items()), flush=True)
-    return out
-
-
-def train_config(run_dir: str, max_time_s: float, max_length: int, batch_size: int, lr: float, epochs: int,
-                 max_steps: int | None):
-    from ray_e5.config import load_config
-
-    root = Path(__file__).resolve().parents[1]
-    overrides = [f"run_dir={run_dir}", f"model.max_length={max_length}", f"train.batch_size={batch_size}",
-                 f"train.lr={lr}", f"train.epochs={epochs}", f"train.max_time_s={max_time_s}",
-                 "train.synthetic=false", "train.resume=false"] + ([f"train.max_steps={max_steps}"] if max_steps else [])
-    return load_config(root / "configs" / "quickstart.yaml", overrides)
+    data = read_yaml(recipe)
+    overrides = list(VARIANTS[name])
+    drop = [o.split("=", 1)[1] for o in overrides if o.startswith("__drop_source__=")]
+    overrides = [o for o in overrides if not o.startswith("__drop_source__=")]
+    data["train"]["sources"] = [s for s in data["train"]["sources"] if s.get("name") not in drop]
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if synthetic_from and (Path(synthetic_from) / "synthetic").is_dir() and not (run_dir / "synthetic").exists():
+        shutil.copytree(Path(synthetic_from) / "synthetic", run_dir / "synthetic")
+    apply_overrides(data, [f"run_dir={run_dir}", f"train.max_time_s={train_min * 60:g}", "train.resume=false",
+                           f"data_dir={(ROOT / data.get('data_dir', '../shared/data')).resolve()}"] + overrides)
+    return check_config(data, RayE5Config)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default="runs/quality")
-    parser.add_argument("--skip-train", action="store_true", help="evaluate <run-dir>/embedder as it is")
-    parser.add_argument("--skip-base", action="store_true")
-    parser.add_argument("--max-time-s", type=float, default=840.0, help="training wall-time cap")
-    parser.add_argument("--max-steps", type=int, default=None, help="training step cap (the lr schedule fits it)")
-    parser.add_argument("--max-length", type=int, default=64, help="training max length (tokens)")
-    parser.add_argument("--eval-max-length", type=int, default=128, help="max length when scoring (SciFact docs)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--corpus", type=int, default=1000, help="SciFact corpus subsample size")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "cpu-1h.yaml"))
+    parser.add_argument("--out", default="runs/levers")
+    parser.add_argument("--variants", default="recipe,labeled-only,no-classification-pairs,last-token")
+    parser.add_argument("--train-min", type=float, default=8.0, help="training wall time of each variant")
+    parser.add_argument("--synthetic-from", default=None, help="a run dir whose synthetic/ every variant shares")
+    parser.add_argument("--skip-train", action="store_true", help="score the embedders already under --out")
+    parser.add_argument("--no-baselines", action="store_true", help="leave out base Gemma and MiniLM")
+    parser.add_argument("--base-last", action="store_true", help="also score base Gemma with last-token pooling")
     args = parser.parse_args()
+    out = Path(args.out).resolve()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; accepted: {', '.join(VARIANTS)}")
 
-    import torch
+    from ray_e5.config import apply_overrides, check_config, RayE5Config, read_yaml
+    from ray_e5.evaluate.run import evaluate
+    from ray_e5.train.run import train
 
-    from ray_e5.model import Embedder
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores", "scifact_corpus_docs": args.corpus}
-    if not args.skip_train:
-        from ray_e5.train.run import train
-
-        began = time.time()
-        config = train_config(args.run_dir, args.max_time_s, args.max_length, args.batch_size, args.lr, args.epochs,
-                              args.max_steps)
-        train(config)
-        results["train_seconds"] = round(time.time() - began, 1)
-        results["train"] = json.loads((Path(args.run_dir) / "train" / "summary.json").read_text())
-        results["train_config"] = config.train
-    scifact = scifact_subsample(args.corpus)
-    results["scifact_queries"] = len(scifact[0])
-    if not args.skip_base:
-        results["base"] = evaluate(Embedder.load("gemma3-270m", max_length=args.eval_max_length), "base", scifact,
-                                   args.corpus)
-    trained = Embedder.load(Path(args.run_dir) / "embedder", merge_lora=True, max_length=args.eval_max_length)
-    results["trained"] = evaluate(trained, "trained", scifact, args.corpus)
-    out = Path(args.run_dir) / "quality.json"
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"written {out}")
+    walls: dict[str, float] = {}
+    for name in names:
+        config = variant_config(Path(args.config), name, out, args.train_min, args.synthetic_from)
+        if not args.skip_train:
+            began = time.perf_counter()
+            print(f"[quality] training {name} ({' '.join(VARIANTS[name]) or 'the recipe'})", flush=True)
+            train(config)
+            walls[name] = round(time.perf_counter() - began, 1)
+    recipe = read_yaml(Path(args.config))
+    models = [{"label": n, "ref": str(out / n / "embedder"), "max_length": 128,
+               "instructions": n != "no-instruction"} for n in names]
+    if not args.no_baselines:
+        models += ([{"label": "gemma3-270m-last", "ref": "gemma3-270m", "pooling": "last", "max_length": 128}]
+                   if args.base_last else [])
+        models += [{"label": "gemma3-270m-mean", "ref": "gemma3-270m", "pooling": "mean", "max_length": 128},
+                   {"label": "minilm-l6", "ref": "minilm-l6", "max_length": 256}]
+    data = dict(recipe)
+    data["evaluate"] = {**recipe["evaluate"], "models": models}
+    apply_overrides(data, [f"run_dir={out}", f"data_dir={(ROOT / recipe.get('data_dir', '../shared/data')).resolve()}"])
+    began = time.perf_counter()
+    report = evaluate(check_config(data, RayE5Config))
+    eval_s = time.perf_counter() - began
+    tasks = [t["name"] for t in report["tasks"]]
+    avg = report.get("english_average") or report["average"]
+    header = f"{'model':26s} {'en avg':>7s} " + " ".join(f"{t[:10]:>10s}" for t in tasks) + f" {'train s':>8s}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for m in report["models"]:
+        lab = m["label"]
+        cells = " ".join(f"{report['scores'][lab][t]:10.2f}" if report["scores"][lab][t] is not None else f"{'-':>10s}"
+                         for t in tasks)
+        score = f"{avg[lab]:7.2f}" if avg.get(lab) is not None else f"{'-':>7s}"
+        print(f"{lab:26s} {score} {cells} {walls.get(lab, ''):>8}")
+    print(f"\nevaluation {eval_s:.0f} s; report {report.get('paths', {}).get('markdown')}")
+    (out / "levers.json").write_text(json.dumps({"train_seconds": walls, "eval_seconds": round(eval_s, 1),
+                                                 "english_average": avg, "scores": report["scores"]}, indent=2))
 
 
 if __name__ == "__main__":

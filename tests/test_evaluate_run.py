@@ -159,3 +159,34 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
     assert "task 'NotAnMtebTask': not an MTEB task name" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="evaluate.tasks is empty"):
         evaluate(load_config(cfg, ["evaluate.tasks=[]"]))
+
+
+def test_a_dominant_corpus_is_embedded_in_shards_by_every_worker(ray_cluster, tiny_decoder_dir, toys, tmp_path):
+    models = [{"label": "tiny", "ref": str(tiny_decoder_dir)}]
+    tasks = [str(toys["toy_retrieval"]), str(toys["toy_sts"])]
+    whole = evaluate(_config(tmp_path / "whole", models, tasks, num_workers=2, shard_min_chars=0))
+    sharded = evaluate(_config(tmp_path / "sharded", models, tasks, num_workers=2, shard_min_chars=1))
+    record = json.loads((tmp_path / "sharded" / "run" / "eval" / "results" / "tiny" / "toy_retrieval.json").read_text())
+    assert record["status"] == "ok" and record["corpus_shards"] == 2
+    from ray_e5.evaluate.local_tasks import load_local_task
+    from ray_e5.evaluate.sharding import corpus_texts
+
+    documents = corpus_texts(load_local_task(toys["toy_retrieval"]))
+    assert len(documents) > 1 and record["precomputed_documents"] == len(documents)  # none embedded again
+    unsharded = json.loads((tmp_path / "whole" / "run" / "eval" / "results" / "tiny" / "toy_retrieval.json").read_text())
+    assert "corpus_shards" not in unsharded
+    for name in ("toy_retrieval", "toy_sts"):  # the same scores: only where the vectors were computed moved
+        assert sharded["scores"]["tiny"][name] == pytest.approx(whole["scores"]["tiny"][name], abs=1e-6)
+
+
+def test_shards_balance_characters_and_keep_every_text():
+    from ray_e5.evaluate.sharding import shards, worth_sharding
+
+    texts = ["a" * n for n in (90, 50, 40, 30, 20, 10)] + ["a" * 10]  # one duplicate
+    parts = shards(texts, 2)
+    assert sorted(t for p in parts for t in p) == sorted(set(texts))
+    loads = [sum(len(t) for t in p) for p in parts]
+    assert max(loads) - min(loads) <= 10
+    assert worth_sharding(task_chars=800, all_chars=1000, workers=2, min_chars=100)
+    assert not worth_sharding(task_chars=400, all_chars=1000, workers=2, min_chars=100)  # whole tasks balance
+    assert not worth_sharding(task_chars=800, all_chars=1000, workers=1, min_chars=100)

@@ -103,6 +103,32 @@ def test_lora_trains_only_adapters_and_round_trips(tiny_decoder_dir, tmp_path):
     np.testing.assert_allclose(Embedder.load(str(tmp_path / "emb"), merge_lora=True).encode(TEXTS), before, atol=1e-5)
 
 
+def test_lora_on_the_top_layers_only_adapts_those_and_round_trips(tiny_decoder_dir, tmp_path):
+    from transformers import AutoConfig
+
+    depth = AutoConfig.from_pretrained(str(tiny_decoder_dir)).num_hidden_layers
+    assert depth >= 2
+    embedder = Embedder.load(str(tiny_decoder_dir), lora=LoraSettings(top_layers=1))
+    trainable = [n for n, p in embedder.named_parameters() if p.requires_grad]
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n in trainable}
+    assert trainable and layers == {depth - 1}
+    projections = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    embedder.save(tmp_path / "emb")
+    np.testing.assert_allclose(Embedder.load(str(tmp_path / "emb")).encode(TEXTS), embedder.encode(TEXTS), atol=1e-5)
+
+
+def test_cpu_autocast_follows_the_cpu_flags():
+    from ray_e5.train.engines import autocast_dtype, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags : fpu avx2 avx512f\n")
+    cpu = torch.device("cpu")
+    assert autocast_dtype("off", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
 def _st_cosines(export_dir, ours: np.ndarray, texts) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 

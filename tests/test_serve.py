@@ -5,23 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 
 import httpx
 import numpy as np
 import pytest
 
+from ray_e5.net import free_port
 from ray_e5.serve.config import ServeSettings
 
 KEY = "test-secret-key"
 TEXTS = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.", ""]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -34,7 +29,7 @@ def server(ray_cluster):
 
     from ray_e5.serve.app import build_app, start_serve
 
-    port = _free_port()
+    port = free_port()
     start_serve(ServeSettings(host="127.0.0.1", port=port))  # the default ingress: HAProxy straight to replicas
     small = dict(num_cpus=0.5, max_inputs_per_request=8, max_body_bytes=64 * 1024, max_tokens_per_input=32,
                  api_key_env=None)

@@ -94,6 +94,9 @@ class EvaluateSettings(Section):
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU between workers (e.g. 0.5)
     torch_threads: int | None = Field(None, gt=0)  # per worker; default: cpus_per_worker
     max_restarts: int = Field(1, ge=0)  # a worker that dies is restarted this often; its task is retried once
+    # A retrieval corpus of at least this many characters that alone outweighs one worker's share is embedded by
+    # every worker at once, one shard each, before its task runs (ray_e5/evaluate/sharding.py); 0: never
+    shard_min_chars: int = Field(1_000_000, ge=0)
     # ---- evaluation ----------------------------------------------------------------------------------------
     batch_size: int = Field(32, gt=0)
     seed: int = 42

@@ -87,10 +87,13 @@ def _worker_resources(settings: EvaluateSettings, ray) -> tuple[float, int]:
 def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSettings,
              instructions: dict[str, str], on_record) -> None:
     """Run (model, task) pairs on up to ``num_workers`` actors, in the given order (model-major, so a worker keeps
-    its model between tasks; largest task first within a model); ``on_record``
-    gets each record as it lands. A worker that dies loses only the task it was running."""
+    its model between tasks; largest task first within a model); ``on_record`` gets each record as it lands. A
+    dominant retrieval corpus is first embedded in shards by every worker (:mod:`ray_e5.evaluate.sharding`), its
+    task waiting for them while other tasks run. A worker that dies loses only the job it was running; a failed
+    shard makes its task embed the corpus itself."""
     from ray.exceptions import RayActorError, RayTaskError
 
+    from ray_e5.evaluate.sharding import corpus_texts, shards, worth_sharding
     from ray_e5.evaluate.worker import EvalWorker
 
     cpus, threads = _worker_resources(settings, ray)
@@ -101,31 +104,70 @@ def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSett
     def start():
         return worker_cls.remote(instructions, threads, use_gpu)
 
-    idle = [start() for _ in range(min(settings.num_workers, len(work)))]
-    queue = list(work)
-    running: dict[Any, tuple[Any, ModelSpec, TaskSpec]] = {}
+    totals: dict[str, int] = {}
+    for model, task in work:
+        totals[model.label] = totals.get(model.label, 0) + task.text_chars()
+    queue: list[tuple] = []  # ("shard", model, task, index, texts ref) or ("task", model, task)
+    sharded: dict[tuple[str, str], list | str] = {}  # (model, task) -> shard vector refs, or "failed"
+    for model, task in work:
+        workers = min(settings.num_workers, len(work))
+        if settings.shard_min_chars and worth_sharding(task.text_chars(), totals[model.label], workers,
+                                                       settings.shard_min_chars):
+            parts = shards(corpus_texts(task.task), workers)
+            if len(parts) > 1 and all(parts):
+                sharded[(model.label, task.name)] = [None] * len(parts)
+                queue += [("shard", model, task, i, ray.put(part)) for i, part in enumerate(parts)]
+                log.info("%s / %s: corpus embedded in %d shards", model.label, task.name, len(parts))
+        queue.append(("task", model, task))
+
+    def ready(item) -> bool:
+        state = sharded.get((item[1].label, item[2].name))
+        return item[0] == "shard" or state is None or state == "failed" or all(r is not None for r in state)
+
+    def submit(worker, item):
+        if item[0] == "shard":
+            return worker.encode_documents.remote(item[1], item[4], settings.batch_size)
+        state = sharded.get((item[1].label, item[2].name))
+        vectors = state if isinstance(state, list) else []
+        if id(item[2]) not in refs:
+            refs[id(item[2])] = ray.put(item[2])
+        return worker.run.remote(item[1], refs[id(item[2])], settings.batch_size, *vectors)
+
+    workers_started = min(settings.num_workers, len(work))
+    idle = [start() for _ in range(workers_started)]
+    running: dict[Any, tuple[Any, tuple]] = {}
     refs: dict[int, Any] = {}  # one object-store copy of each task, shared by every model and worker
     try:
         while queue or running:
-            while queue and idle:
+            while idle and (item := next((q for q in queue if ready(q)), None)) is not None:
+                queue.remove(item)
                 worker = idle.pop()
-                model, task = queue.pop(0)
-                if id(task) not in refs:
-                    refs[id(task)] = ray.put(task)
-                running[worker.run.remote(model, refs[id(task)], settings.batch_size)] = (worker, model, task)
+                running[submit(worker, item)] = (worker, item)
             done, _ = ray.wait(list(running), num_returns=1)
-            worker, model, task = running.pop(done[0])
+            worker, item = running.pop(done[0])
+            kind, model, task = item[0], item[1], item[2]
             try:
-                record = ray.get(done[0])
+                result = ray.get(done[0])  # a shard's vectors are read in place, and stay in the object store
                 idle.append(worker)
             except (RayActorError, RayTaskError) as err:
-                record = {"task": task.name, "type": task.type, "status": "error",
-                          "error": f"task {task.name!r}: the worker died: {_cause(err)}"}
                 ray.kill(worker)
                 idle.append(start())
+                if kind == "shard":
+                    log.warning("%s / %s: a corpus shard failed (%s); the task embeds its corpus itself",
+                                model.label, task.name, _cause(err))
+                    sharded[(model.label, task.name)] = "failed"
+                    continue
+                result = {"task": task.name, "type": task.type, "status": "error",
+                          "error": f"task {task.name!r}: the worker died: {_cause(err)}"}
+            if kind == "shard":
+                state = sharded[(model.label, task.name)]
+                if isinstance(state, list):
+                    state[item[3]] = done[0]
+                continue
+            record = result
             on_record(model, task, record)
     finally:
-        for w in idle + [w for w, _, _ in running.values()]:
+        for w in idle + [w for w, _ in running.values()]:
             ray.kill(w)
 
 
@@ -185,12 +227,21 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
         [{"label": m.label, "ref": m.ref, "endpoint": m.endpoint, "dimension": m.dimension, "parent": m.parent,
           "full_dimension": _full_dimension(records.get(m.label, {}))} for m in models],
         [{"name": t.name, "type": t.type, "main_score": _main_score(t, records), "local": t.local,
-          "path": t.entry.path} for t in tasks],
+          "path": t.entry.path, "english": _english_only(t)} for t in tasks],
         records)
     report.update(ran=ran, cached=cached, wall_seconds=round(time.perf_counter() - started, 3), output=out_dir)
     if settings.report:
         report["paths"] = write_report(out_dir, report)
     return report
+
+
+def _english_only(task: TaskSpec) -> bool:
+    """Whether every language the task evaluates is English (its mteb metadata's ``eval_langs``)."""
+    langs = getattr(getattr(task.task, "metadata", None), "eval_langs", None)
+    if not langs:
+        return False
+    flat = [lang for group in (langs.values() if isinstance(langs, dict) else [langs]) for lang in group]
+    return bool(flat) and all(str(lang).startswith("eng") for lang in flat)
 
 
 def _full_dimension(by_task: dict[str, dict]) -> int | None:

@@ -90,7 +90,19 @@ class EvalWorker:
         except Exception as err:  # noqa: BLE001 - every task of this model reports it
             self.load_error = f"model {spec.label!r} ({spec.ref}) could not be loaded: {type(err).__name__}: {err}"
 
-    def run(self, spec, task_spec, batch_size: int) -> dict[str, Any]:
+    def encode_documents(self, spec, texts: list[str], batch_size: int):
+        """One shard of a retrieval corpus embedded as documents (no instruction), float32 rows in ``texts``
+        order (see :mod:`ray_e5.evaluate.sharding`). Raises when the model cannot be loaded."""
+        import numpy as np
+
+        self._load(spec)
+        if self.encoder is None:
+            raise RuntimeError(self.load_error)
+        return np.asarray(self.encoder.model.encode(texts, instruction=None, batch_size=batch_size), dtype=np.float32)
+
+    def run(self, spec, task_spec, batch_size: int, *shard_vectors) -> dict[str, Any]:
+        """Evaluate one task; ``shard_vectors`` (one array per corpus shard, from :meth:`encode_documents`) stand
+        in for embedding the corpus here."""
         self._load(spec)
         failed = {"task": task_spec.name, "type": task_spec.type, "status": "error", "seconds": 0.0,
                   "pid": os.getpid(), "host": os.uname().nodename}
@@ -101,4 +113,16 @@ class EvalWorker:
         except Exception as err:  # noqa: BLE001
             return {**failed, "error": f"task {task_spec.name!r}: {type(err).__name__}: {err}",
                     "traceback": traceback.format_exc()}
-        return run_task(self.encoder, task, batch_size)
+        if not shard_vectors:
+            return run_task(self.encoder, task, batch_size)
+        from ray_e5.evaluate.sharding import PrecomputedDocuments, corpus_texts, shards
+
+        model = self.encoder.model
+        documents = PrecomputedDocuments(model, shards(corpus_texts(task), len(shard_vectors)), shard_vectors)
+        self.encoder.model = documents
+        try:
+            record = run_task(self.encoder, task, batch_size)
+        finally:
+            self.encoder.model = model
+        record.update(corpus_shards=len(shard_vectors), precomputed_documents=documents.hits)
+        return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ray_e5.config import LoraSettings
@@ -16,13 +17,18 @@ def add_lora(backbone, settings: LoraSettings) -> PeftModel:
         depth = int(getattr(config, "num_hidden_layers", 0) or 0)
         if depth and settings.top_layers < depth:
             layers = list(range(depth - settings.top_layers, depth))
+    targets = settings.target_modules
+    if layers is not None and targets == "all-linear":  # peft takes layers_to_transform with named modules only
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                          if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=targets,
         bias="none",
         layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
     )
     return get_peft_model(backbone, config)
 

@@ -61,12 +61,16 @@ class TrainSettings(Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, gt=0)  # per worker; default: cpus_per_worker
     engine: Literal["deepspeed", "torch"] = "deepspeed"
+    # torch engine on CPU: forward passes under bf16 autocast ("auto": only where the CPU has AVX512-BF16 or AMX,
+    # which run bf16 matmuls natively; elsewhere bf16 is emulated and slower). Embeddings and the loss stay fp32.
+    cpu_autocast: Literal["off", "auto", "bf16"] = "off"
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config, merged over the generated one
     # ---- limits, checkpoints, logging ------------------------------------------------------------------------
     max_steps: int | None = Field(None, gt=0)  # cap on optimiser steps (the schedule is fitted to it)
     max_time_s: float | None = Field(None, gt=0.0)  # wall-time cap; stops cleanly, saving what is trained
+    fit_schedule_to_time: bool = True  # with max_time_s: the lr decay ends at the step the time limit will stop at
     checkpoint_every: int = Field(100, gt=0)  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)  # worker failures to recover from (-1: unlimited)

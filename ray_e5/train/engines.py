@@ -64,6 +64,24 @@ def set_horizon(scheduler, horizon: int) -> None:
             factor.horizon = max(int(horizon), factor.warmup + 1)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a CPU forward under ``train.cpu_autocast``, or None for plain fp32."""
+    if device.type != "cpu" or mode == "off" or (mode == "auto" and not cpu_has_native_bf16()):
+        return None
+    return torch.bfloat16
+
+
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
@@ -85,13 +103,18 @@ class TorchEngine:
                     dist.broadcast(p.data, 0)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, settings.warmup_steps, total_steps)
+        self.autocast = autocast_dtype(getattr(settings, "cpu_autocast", "off"), self.device)
 
     @property
     def device(self) -> torch.device:
         return self.params[0].device
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(**{k: v.to(self.device) for k, v in batch.items()})
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        if self.autocast is None:
+            return self.module(**inputs)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.module(**inputs).float()
 
     def backward(self, scalar: torch.Tensor, boundary: bool = True) -> None:
         scalar.backward()

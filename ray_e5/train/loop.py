@@ -119,14 +119,15 @@ def train_loop_per_worker(config: dict) -> None:
         # and the step the lr decay should end at (the steps that fit before the deadline at the pace so far).
         out_of_time = rank == 0 and deadline is not None and time.time() >= deadline
         horizon = 0.0
-        if rank == 0 and deadline is not None:
+        fit = deadline is not None and settings.fit_schedule_to_time
+        if rank == 0 and fit:
             horizon = float(fitted_horizon(step, total_steps, (time.perf_counter() - first_began) / stepped,
                                            deadline - time.time()))
         shared = torch.tensor([float(result.tokens), result.loss, float(out_of_time), horizon], device=engine.device)
         if world > 1:
             dist.all_reduce(shared)
         stop = bool(shared[2] > 0)
-        if deadline is not None:
+        if fit:
             set_horizon(engine.scheduler, int(shared[3]))
         seconds = time.perf_counter() - began
         loss = float(shared[1]) / world

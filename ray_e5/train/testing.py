@@ -8,7 +8,6 @@ one training step on a tiny decoder with LoRA, returning the loss and the worker
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,11 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from ray_e5.net import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
