@@ -100,3 +100,73 @@ def test_both_phases_share_one_processor(ray_cluster, tiny_decoder_dir):
     settings = _settings(str(tiny_decoder_dir))
     assert vllm_processor(settings) is vllm_processor(settings.model_copy())
     assert vllm_processor(settings) is not vllm_processor(_settings(str(tiny_decoder_dir), top_p=0.5))
+
+
+def test_the_served_writer_config_is_a_valid_ray_serve_llm_config():
+    """engine: serve (the default) deploys one LLMConfig; checked against the installed class (its module imports
+    without vLLM; ray.serve.llm itself does not)."""
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    from ray_e5.generate.vllm_server import ROUTE, VllmServer, llm_config
+
+    settings = _settings("mistralai/Mistral-7B-Instruct-v0.3")
+    assert settings.vllm.engine == "serve"
+    config = LLMConfig(**llm_config(settings.model_copy(update={"vllm": settings.vllm.model_copy(
+        update={"accelerator_type": "H100"})})))
+    assert config.model_id == "mistralai/Mistral-7B-Instruct-v0.3"
+    assert config.engine_kwargs["tensor_parallel_size"] == 1 and config.engine_kwargs["max_model_len"] == 4096
+    assert config.deployment_config["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 2}
+    assert config.accelerator_type == "H100"
+    assert VllmServer(settings).base_url == f"http://127.0.0.1:8100{ROUTE}/v1"
+
+
+def test_the_served_writer_without_vllm_fails_before_any_request():
+    import pytest
+
+    from ray_e5.generate.errors import BackendError
+    from ray_e5.generate.vllm_server import VllmServer
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed here: the missing-vLLM message cannot be produced")
+    with pytest.raises(BackendError, match=r"needs vLLM on the cluster \(pip install 'ray-e5\[gpu\]'"):
+        VllmServer(_settings("mistralai/Mistral-7B-Instruct-v0.3")).__enter__()
+
+
+def test_one_served_writer_answers_both_steps_through_the_hosted_path(ray_cluster, tmp_path, monkeypatch):
+    """engine: serve starts the writer once, and brainstorm and examples both go to it through the ChatCompleter
+    actors (journal, retries, drop counts). The deployment itself needs vLLM on GPUs; here the one allowed
+    stand-in, our OpenAI-compatible test server, answers in its place."""
+    from ray_e5.config import RayE5Config
+    from ray_e5.generate import vllm_server
+    from ray_e5.generate.run import generate
+    from ray_e5.generate.testserver import TestServer
+
+    with TestServer() as server:
+        started = []
+
+        class StandIn:
+            def __init__(self, settings, log=print):
+                started.append(settings.vllm.model)
+                self.base_url = server.base_url
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+        monkeypatch.setattr(vllm_server, "VllmServer", StandIn)
+        gen = {"backend": "vllm", "vllm": {"model": "test-model"}, "num_examples": 12, "mix": {"short-long": 1, "sts": 1},
+               "tasks_per_brainstorm": 4, "examples_per_task": 2, "concurrency": 4, "progress": False,
+               "request_timeout_s": 5.0}
+        manifest = generate(RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": gen}))
+        calls = list(server.calls)
+    assert started == ["test-model"]  # one engine set for the whole run
+    brainstorms = [c for c in calls if c.prompt.startswith("Think up a list")]  # the brainstorm prompt
+    assert brainstorms and len(calls) > len(brainstorms)  # both steps reached the one server
+    assert manifest["examples"] > 0 and manifest["backend"] == "vllm" and manifest["model"] == "test-model"
+    assert any((tmp_path / "run" / "synthetic" / "journal").iterdir())  # the actors journaled the answers

@@ -197,10 +197,10 @@ _PROCESSORS: dict[str, object] = {}
 
 
 def vllm_processor(settings: GenerateSettings):
-    """The processor for these settings, built once and reused by both phases (brainstorm, then examples).
+    """The processor for these settings (``vllm.engine: batch``), built once and reused by both phases.
 
-    Note: ray.data.llm starts the engine actors per dataset execution, so the engines still load once per phase;
-    keeping them across phases needs one running dataset for both (or a Ray Serve LLM deployment), not done yet.
+    ray.data.llm starts the engine actors per dataset execution, so the engines load once per phase; the default
+    ``engine: serve`` keeps one engine set for both (:mod:`ray_e5.generate.vllm_server`).
     """
     key = settings.model_dump_json()
     if key not in _PROCESSORS:

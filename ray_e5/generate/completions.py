@@ -139,7 +139,7 @@ def completions(items: list[dict], phase: str, settings: GenerateSettings, *, ba
     """A Ray Dataset of output rows (``BRAINSTORM_COLUMNS`` or ``EXAMPLE_COLUMNS``), one per planned request."""
     import ray
 
-    if settings.backend == "vllm":
+    if settings.backend == "vllm" and settings.vllm.engine == "batch":
         from ray_e5.generate.backends import vllm_processor
 
         ds = ray.data.from_items(items)

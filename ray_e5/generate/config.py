@@ -30,9 +30,13 @@ def _refuse_unknown_kinds(by_kind: dict) -> None:
 
 
 class VllmSettings(Section):
-    """ray.data.llm's vLLM engine on GPU nodes (the processor is built here; it runs only on a GPU cluster)."""
+    """vLLM on GPU nodes. ``engine: serve``: one Ray Serve LLM deployment answers both generation steps
+    (ray_e5/generate/vllm_server.py); ``batch``: ray.data.llm's processor, engines started per step."""
 
     model: str = "mistralai/Mistral-7B-Instruct-v0.3"
+    engine: Literal["serve", "batch"] = "serve"
+    serve_port: int = Field(8100, gt=0, lt=65536)  # serve: the Serve HTTP port (proxies on every node)
+    start_timeout_s: float = Field(1800.0, gt=0)  # serve: time for the engines to load
     concurrency: int = Field(1, gt=0)  # vLLM engine replicas (each tensor_parallel_size GPUs)
     tensor_parallel_size: int = Field(1, gt=0)
     batch_size: int = Field(64, gt=0)

@@ -148,8 +148,8 @@ class _Run:
                                            self.spent_before[1] + self.tally.completion_tokens) or 0.0
             source = batch_rows(items, phase, self.settings, self.out_dir, spent)
         else:
-            source = completions(items, phase, self.settings, journal_dir=self.out_dir if self.settings.backend
-                                 != "vllm" else None, **kwargs).iter_rows()
+            source = completions(items, phase, self.settings, journal_dir=None if self.driver_journal is not None
+                                 else self.out_dir, **kwargs).iter_rows()
         for row in source:
             drop = row["drop"]
             if not drop.startswith("skipped_"):
@@ -347,7 +347,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
         ray = connect(config.ray_address)
         stack.enter_context(_ray_data_quiet())
         kwargs: dict[str, Any] = {"deadline": run.deadline}
-        if s.backend == "vllm" or s.batch_api:
+        if s.batch_api or (s.backend == "vllm" and s.vllm.engine == "batch"):  # answers reach the driver
             run.driver_journal = JournalWriter(run.out_dir)
             stack.callback(run.driver_journal.close)
         else:
@@ -361,6 +361,10 @@ def generate(config: RayE5Config) -> dict[str, Any]:
                 print(f"[ray-e5 generate] llama.cpp {run.server.info} (log: {upload_log or log_path})", flush=True)
                 kwargs["base_url"] = run.url = run.server.base_url
                 kwargs["node_id"] = ray.get_runtime_context().get_node_id()
+            if s.backend == "vllm":  # one engine set, served, for both steps
+                from ray_e5.generate.vllm_server import VllmServer
+
+                kwargs["base_url"] = run.url = stack.enter_context(VllmServer(s)).base_url
             if s.requests_per_minute or s.tokens_per_minute or s.budget_usd is not None:
                 from ray_e5.generate.ledger import Ledger
 
