@@ -150,3 +150,26 @@ def test_largest_task_is_scheduled_first(toys):
     ordered = largest_first([small, full, sts])
     assert [t.text_chars() for t in ordered] == sorted((t.text_chars() for t in ordered), reverse=True)
     assert [t.name for t in ordered].index("toy_retrieval") < [t.name for t in ordered].index("toy_retrieval_small")
+
+
+def test_fewer_classification_experiments_embed_fewer_training_texts(shared_data):
+    from ray_e5.config import ConfigError
+    from ray_e5.evaluate.config import TaskEntry
+    from ray_e5.evaluate.tasks import resolve_tasks
+
+    default, fewer = resolve_tasks([TaskEntry(path="banking77"), TaskEntry(path="banking77", name="banking77-2", n_experiments=2)],
+                                   data_dir=str(shared_data))
+    assert default.task.n_experiments == 10 and fewer.task.n_experiments == 2
+    assert default.fingerprint != fewer.fingerprint  # a cached score of the other setting is not reused
+
+    def union(task) -> int:
+        split = task.dataset["default"] if "default" in task.dataset else task.dataset
+        train, idxs, chosen = split["train"], None, set()
+        for i in range(task.n_experiments):
+            _, idxs, selected = task._undersample_data(train, i, idxs)
+            chosen |= set(selected)
+        return len(chosen)
+
+    assert 0 < union(fewer.task) < union(default.task)
+    with pytest.raises(ConfigError, match="n_experiments applies to classification"):
+        resolve_tasks([TaskEntry(path="sick", n_experiments=2)], data_dir=str(shared_data))

@@ -57,6 +57,9 @@ class TaskEntry(Section):
     subsets: list[str] | None = None  # local multi-subset folders (languages): only these
     max_samples: int | None = Field(None, gt=0)  # seeded subsample: rows, or queries for retrieval/reranking
     max_corpus: int | None = Field(None, gt=0)  # retrieval: documents kept (every relevant one is always kept)
+    # classification: mteb's probe is trained n times on 8 sampled texts per label (default 10); the union of the
+    # samples is embedded, so fewer experiments embed fewer training texts (banking77: 6160 at 10, about 1850 at 3)
+    n_experiments: int | None = Field(None, gt=0)
     instruction: str | None = None  # override the instruction table for this task
     main_score: str | None = None  # override mteb's main score for a local task
     # built-in tasks (no data to read): `type: passkey` is passkey retrieval at each of `lengths` (tokens), with

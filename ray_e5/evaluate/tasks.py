@@ -54,6 +54,10 @@ def _text_chars(data: Any) -> int:
     return 0
 
 
+def md_type(task) -> str:
+    return getattr(getattr(task, "metadata", None), "type", "")
+
+
 def largest_first(tasks: list[TaskSpec]) -> list[TaskSpec]:
     """Tasks in decreasing order of the text they embed (ties and unknown sizes keep their order): with several
     workers, the longest task starts first instead of last, so it does not run alone at the end (LPT scheduling)."""
@@ -112,11 +116,16 @@ def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) 
         task = load_local_task(folder, name=name, split=entry.split or "test", subsets=entry.subsets,
                                max_samples=entry.max_samples, max_corpus=entry.max_corpus, seed=seed,
                                main_score=entry.main_score)
+        if entry.n_experiments is not None:
+            if md_type(task) != "Classification":
+                raise ConfigError(f"task {name!r}: n_experiments applies to classification tasks only")
+            task.n_experiments = entry.n_experiments
         md = task.metadata
         key = {"path": uri if files is not None else str(Path(uri).resolve()),
                "data": md.dataset["revision"] if files is None else _digest(files), "split": md.eval_splits,
                "subsets": entry.subsets, "max_samples": entry.max_samples, "max_corpus": entry.max_corpus,
-               "seed": seed, "main_score": md.main_score}
+               "seed": seed, "main_score": md.main_score,
+               **({"n_experiments": entry.n_experiments} if entry.n_experiments is not None else {})}
         return TaskSpec(md.name, md.type, entry, True, _digest(key), task)
     task = hub_task(entry)
     md = task.metadata

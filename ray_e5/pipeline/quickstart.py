@@ -65,7 +65,9 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
                       smoke: bool, overrides: list[str], log=print) -> RayE5Config:
     """The quickstart recipe with the budget applied, absent datasets dropped, and the user's overrides last;
     validated whole (every section, every error at once) before anything runs."""
-    data: dict[str, Any] = read_yaml(config_path or recipe_for_budget(budget.total_s / 60))
+    recipe = config_path or recipe_for_budget(budget.total_s / 60)
+    log(f"[ray-e5] recipe {recipe} with a budget of {budget.total_s / 60:g} min")
+    data: dict[str, Any] = read_yaml(recipe)
     if "budget" in data:  # the recipe's own shares (checked again with the whole config below)
         budget = Budget(budget.total_s, validate(BudgetShares, data["budget"] or {}, prefix="budget."))
     if run_dir:
