@@ -110,10 +110,9 @@ def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSett
     queue: list[tuple] = []  # ("shard", model, task, index, texts ref) or ("task", model, task)
     sharded: dict[tuple[str, str], list | str] = {}  # (model, task) -> shard vector refs, or "failed"
     for model, task in work:
-        workers = min(settings.num_workers, len(work))
-        if settings.shard_min_chars and worth_sharding(task.text_chars(), totals[model.label], workers,
+        if settings.shard_min_chars and worth_sharding(task.text_chars(), totals[model.label], settings.num_workers,
                                                        settings.shard_min_chars):
-            parts = shards(corpus_texts(task.task), workers)
+            parts = shards(corpus_texts(task.task), settings.num_workers)
             if len(parts) > 1 and all(parts):
                 sharded[(model.label, task.name)] = [None] * len(parts)
                 queue += [("shard", model, task, i, ray.put(part)) for i, part in enumerate(parts)]
@@ -133,8 +132,7 @@ def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSett
             refs[id(item[2])] = ray.put(item[2])
         return worker.run.remote(item[1], refs[id(item[2])], settings.batch_size, *vectors)
 
-    workers_started = min(settings.num_workers, len(work))
-    idle = [start() for _ in range(workers_started)]
+    idle = [start() for _ in range(min(settings.num_workers, len(queue)))]
     running: dict[Any, tuple[Any, tuple]] = {}
     refs: dict[int, Any] = {}  # one object-store copy of each task, shared by every model and worker
     try:
