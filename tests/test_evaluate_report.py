@@ -26,6 +26,7 @@ def test_english_average_leaves_out_the_multilingual_tasks():
 
 
 def test_an_all_english_suite_has_one_average():
-    tasks = [{"name": "sts-en", "type": "STS", "main_score": "cosine_spearman", "local": True, "english": True}]
-    report = build_report([{"label": "a", "ref": "a"}], tasks, {"a": {"sts-en": _ok(0.5)}})
+    tasks = [{"name": "sts-en", "type": "STS", "main_score": "cosine_spearman", "local": True, "english": True},
+             {"name": "STS12", "type": "STS", "main_score": "cosine_spearman", "local": False, "english": None}]
+    report = build_report([{"label": "a", "ref": "a"}], tasks, {"a": {"sts-en": _ok(0.5)}})  # a hub task: unknown
     assert report["english_average"] == {} and "English average" not in markdown(report)

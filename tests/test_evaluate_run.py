@@ -58,7 +58,8 @@ def test_fan_out_cache_failures_and_report(ray_cluster, tiny_decoder_dir, toys, 
     assert not (out / "results" / "tiny" / "STS12.json").exists()  # failures are not cached as finished
     # the report
     md = (out / "report.md").read_text()
-    assert "| Model | Average | Classification | Clustering | PairClassification | Reranking | Retrieval | STS" in md
+    assert "| Model | Average | " in md  # (an English average beside it: toy_bitext is not English)
+    assert "| Classification | Clustering | PairClassification | Reranking | Retrieval | STS" in md
     assert "| tiny-plain |" in md and "## Failed" in md and "could not be loaded" in md
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "report.json").read_text())

@@ -104,15 +104,18 @@ def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSett
     def start():
         return worker_cls.remote(instructions, threads, use_gpu)
 
+    def chars(task) -> int:
+        return task.text_chars() if hasattr(task, "text_chars") else 0
+
     totals: dict[str, int] = {}
     for model, task in work:
-        totals[model.label] = totals.get(model.label, 0) + task.text_chars()
+        totals[model.label] = totals.get(model.label, 0) + chars(task)
     queue: list[tuple] = []  # ("shard", model, task, index, texts ref) or ("task", model, task)
     sharded: dict[tuple[str, str], list | str] = {}  # (model, task) -> shard vector refs, or "failed"
     for model, task in work:
-        if settings.shard_min_chars and worth_sharding(task.text_chars(), totals[model.label], settings.num_workers,
+        if settings.shard_min_chars and worth_sharding(chars(task), totals[model.label], settings.num_workers,
                                                        settings.shard_min_chars):
-            parts = shards(corpus_texts(task.task), settings.num_workers)
+            parts = shards(corpus_texts(getattr(task, "task", None)), settings.num_workers)
             if len(parts) > 1 and all(parts):
                 sharded[(model.label, task.name)] = [None] * len(parts)
                 queue += [("shard", model, task, i, ray.put(part)) for i, part in enumerate(parts)]
@@ -233,11 +236,12 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     return report
 
 
-def _english_only(task: TaskSpec) -> bool:
-    """Whether every language the task evaluates is English (its mteb metadata's ``eval_langs``)."""
+def _english_only(task: TaskSpec) -> bool | None:
+    """Whether every language the task evaluates is English (its mteb metadata's ``eval_langs``); None when
+    unknown (a hub task is loaded only by its worker)."""
     langs = getattr(getattr(task.task, "metadata", None), "eval_langs", None)
     if not langs:
-        return False
+        return None
     flat = [lang for group in (langs.values() if isinstance(langs, dict) else [langs]) for lang in group]
     return bool(flat) and all(str(lang).startswith("eng") for lang in flat)
 

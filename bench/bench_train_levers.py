@@ -1,0 +1,80 @@
+"""Training speed of the one-hour recipe's levers on CPU: the same step (Gemma 3 270M + LoRA, batch 32 SNLI
+triplets, 64 tokens, chunks of 16, mean pooling) with LoRA on every layer in fp32 (the baseline), on the top 6
+layers only (``model.lora.top_layers``: backward stops at the lowest adapted layer), under bf16 autocast
+(``train.cpu_autocast``), both, and both without hard negatives. Prints examples/s and the ratio to the baseline
+(best of the steps after the first, which warms up).
+
+    python bench/bench_train_levers.py [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DATA = Path(os.environ.get("RAY_E5_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+CASES = [  # (label, lora.top_layers, train.cpu_autocast, hard negatives)
+    ("all layers, fp32", None, "off", True),
+    ("top 6 layers, fp32", 6, "off", True),
+    ("all layers, bf16 autocast", None, "bf16", True),
+    ("top 6 layers, bf16 autocast", 6, "bf16", True),
+    ("top 6, bf16, no hard negatives", 6, "bf16", False),
+]
+
+
+def examples_per_s(rows, top_layers, autocast: str, negatives: bool, steps: int, batch: int) -> float:
+    import torch
+
+    from ray_e5.config import ModelSettings
+    from ray_e5.train.config import TrainSettings
+    from ray_e5.train.engines import build_embedder, make_engine
+    from ray_e5.train.step import prepare, train_step
+
+    model = ModelSettings.model_validate({"name": "gemma3-270m", "pooling": "mean", "max_length": 64,
+                                          "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "top_layers": top_layers}})
+    settings = TrainSettings.model_validate({"batch_size": batch, "chunk_size": 16, "engine": "torch",
+                                             "cpu_autocast": autocast, "hard_negatives": negatives})
+    torch.manual_seed(0)
+    embedder = build_embedder(model, settings, batch)
+    embedder.train()
+    engine = make_engine(embedder, settings, 100, "fp32", batch, torch.device("cpu"))
+    times = []
+    for s in range(steps):
+        part = rows[s * batch:(s + 1) * batch]
+        row = {"query": [r["query"] for r in part], "positive": [r["positive"] for r in part],
+               "negative": [r["negative"] for r in part], "task": ["Retrieve semantically similar text."] * batch}
+        began = time.perf_counter()
+        texts = prepare(row, 0, 1, model.instruction_template, negatives, True, True)
+        train_step(engine, embedder, texts, 0.05, True, 16, False, ())
+        engine.step()
+        times.append(time.perf_counter() - began)
+    return batch / min(times[1:] or times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from ray_e5.train.engines import cpu_has_native_bf16
+
+    rows = [json.loads(line) for line in (DATA / "snli_triplets" / "train.jsonl").read_text().splitlines()[:400]]
+    print(f"{os.cpu_count()} CPU cores; native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}")
+    base = None
+    for label, top, autocast, negatives in CASES:
+        rate = examples_per_s(rows, top, autocast, negatives, args.steps, args.batch)
+        base = base or rate
+        print(f"{label:34s} {rate:6.2f} examples/s   x{rate / base:.2f} of all layers fp32", flush=True)
+
+
+if __name__ == "__main__":
+    main()
