@@ -5,8 +5,9 @@ bitext, labeled), ``language``, ``query``, ``positive``, ``negative`` (may be em
 come as triplets (``query``/``positive``/``negative``), as pairs (``sentence1``/``sentence2``/``score``, as the
 STS and bitext sets are stored) or as labeled texts (``text``/``label``, a classification set's train split), which
 become the paper's long-short (classification) examples: the text as the query, its label as the positive (the
-misleading label, the negative, is chosen per source by :func:`ray_e5.data.sources.read_rows`). A record that cannot be a training example is not an error: it is skipped and its
-reason counted, so one bad line never stops a run.
+misleading label, the negative, is chosen per source by :func:`ray_e5.data.sources.read_rows`). A record that
+cannot be a training example is not an error: it is skipped and its reason counted, so one bad line never stops a
+run.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-KINDS = ("short-long", "long-short", "short-short", "long-long", "sts", "bitext", "labeled")
 CONTRACT = ("task", "kind", "language", "query", "positive", "negative")
-PROVENANCE = ("backend", "model", "prompt_id", "prompt_tokens", "completion_tokens")
 # Columns of a normalised row: the contract, where it came from, and why it was rejected ("" when it was not).
 ROW_COLUMNS = ("source",) + CONTRACT + ("problem",)
 FILTERED_PREFIX = "filtered: "  # reasons that are a deliberate selection (min_score), not bad data
