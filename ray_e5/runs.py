@@ -137,10 +137,19 @@ def exists(uri: str) -> bool:
 
 
 def write_text(uri: str, text: str) -> None:
+    """Write a whole file. On a local disk it is written beside its place and renamed, so a process killed mid-write
+    (a driver stopped during a run) leaves the previous version, never a truncated one; an object store's PUT is
+    already all or nothing."""
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as out:
+            out.write(text.encode())
+        os.replace(tmp, path)
+        return
     with fs.open_output_stream(path) as out:
         out.write(text.encode())
 
