@@ -165,8 +165,7 @@ def _run_all(ray, work: list[tuple[ModelSpec, TaskSpec]], settings: EvaluateSett
                 if isinstance(state, list):
                     state[item[3]] = done[0]
                 continue
-            record = result
-            on_record(model, task, record)
+            on_record(model, task, result)
     finally:
         for w in idle + [w for w, _ in running.values()]:
             ray.kill(w)
