@@ -8,8 +8,15 @@ cluster is started once before, as on a cluster that is already up (its start ti
 workers at the peer's CPU priority. ``--repeats N`` interleaves N rounds and keeps each side's best time.
 Goal: ray-e5 with one worker <= 1.1x the peer's time; two workers printed too.
 
+``--nodes 1 2`` measures scaling with nodes instead: for each count N, a simulated cluster
+(``ray.cluster_utils.Cluster``: a head with no CPU and N worker nodes of ``--cpus-per-node`` CPUs) runs the same
+evaluation with N workers of that size, so each worker has a node of its own. The physical limit is linear
+speed-up, which a machine can show only up to its core count (N x cpus-per-node <= cores); the bench prints each
+count's speed-up against it, and the scores must agree across counts.
+
     python bench/bench_eval.py                       # STS-B test, SICK test, MRPC, SciFact (full: 300 x 5183)
     python bench/bench_eval.py --scifact-queries 50 --scifact-docs 500   # a quicker run
+    python bench/bench_eval.py --nodes 1 2 --scifact-docs 2500            # speed-up with simulated nodes
 """
 
 from __future__ import annotations
@@ -77,6 +84,41 @@ def ours(entries: list[dict], workers: int, cpus: int, seed: int, out: Path) -> 
     return seconds, report["scores"]["minilm"], report
 
 
+def node_scaling(entries: list[dict], counts: list[int], cpus_per_node: int, seed: int) -> None:
+    """Wall time of one evaluation on 1..N simulated nodes, against linear speed-up (the physical limit)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    times: dict[int, float] = {}
+    scores: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            for _ in range(n):
+                cluster.add_node(num_cpus=cpus_per_node)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
+            try:
+                nodes = [x for x in ray.nodes() if x["Alive"] and x["Resources"].get("CPU")]
+                print(f"{n} worker node(s) of {cpus_per_node} CPU(s) up ({len(nodes)} with CPUs, head has none)",
+                      flush=True)
+                times[n], scores[n], _ = ours(entries, n, n * cpus_per_node, seed, Path(tmp) / f"nodes{n}")
+                print(f"{n} node(s): {times[n]:.1f}s (load average {os.getloadavg()[0]:.1f})", flush=True)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+    base = counts[0]
+    print(f"\nmachine: {os.cpu_count()} cores; each node {cpus_per_node} CPU(s), one evaluation worker per node")
+    print(f"{'nodes':>5}{'wall s':>10}{'speed-up':>10}{'linear':>8}{'of linear':>11}")
+    for n in counts:
+        speed_up = times[base] / times[n]
+        linear = n / base
+        print(f"{n:>5}{times[n]:>10.1f}{speed_up:>10.2f}{linear:>8.2f}{speed_up / linear:>11.2f}")
+    worst = max(abs(scores[n][k] - scores[base][k]) for n in counts for k in scores[base])
+    print(f"scores across node counts: max |diff| = {worst:.4f} points -> {'OK' if worst <= 1e-4 else 'FAIL'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="*", default=["stsbenchmark", "sick", "mrpc"],
@@ -87,11 +129,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (peer, 1 worker, 2 workers), interleaved; the best time of each is kept")
+    parser.add_argument("--nodes", type=int, nargs="*", default=None,
+                        help="measure speed-up with simulated nodes instead (e.g. --nodes 1 2)")
+    parser.add_argument("--cpus-per-node", type=int, default=1)
     args = parser.parse_args()
 
     import ray
 
     entries = task_entries(args)
+    if args.nodes:
+        print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
+        node_scaling(entries, sorted(args.nodes), args.cpus_per_node, args.seed)
+        return
     print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
     t = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,

@@ -174,7 +174,7 @@ def interleave(*tables: pa.Table, block_rows: int = 256) -> Iterator[pa.Table]:
 
 
 def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_batch: int = 4,
-               multiple_of: int = 1, batch_by: str = "kind") -> Plan:
+               multiple_of: int = 1, batch_by: str = "kind", rows: dict[str, pa.Table] | None = None) -> Plan:
     """Mix the sources at their weights into task-homogeneous global batches, as a Ray Dataset.
 
     One Ray task per source reads and plans it, one more interleaves the batches; the result is handed to Ray
@@ -198,6 +198,8 @@ def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_bat
     from ray_e5.data.sources import read_rows
 
     def rows_of(source):
+        if rows and source.name in rows:
+            return ray.put(rows[source.name])
         return ray.put(read_rows(source)) if isinstance(source.filesystem, pafs.LocalFileSystem) else None
 
     planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of, rows_of(s), batch_by) for s in sources]

@@ -31,6 +31,21 @@ class SourceSettings(Section):
     min_score: float | None = None
 
 
+class MineSettings(Section):
+    """``train.mine``: hard negatives mined with an embedder before the plan is cut (ray_e5.data.mining)."""
+
+    sources: list[str] | None = None  # source names to mine (None: every source; "synthetic" is the generated one)
+    model: str | None = None  # embedder directory or URI to mine with (None: the run's base model, no LoRA)
+    top_k: int = Field(30, gt=0)  # candidates considered per query, after skip_top
+    skip_top: int = Field(0, ge=0)  # best-ranked candidates passed over (often unlabeled positives)
+    relative_margin: float = Field(0.05, ge=0.0, lt=1.0)  # a negative scores <= (1 - margin) x the positive
+    sampling: Literal["top", "random"] = "top"  # the best passing candidate, or a seeded random one of the top_k
+    replace: bool = False  # also replace negatives rows already have (default: fill only rows without one)
+    num_workers: int = Field(1, gt=0)  # Ray Data encoder actors
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(64, gt=0)
+
+
 class TrainSettings(Section):
     # ---- data ------------------------------------------------------------------------------------------------
     synthetic: bool = True  # use <run_dir>/synthetic/*.parquet when present
@@ -38,6 +53,7 @@ class TrainSettings(Section):
     sources: list[SourceSettings] = Field(default_factory=list)
     epochs: int = Field(1, gt=0)
     seed: int = 0
+    mine: MineSettings | None = None  # hard-negative mining before planning (None: off)
     # ---- loss ------------------------------------------------------------------------------------------------
     batch_size: int = Field(64, gt=1)  # global: examples per optimiser step over all workers
     batch_by: Literal["kind", "task"] = "kind"  # a batch holds one source's kind, or one kind's task (instruction)

@@ -54,6 +54,40 @@ def _sources(config: RayE5Config, settings: TrainSettings) -> list:
     return sources
 
 
+def _mined_names(settings: TrainSettings, sources: list) -> list[str]:
+    """The sources ``train.mine`` mines; an unknown name is a ConfigError naming the accepted ones."""
+    names = [s.name for s in sources]
+    if settings.mine.sources is None:
+        return names
+    unknown = sorted(set(settings.mine.sources) - set(names))
+    if unknown:
+        raise ConfigError(f"train.mine.sources: {unknown} name no training source; accepted: {', '.join(names)}")
+    return list(settings.mine.sources)
+
+
+def mining_model(config: RayE5Config, reference: str | None) -> dict:
+    """What the mining encoders load: ``reference`` (an embedder directory or URI) as saved, or the run's base model
+    with the config's pooling, length, template and dtype (no LoRA: the model before training)."""
+    if reference is not None:
+        return {"reference": reference, "overrides": {}}
+    fields = config.model.model_dump(exclude={"name", "lora", "gradient_checkpointing"})
+    return {"reference": config.model.name, "overrides": fields}
+
+
+def _mine(config: RayE5Config, settings: TrainSettings, sources: list, train_dir: str) -> dict:
+    """The mined rows of the sources ``train.mine`` names, by name (ray_e5.data.mining)."""
+    from ray_e5.data.mining import mine_sources
+    from ray_e5.data.sources import read_rows
+
+    names = _mined_names(settings, sources)
+    tables = {s.name: read_rows(s) for s in sources if s.name in names}
+    try:
+        return mine_sources(tables, mining_model(config, settings.mine.model), settings.mine,
+                            runs.join(train_dir, "mined"), seed=settings.seed)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, total_steps: int) -> dict:
     """What must not change for a checkpoint to be resumed: the data plan, the model, the workers' layout."""
     return {
@@ -63,7 +97,8 @@ def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, to
         "total_steps": total_steps, "model": model_settings(config).model_dump(),
         "num_workers": settings.num_workers, "engine": settings.engine,
         "zero_stage": settings.zero_stage if settings.engine == "deepspeed" else None,
-    }
+    } | ({"mine": settings.mine.model_dump(exclude={"num_workers", "cpus_per_worker", "batch_size"})}
+         if settings.mine is not None else {})
 
 
 def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
@@ -104,6 +139,8 @@ def train(config: RayE5Config) -> Path:
     deadline = started + settings.max_time_s if settings.max_time_s else None
 
     sources = _sources(config, settings)  # bad paths fail here, before a cluster starts
+    if settings.mine is not None:
+        _mined_names(settings, sources)  # and unknown mined sources
 
     from ray_e5.cluster import connect
 
@@ -115,14 +152,15 @@ def train(config: RayE5Config) -> Path:
     from ray_e5.train.loop import EMBEDDER_DIR, STATE_FILE, train_loop_per_worker
     from ray_e5.train.metrics import plot_loss_curve
 
+    run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory
+    train_dir = run.train
+    mined = _mine(config, settings, sources, train_dir) if settings.mine is not None else {}
     try:
         plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed,
                           min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers,
-                          batch_by=settings.batch_by)
+                          batch_by=settings.batch_by, rows=mined)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
-    run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory
-    train_dir = run.train
     runs.makedirs(train_dir)
     runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
     for name, s in plan.sources.items():
