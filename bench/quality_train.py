@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "fixed-schedule": ["train.fit_schedule_to_time=false"],
     # hard negatives mined with the base model for the STS pairs, which have none (ray_e5.data.mining)
     "mined-negatives": ['train.mine={"sources": ["stsb", "sick"]}'],
+    # the same, mined with the recipe variant's trained embedder ("{out}": --out), as ANCE-style mining does
+    "mined-by-recipe": ['train.mine={"sources": ["stsb", "sick"], "model": "{out}/recipe/embedder"}'],
 }
 
 
@@ -46,7 +48,7 @@ def variant_config(recipe: Path, name: str, out: Path, train_min: float, synthet
     from ray_e5.config import apply_overrides, check_config, RayE5Config, read_yaml
 
     data = read_yaml(recipe)
-    overrides = list(VARIANTS[name])
+    overrides = [o.replace("{out}", str(out)) for o in VARIANTS[name]]
     drop = [o.split("=", 1)[1] for o in overrides if o.startswith("__drop_source__=")]
     overrides = [o for o in overrides if not o.startswith("__drop_source__=")]
     data["train"]["sources"] = [s for s in data["train"]["sources"] if s.get("name") not in drop]

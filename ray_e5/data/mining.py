@@ -61,18 +61,18 @@ class _Encoder:
 
 def embed(items: list[tuple[str, str]], model: dict[str, Any], settings) -> np.ndarray:
     """Unit vectors of ``(text, task)`` items (task "" for a document), embedded by ``settings.num_workers`` Ray
-    Data actors; the items go in sorted by length, so each batch pads little."""
+    Data actors (1 when unset); the items go in sorted by length, so each batch pads little."""
     import ray.data
 
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     records = [{"id": i, "text": items[i][0], "task": items[i][1]} for i in order]
-    blocks = max(1, min(len(records) // settings.batch_size, 4 * settings.num_workers * 8))
+    workers, cpus = settings.num_workers or 1, settings.cpus_per_worker or 1.0
+    blocks = max(1, min(len(records) // settings.batch_size, 32 * workers))
     dataset = ray.data.from_items(records, override_num_blocks=blocks)
     dataset.context.enable_progress_bars = False
-    threads = int(settings.cpus_per_worker) or 1
+    threads = int(cpus) or 1
     out = dataset.map_batches(_Encoder, fn_constructor_kwargs={"model": model, "threads": threads},
-                              compute=ray.data.ActorPoolStrategy(size=settings.num_workers),
-                              num_cpus=settings.cpus_per_worker,
+                              compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
                               batch_size=settings.batch_size, batch_format="numpy")
     vectors: np.ndarray | None = None
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):

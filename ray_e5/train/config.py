@@ -41,8 +41,10 @@ class MineSettings(Section):
     relative_margin: float = Field(0.05, ge=0.0, lt=1.0)  # a negative scores <= (1 - margin) x the positive
     sampling: Literal["top", "random"] = "top"  # the best passing candidate, or a seeded random one of the top_k
     replace: bool = False  # also replace negatives rows already have (default: fill only rows without one)
-    num_workers: int = Field(1, gt=0)  # Ray Data encoder actors
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    # Ray Data encoder actors and their CPUs (None: train.num_workers / train.cpus_per_worker, the resources the
+    # training workers take next, free while mining runs)
+    num_workers: int | None = Field(None, gt=0)
+    cpus_per_worker: float | None = Field(None, gt=0.0)
     batch_size: int = Field(64, gt=0)
 
 

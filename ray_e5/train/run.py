@@ -81,8 +81,10 @@ def _mine(config: RayE5Config, settings: TrainSettings, sources: list, train_dir
 
     names = _mined_names(settings, sources)
     tables = {s.name: read_rows(s) for s in sources if s.name in names}
+    mine = settings.mine.model_copy(update={"num_workers": settings.mine.num_workers or settings.num_workers,
+                                            "cpus_per_worker": settings.mine.cpus_per_worker or settings.cpus_per_worker})
     try:
-        return mine_sources(tables, mining_model(config, settings.mine.model), settings.mine,
+        return mine_sources(tables, mining_model(config, mine.model), mine,
                             runs.join(train_dir, "mined"), seed=settings.seed)
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
