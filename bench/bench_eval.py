@@ -137,11 +137,10 @@ def main() -> None:
     import ray
 
     entries = task_entries(args)
+    print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
     if args.nodes:
-        print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
         node_scaling(entries, sorted(args.nodes), args.cpus_per_node, args.seed)
         return
-    print(f"machine: {os.cpu_count()} CPU cores; tasks: {[Path(e['path']).name for e in entries]}")
     t = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

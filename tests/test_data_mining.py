@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from ray_e5.config import ConfigError, RayE5Config
@@ -75,6 +76,16 @@ def test_minilm_mines_sts_pairs_over_ray_data_and_caches(ray_cluster, shared_dat
     assert first["stsb"].equals(again["stsb"]) and first["stsb"].equals(mined)
     assert "texts embedded" in logs[0] and "(from " in logs[1], logs
     assert len(list((tmp_path / "mined").glob("stsb-*.parquet"))) == 1
+
+    # The plan is cut from the mined rows: its batches carry every mined negative, and the bad row is counted (all 60 rows fit in batches of 8 and one of 4).
+    from ray_e5.data.batching import build_plan
+    from ray_e5.data.schema import RowDefaults
+    from ray_e5.data.sources import Source
+
+    source = Source("stsb", "jsonl", (), pafs.LocalFileSystem(), RowDefaults("stsb"))
+    plan = build_plan([source], batch_size=8, rows={"stsb": mined})
+    planned = [n for batch in plan.dataset.take_all() for n in batch["negative"] if n]
+    assert len(planned) == stats["mined"] and plan.skipped == 1, (len(planned), plan.skipped)
 
     with pytest.raises(RuntimeError, match=r"train\.mine: no hard negative .*mine\.relative_margin"):
         mine_sources({"stsb": rows}, model, MineSettings(top_k=1, relative_margin=0.99, num_workers=1),

@@ -53,9 +53,9 @@ class _Encoder:
         self.template = self.embedder.settings.instruction_template
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ray_e5.model.instructions import format_query
+        from ray_e5.data.format import format_queries
 
-        texts = [format_query(str(t), str(task) or None, self.template) for t, task in zip(batch["text"], batch["task"])]
+        texts = format_queries([str(t) for t in batch["text"]], [str(t) for t in batch["task"]], self.template)
         return {"id": batch["id"], "vector": self.embedder.encode(texts, batch_size=len(texts))}
 
 
@@ -112,9 +112,9 @@ def search(queries: np.ndarray, positives: np.ndarray, corpus: np.ndarray, exclu
     return chosen, summary
 
 
-def _groups(rows: pa.Table, replace: bool) -> dict[str, dict]:
-    """Per kind: the rows to mine, and the corpus (unique documents of the kind's valid rows)."""
-    cols = {c: rows.column(c).to_pylist() for c in ("kind", "task", "query", "positive", "negative", "problem")}
+def _groups(cols: dict[str, list], replace: bool) -> dict[str, dict]:
+    """Per kind: the rows to mine, the corpus (unique documents of the kind's valid rows, in order) and each
+    query's positives."""
     groups: dict[str, dict] = {}
     for i, kind in enumerate(cols["kind"]):
         if cols["problem"][i]:
@@ -126,8 +126,6 @@ def _groups(rows: pa.Table, replace: bool) -> dict[str, dict]:
         g["positives"].setdefault(cols["query"][i], set()).add(cols["positive"][i])
         if replace or not cols["negative"][i]:
             g["rows"].append(i)
-    for g in groups.values():
-        g["cols"] = cols
     return groups
 
 
@@ -135,10 +133,10 @@ def mine_table(rows: pa.Table, model: dict[str, Any], settings, seed: int = 0) -
     """``rows`` (ROW_COLUMNS) with mined negatives, and what was done: rows considered, mined, left as they were."""
     import ray
 
-    groups = {k: g for k, g in _groups(rows, settings.replace).items() if g["rows"] and len(g["docs"]) > 1}
+    cols = {c: rows.column(c).to_pylist() for c in ("kind", "task", "query", "positive", "negative", "problem")}
+    groups = {k: g for k, g in _groups(cols, settings.replace).items() if g["rows"] and len(g["docs"]) > 1}
     items: dict[tuple[str, str], int] = {}
     for g in groups.values():
-        cols = g["cols"]
         for i in g["rows"]:
             items.setdefault((cols["query"][i], cols["task"][i]), len(items))
             items.setdefault((cols["positive"][i], ""), len(items))
@@ -152,20 +150,18 @@ def mine_table(rows: pa.Table, model: dict[str, Any], settings, seed: int = 0) -
     search_task = ray.remote(num_cpus=1)(search)
     pending = {}
     for kind, g in groups.items():
-        cols = g["cols"]
-        docs = list(g["docs"])
         doc_index = g["docs"]
         q = vectors[[items[(cols["query"][i], cols["task"][i])] for i in g["rows"]]]
         p = vectors[[items[(cols["positive"][i], "")] for i in g["rows"]]]
-        c = vectors[[items[(d, "")] for d in docs]]
+        c = vectors[[items[(d, "")] for d in doc_index]]
         excluded = [sorted({doc_index[x] for x in g["positives"][cols["query"][i]] | {cols["query"][i]}
                             if x in doc_index}) for i in g["rows"]]
         pending[kind] = search_task.remote(q, p, c, excluded, settings.top_k, settings.skip_top,
                                            settings.relative_margin, settings.sampling, seed)
-    negatives = rows.column("negative").to_pylist()
+    negatives = cols["negative"]
     for kind, ref in pending.items():
         g = groups[kind]
-        docs = list(g["docs"])
+        docs = list(g["docs"])  # the corpus order the search indexed
         chosen, summary = ray.get(ref)
         mined = 0
         for i, j in zip(g["rows"], chosen):

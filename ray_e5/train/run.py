@@ -74,12 +74,11 @@ def mining_model(config: RayE5Config, reference: str | None) -> dict:
     return {"reference": config.model.name, "overrides": fields}
 
 
-def _mine(config: RayE5Config, settings: TrainSettings, sources: list, train_dir: str) -> dict:
-    """The mined rows of the sources ``train.mine`` names, by name (ray_e5.data.mining)."""
+def _mine(config: RayE5Config, settings: TrainSettings, sources: list, names: list[str], train_dir: str) -> dict:
+    """The mined rows of the sources ``names`` (checked by :func:`_mined_names`), by name (ray_e5.data.mining)."""
     from ray_e5.data.mining import mine_sources
     from ray_e5.data.sources import read_rows
 
-    names = _mined_names(settings, sources)
     tables = {s.name: read_rows(s) for s in sources if s.name in names}
     mine = settings.mine.model_copy(update={"num_workers": settings.mine.num_workers or settings.num_workers,
                                             "cpus_per_worker": settings.mine.cpus_per_worker or settings.cpus_per_worker})
@@ -141,8 +140,7 @@ def train(config: RayE5Config) -> Path:
     deadline = started + settings.max_time_s if settings.max_time_s else None
 
     sources = _sources(config, settings)  # bad paths fail here, before a cluster starts
-    if settings.mine is not None:
-        _mined_names(settings, sources)  # and unknown mined sources
+    mined_names = _mined_names(settings, sources) if settings.mine is not None else []  # and unknown mined ones
 
     from ray_e5.cluster import connect
 
@@ -156,7 +154,7 @@ def train(config: RayE5Config) -> Path:
 
     run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory
     train_dir = run.train
-    mined = _mine(config, settings, sources, train_dir) if settings.mine is not None else {}
+    mined = _mine(config, settings, sources, mined_names, train_dir) if settings.mine is not None else {}
     try:
         plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed,
                           min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers,
