@@ -372,7 +372,9 @@ def test_overload_answers_429_with_retry_after_and_bounds_the_queue(server):
     transparent: list[int] = []
 
     def openai_caller():
-        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=20, timeout=30)
+        # retry-after-ms is the replica's drain estimate (~0.1 s), and 32 flooding clients can refill the queue
+        # first many times in a row: enough retries to outlast the 10 s flood, not a fixed small count
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=400, timeout=30)
         for k in range(5):
             transparent.append(len(client.embeddings.create(model="minilm", input=[f"retried {k}"]).data))
 
