@@ -9,7 +9,7 @@ evaluate tasks in one report (``<out>/eval/report.md``), and a table of English 
 training wall time is printed.
 
     python bench/quality_train.py --out runs/levers --train-min 8 [--variants recipe,labeled-only,...]
-        [--synthetic-from runs/cpu-1h] [--config configs/cpu-1h.yaml] [--skip-train]
+        [--synthetic-from runs/cpu-1h] [--config configs/cpu-1h.yaml] [--skip-train] [--english-only]
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def variant_config(recipe: Path, name: str, out: Path, train_min: float, synthet
     return check_config(data, RayE5Config)
 
 
+def _language(task_dir: Path) -> str | list[str] | None:
+    """A shared-data task's ``task.json`` language: ``"en"``, or a list of languages for a multilingual set."""
+    meta = task_dir / "task.json"
+    return json.loads(meta.read_text()).get("language") if meta.is_file() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "cpu-1h.yaml"))
@@ -72,6 +78,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="leave out base Gemma and MiniLM")
     parser.add_argument("--base-last", action="store_true", help="also score base Gemma with last-token pooling")
     parser.add_argument("--no-base", action="store_true", help="leave out base Gemma (MiniLM stays)")
+    parser.add_argument("--english-only", action="store_true",
+                        help="score only the English tasks (the bar's suite), not the multilingual ones beside it")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -102,6 +110,9 @@ def main() -> None:
         models += [{"label": "minilm-l6", "ref": "minilm-l6", "max_length": 256}]
     data = dict(recipe)
     data["evaluate"] = {**recipe["evaluate"], "models": models}
+    if args.english_only:
+        data_dir = (ROOT / recipe.get("data_dir", "../shared/data")).resolve()
+        data["evaluate"]["tasks"] = [t for t in recipe["evaluate"]["tasks"] if _language(data_dir / t["path"]) == "en"]
     apply_overrides(data, [f"run_dir={out}", f"data_dir={(ROOT / recipe.get('data_dir', '../shared/data')).resolve()}"])
     began = time.perf_counter()
     report = evaluate(check_config(data, RayE5Config))
