@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-classification-pairs": ["__drop_source__=banking77"],
     "batch-by-task": ["train.batch_by=task"],
     "no-false-negative-mask": ["train.mask_false_negatives=false"],
-    "no-instruction": ["model.instruction_template={text}"],
+    "no-instruction": ['model.instruction_template="{text}"'],  # quoted: a bare {text} is a YAML mapping
     "last-token": ["model.pooling=last"],
     "all-layers-lora": ["model.lora.top_layers=null"],
     "grad-cache-128": ["train.gradient_cache=true", "train.batch_size=128"],
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--train-min", type=float, default=8.0, help="training wall time of each variant")
     parser.add_argument("--synthetic-from", default=None, help="a run dir whose synthetic/ every variant shares")
     parser.add_argument("--skip-train", action="store_true", help="score the embedders already under --out")
+    parser.add_argument("--keep-trained", action="store_true",
+                        help="train only the variants without an embedder under --out yet (a run cut short goes on)")
     parser.add_argument("--no-baselines", action="store_true", help="leave out base Gemma and MiniLM")
     parser.add_argument("--base-last", action="store_true", help="also score base Gemma with last-token pooling")
     parser.add_argument("--no-base", action="store_true", help="leave out base Gemma (MiniLM stays)")
@@ -94,7 +96,9 @@ def main() -> None:
     walls: dict[str, float] = {}
     for name in names:
         config = variant_config(Path(args.config), name, out, args.train_min, args.synthetic_from)
-        if not args.skip_train:
+        if args.keep_trained and (out / name / "embedder").is_dir():
+            print(f"[quality] {name}: keeping the embedder already trained under {out / name}", flush=True)
+        elif not args.skip_train:
             began = time.perf_counter()
             print(f"[quality] training {name} ({' '.join(VARIANTS[name]) or 'the recipe'})", flush=True)
             train(config)
