@@ -61,12 +61,6 @@ def variant_config(recipe: Path, name: str, out: Path, train_min: float, synthet
     return check_config(data, RayE5Config)
 
 
-def _language(task_dir: Path) -> str | list[str] | None:
-    """A shared-data task's ``task.json`` language: ``"en"``, or a list of languages for a multilingual set."""
-    meta = task_dir / "task.json"
-    return json.loads(meta.read_text()).get("language") if meta.is_file() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "cpu-1h.yaml"))
@@ -90,6 +84,7 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; accepted: {', '.join(VARIANTS)}")
 
     from ray_e5.config import apply_overrides, check_config, RayE5Config, read_yaml
+    from ray_e5.evaluate.local_tasks import read_task_json
     from ray_e5.evaluate.run import evaluate
     from ray_e5.train.run import train
 
@@ -116,7 +111,8 @@ def main() -> None:
     data["evaluate"] = {**recipe["evaluate"], "models": models}
     if args.english_only:
         data_dir = (ROOT / recipe.get("data_dir", "../shared/data")).resolve()
-        data["evaluate"]["tasks"] = [t for t in recipe["evaluate"]["tasks"] if _language(data_dir / t["path"]) == "en"]
+        data["evaluate"]["tasks"] = [t for t in recipe["evaluate"]["tasks"]
+                                     if read_task_json(data_dir / t["path"], t["path"]).get("language", "en") == "en"]
     apply_overrides(data, [f"run_dir={out}", f"data_dir={(ROOT / recipe.get('data_dir', '../shared/data')).resolve()}"])
     began = time.perf_counter()
     report = evaluate(check_config(data, RayE5Config))
