@@ -11,6 +11,10 @@ what they cost and what they held; the rerun
   ``budget_usd`` holds across kill and resume,
 - sends again only the requests that never got an answer (timeouts, connection errors, 429/5xx after retries).
 
+One double charge is beyond any client: an answer already on the wire when its process died was billed by the API
+but never reached the journal, so the rerun asks it again. At most the requests then in flight (``actors`` x
+``concurrency``) are paid twice.
+
 On a local run directory each line is flushed as it is written; an object store has no append, so there each
 writer puts one object per batch of answers (a kill then loses at most the answers of the batches in flight).
 """
