@@ -31,7 +31,10 @@ NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Contr
                          r"Started training worker group|^- \(ip=.*world_rank=|Setting up process group for|"
                          r"Checkpoint successfully created at|Reporting training result \d+|"
                          r"has constructor arguments in the object store and max_restarts|"
-                         r"Progress bars disabled\. To enable")
+                         r"Progress bars disabled\. To enable|"
+                         # transformers' GGUF load bar, DeepSpeed's CPU notice, Ray Data's per-dataset summary
+                         r"Converting and de-quantizing GGUF tensors|Setting accelerator to CPU\. If you have GPU|"
+                         r"Dataset \S+ execution finished in")
 
 
 # Ray's own driver-side log lines that are known noise: (logger, message prefix).

@@ -203,3 +203,10 @@ def test_forwarded_worker_lines_lose_only_the_known_noise():
                "lines": ["Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."]}
     assert drop_noise(cleaner) is None
     assert drop_noise({"pid": 3, "is_err": True, "lines": ["Failed to query Ray Train Controller actor state."]}) is None
+    loading = {"pid": 4, "is_err": True, "lines": [  # as a training worker printed them in the one-hour run
+        "Converting and de-quantizing GGUF tensors...:   1%|          | 2/236 [00:10<20:34,  5.27s/it]",
+        "[2026-12-03 13:19:39,362] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. "
+        "If you have GPU or other accelerator, we were unable to detect it.",
+        "train:   0%|          | 0/650 [00:00<?, ?step/s]",
+        "\u2714\ufe0f  Dataset train_0358I90wuqp70lhcr4XOMB_0 execution finished in 0.00 seconds"]}
+    assert drop_noise(loading)["lines"] == [loading["lines"][2]]
