@@ -22,7 +22,11 @@ VERBOSE_ENV = "RAY_E5_VERBOSE"
 
 # Python warnings that are known noise, as (message prefix, category): filtered in the driver, and in every worker
 # through PYTHONWARNINGS (same syntax as -W: the message is a literal prefix, so no ':' or ',' in it).
-NOISY_WARNINGS = (("`is_gradient_checkpointing` is deprecated", "FutureWarning"),)
+NOISY_WARNINGS = (("`is_gradient_checkpointing` is deprecated", "FutureWarning"),
+                  # sklearn's UndefinedMetricWarning (a UserWarning) on classes a probe never predicts
+                  ("Precision is ill-defined", "UserWarning"), ("Recall is ill-defined", "UserWarning"),
+                  ("F-score is ill-defined", "UserWarning"),
+                  ("To copy construct from a tensor", "UserWarning"))  # mteb's bitext-mining evaluator
 # Worker log lines (forwarded to the driver) that are known noise.
 NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller actor state|"
                          r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning|"
@@ -34,7 +38,9 @@ NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Contr
                          r"Progress bars disabled\. To enable|"
                          # transformers' GGUF load bar, DeepSpeed's CPU notice, Ray Data's per-dataset summary
                          r"Converting and de-quantizing GGUF tensors|Setting accelerator to CPU\. If you have GPU|"
-                         r"Dataset \S+ execution finished in")
+                         r"Dataset \S+ execution finished in|"
+                         # mteb's own bars, drawn whatever show_progress_bar says
+                         r"Matching sentences: |Standardizing text corpus format")
 
 
 # Ray's own driver-side log lines that are known noise: (logger, message prefix).

@@ -130,7 +130,7 @@ def test_an_hour_budget_runs_the_one_hour_recipe_with_its_shares(shared_data):
 
     assert recipe_for_budget(60).name == "cpu-1h.yaml" and recipe_for_budget(20).name == "quickstart.yaml"
     hour = quickstart_config(None, None, str(shared_data), Budget(3600), False, [], log=lambda line: None)
-    assert hour.run_dir.endswith("cpu-1h") and hour.budget.train == 0.55
+    assert hour.run_dir.endswith("cpu-1h") and hour.budget.train == 0.62
     assert hour.train["max_time_s"] == int(3600 * 0.55)  # the recipe's share caps the section's own limit
     assert hour.generate["time_budget_s"] == min(420, int(3600 * hour.budget.generate))
     short = quickstart_config(None, None, str(shared_data), Budget(1200), False, [], log=lambda line: None)
@@ -183,10 +183,14 @@ def test_worker_warning_filter_silences_only_the_known_noise():
 
     code = ("import warnings\n"
             "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
-            "warnings.warn('something else changes', FutureWarning)\n")
+            "warnings.warn('something else changes', FutureWarning)\n"
+            "class UndefinedMetricWarning(UserWarning): pass\n"  # sklearn's, a UserWarning subclass
+            "warnings.warn('Recall is ill-defined and being set to 0.0 in labels', UndefinedMetricWarning)\n"
+            "warnings.warn('Recall went down', UserWarning)\n")
     env = {**os.environ, "PYTHONWARNINGS": _worker_pythonwarnings()}
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
     assert "is_gradient_checkpointing" not in err and "something else changes" in err
+    assert "ill-defined" not in err and "Recall went down" in err
     assert "Invalid -W option" not in err
 
 
