@@ -37,6 +37,10 @@ VARIANTS: dict[str, list[str]] = {
     "all-layers-lora": ["model.lora.top_layers=null"],
     "grad-cache-128": ["train.gradient_cache=true", "train.batch_size=128"],
     "fixed-schedule": ["train.fit_schedule_to_time=false"],
+    "first-14-layers": ["model.num_layers=14"],  # the top 4 of Gemma 270M's 18 layers cut (ray_e5/model/depth.py)
+    "first-12-layers": ["model.num_layers=12"],
+    "temperature-0.02": ["train.temperature=0.02"],  # the paper's
+    "lr-1e-3": ["train.lr=1.0e-3"],
     # hard negatives mined with the base model for the STS pairs, which have none (ray_e5.data.mining)
     "mined-negatives": ['train.mine={"sources": ["stsb", "sick"]}'],
     # the same, mined with the recipe variant's trained embedder ("{out}": --out), as ANCE-style mining does

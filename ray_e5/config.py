@@ -65,6 +65,8 @@ class ModelSettings(Section):
     sliding_window: int | None = Field(None, gt=0)  # attention window: Mistral's; Gemma 3's local layers
     instruction_template: str = "Instruct: {task}\nQuery: {text}"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Keep only the first N decoder layers (ray_e5/model/depth.py); None keeps them all
+    num_layers: int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
 

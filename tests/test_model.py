@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ray_e5.config import LoraSettings
 from ray_e5.model import ACCEPTED_FORMS, Embedder, UnknownModelError
@@ -396,3 +397,47 @@ def test_an_encoder_without_rope_or_window_says_so(minilm):
     assert [e.split(":")[0] for e in err.value.errors] == ["model.rope_theta", "model.sliding_window",
                                                            "model.max_length"]
     assert "512 tokens" in err.value.errors[-1]
+
+
+# ---- model.num_layers: keep the first N decoder layers ------------------------------------------------------------
+def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_export(tmp_path):
+    import json
+
+    from ray_e5.config import ConfigError
+    from ray_e5.model.export import export_sentence_transformers
+    from ray_e5.model.pooling import pool
+
+    directory = _tiny_gemma3(tmp_path / "gemma3")
+    full = Embedder.load(str(directory), max_length=256, pooling="mean")
+    cut = Embedder.load(str(directory), max_length=256, pooling="mean", num_layers=2,
+                        lora=LoraSettings(r=4, alpha=8, dropout=0.0, top_layers=1))
+    base = cut._base_model()
+    assert len(base.layers) == 2 and base.config.num_hidden_layers == 2
+    assert base.config.layer_types == ["sliding_attention", "sliding_attention"]
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, _ in cut.backbone.named_parameters()
+               if "lora_" in name}
+    assert adapted == {1}  # top_layers counts from the cut model's top
+    # the cut model's vectors are the first two layers' (then the final norm), not the full model's
+    with torch.inference_mode():
+        batch = full.tokenize(TEXTS[:3])
+        states = full._base_model()(**batch, output_hidden_states=True).hidden_states
+        expected = pool(full._base_model().norm(states[2]), batch["attention_mask"], "mean")
+    np.testing.assert_allclose(cut.encode(TEXTS[:3]), F.normalize(expected, dim=-1).numpy(), atol=1e-5)
+    assert not np.allclose(cut.encode(TEXTS[:3]), full.encode(TEXTS[:3]), atol=1e-3)
+
+    ours = cut.encode(TEXTS)
+    cut.save(tmp_path / "emb")
+    assert json.loads((tmp_path / "emb" / "ray_e5.json").read_text())["num_layers"] == 2
+    loaded = Embedder.load(str(tmp_path / "emb"))
+    assert len(loaded._base_model().layers) == 2
+    np.testing.assert_array_equal(loaded.encode(TEXTS), ours)
+    export_sentence_transformers(tmp_path / "emb", tmp_path / "merged")
+    exported = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert exported["num_hidden_layers"] == 2 and len(exported["layer_types"]) == 2
+    np.testing.assert_allclose(Embedder.load(str(tmp_path / "merged"), max_length=256, pooling="mean").encode(TEXTS),
+                               ours, atol=1e-5)
+
+    with pytest.raises(ConfigError, match=r"model\.num_layers: 4 is more than the 3 layers .*use 1\.\.3"):
+        Embedder.load(str(directory), max_length=256, num_layers=4)
+    with pytest.raises(ConfigError, match=r"model\.num_layers"):
+        Embedder.load(str(directory), max_length=256, num_layers=0)

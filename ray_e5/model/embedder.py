@@ -84,6 +84,7 @@ class Embedder(torch.nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from ray_e5.model.context import apply_long_context
+        from ray_e5.model.depth import keep_first_layers
 
         backbone_ref = resolve_backbone(settings.name)
         try:
@@ -96,6 +97,7 @@ class Embedder(torch.nn.Module):
         # RoPE base, attention window, length limit: on the config before the weights load (the rotary tables and
         # masks are built from it), so training, evaluation, serving and export all see the same model.
         apply_long_context(config, settings, settings.name)
+        keep_first_layers(config, settings.num_layers, settings.name)
         try:
             # The weights are loaded in settings.dtype whatever the checkpoint's own (a merged export, a hub model);
             # under an active ZeRO-3 HfDeepSpeedConfig (ray_e5.train.engines.zero3_load) this partitions at load.
