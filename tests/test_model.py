@@ -400,7 +400,7 @@ def test_an_encoder_without_rope_or_window_says_so(minilm):
 
 
 # ---- model.num_layers: keep the first N decoder layers ------------------------------------------------------------
-def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_export(tmp_path):
+def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_export(tmp_path, capfd):
     import json
 
     from ray_e5.config import ConfigError
@@ -411,6 +411,7 @@ def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_ex
     full = Embedder.load(str(directory), max_length=256, pooling="mean")
     cut = Embedder.load(str(directory), max_length=256, pooling="mean", num_layers=2,
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0, top_layers=1))
+    assert "LOAD REPORT" not in capfd.readouterr().err  # the cut layer's unused weights are not listed
     base = cut._base_model()
     assert len(base.layers) == 2 and base.config.num_hidden_layers == 2
     assert base.config.layer_types == ["sliding_attention", "sliding_attention"]

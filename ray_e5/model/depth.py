@@ -9,6 +9,9 @@ HF config before the weights load, so the unused layers are never built; the sav
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from ray_e5.config import ConfigError
 
 
@@ -40,3 +43,27 @@ def keep_first_layers(config, num_layers: int | None, name: str):
     if isinstance(layer_types, list):  # Gemma 3, Qwen 3: one attention kind per layer
         text.layer_types = layer_types[:num_layers]
     return config
+
+
+class _CutLayersReport(logging.Filter):
+    """Drop transformers' load report when all it says is that checkpoint weights went unused (the cut layers'):
+    a report that also names missing or mismatched weights still reaches the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("LOAD REPORT" in message and "UNEXPECTED" in message
+                    and "MISSING" not in message and "MISMATCH" not in message)
+
+
+@contextlib.contextmanager
+def quiet_cut_layers(num_layers: int | None):
+    """While loading a cut backbone, leave out the table of the cut layers' weights (hundreds of lines)."""
+    if num_layers is None:
+        yield
+        return
+    logger, report = logging.getLogger("transformers.modeling_utils"), _CutLayersReport()
+    logger.addFilter(report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report)

@@ -84,7 +84,7 @@ class Embedder(torch.nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from ray_e5.model.context import apply_long_context
-        from ray_e5.model.depth import keep_first_layers
+        from ray_e5.model.depth import keep_first_layers, quiet_cut_layers
 
         backbone_ref = resolve_backbone(settings.name)
         try:
@@ -101,7 +101,8 @@ class Embedder(torch.nn.Module):
         try:
             # The weights are loaded in settings.dtype whatever the checkpoint's own (a merged export, a hub model);
             # under an active ZeRO-3 HfDeepSpeedConfig (ray_e5.train.engines.zero3_load) this partitions at load.
-            model = AutoModel.from_pretrained(backbone_ref.path, config=config, dtype=DTYPES[settings.dtype])
+            with quiet_cut_layers(settings.num_layers):
+                model = AutoModel.from_pretrained(backbone_ref.path, config=config, dtype=DTYPES[settings.dtype])
         except OSError as err:
             raise UnknownModelError(f"could not load model {settings.name!r}: {err}") from err
         if settings.pooling is None:
