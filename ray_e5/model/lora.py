@@ -6,17 +6,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ray_e5.config import LoraSettings
+from ray_e5.model.depth import depth
 
 
 def add_lora(backbone, settings: LoraSettings) -> PeftModel:
     """Wrap the backbone with fresh LoRA adapters; afterwards only adapter weights require grad."""
     layers = None
     if settings.top_layers is not None:
-        config = getattr(backbone, "config", None)
-        config = getattr(config, "text_config", None) or config
-        depth = int(getattr(config, "num_hidden_layers", 0) or 0)
-        if depth and settings.top_layers < depth:
-            layers = list(range(depth - settings.top_layers, depth))
+        layers_in_model = depth(getattr(backbone, "config", None))
+        if layers_in_model and settings.top_layers < layers_in_model:
+            layers = list(range(layers_in_model - settings.top_layers, layers_in_model))
     targets = settings.target_modules
     if layers is not None and targets == "all-linear":  # peft takes layers_to_transform with named modules only
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
