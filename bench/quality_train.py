@@ -41,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
     "first-12-layers": ["model.num_layers=12"],
     "temperature-0.02": ["train.temperature=0.02"],  # the paper's
     "lr-1e-3": ["train.lr=1.0e-3"],
+    # STS-B and SICK train pairs a second time, every pair with its gold score, under the CoSENT loss
+    "cosent-sts": ['__add_source__={"path": "stsbenchmark/train.jsonl", "name": "stsb-graded", "loss": "cosent", "weight": 0.5}',
+                   '__add_source__={"path": "sick/train.jsonl", "name": "sick-graded", "loss": "cosent", "weight": 0.5}'],
     # hard negatives mined with the base model for the STS pairs, which have none (ray_e5.data.mining)
     "mined-negatives": ['train.mine={"sources": ["stsb", "sick"]}'],
     # the same, mined with the recipe variant's trained embedder ("{out}": --out), as ANCE-style mining does
@@ -54,8 +57,9 @@ def variant_config(recipe: Path, name: str, out: Path, train_min: float, synthet
     data = read_yaml(recipe)
     overrides = [o.replace("{out}", str(out)) for o in VARIANTS[name]]
     drop = [o.split("=", 1)[1] for o in overrides if o.startswith("__drop_source__=")]
-    overrides = [o for o in overrides if not o.startswith("__drop_source__=")]
-    data["train"]["sources"] = [s for s in data["train"]["sources"] if s.get("name") not in drop]
+    add = [json.loads(o.split("=", 1)[1]) for o in overrides if o.startswith("__add_source__=")]
+    overrides = [o for o in overrides if not o.startswith(("__drop_source__=", "__add_source__="))]
+    data["train"]["sources"] = [s for s in data["train"]["sources"] if s.get("name") not in drop] + add
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     if synthetic_from and (Path(synthetic_from) / "synthetic").is_dir() and not (run_dir / "synthetic").exists():

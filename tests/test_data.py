@@ -31,7 +31,7 @@ def triplets(n, prefix="q", negatives=True):
 def test_normalize_triplet_takes_source_defaults_and_row_values():
     row = normalize_record({"query": "a", "positive": "b", "negative": "c"}, DEFAULTS)
     assert row == {"source": "src", "task": "Find the answer", "kind": "labeled", "language": "en",
-                   "query": "a", "positive": "b", "negative": "c", "problem": ""}
+                   "query": "a", "positive": "b", "negative": "c", "score": None, "problem": ""}
     own = normalize_record({"query": "a", "positive": "b", "task": "Own task", "kind": "short-long"}, DEFAULTS)
     assert (own["task"], own["kind"], own["negative"], own["problem"]) == ("Own task", "short-long", "", "")
 
@@ -55,6 +55,31 @@ def test_pairs_become_query_positive_and_min_score_filters():
     assert (kept["query"], kept["positive"], kept["negative"], kept["problem"]) == ("a", "b", "", "")
     assert normalize_record({"sentence1": "a", "sentence2": "b", "score": 3.9}, sts)["problem"].startswith("filtered")
     assert "expected a number" in normalize_record({"sentence1": "a", "sentence2": "b", "score": "x"}, sts)["problem"]
+
+
+def test_graded_sources_keep_scores_and_reject_what_is_not_a_scored_pair(tmp_path):
+    records = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i / 2} for i in range(12)]
+    records += [{"sentence1": "no score", "sentence2": "c"}, {"query": "a triplet", "positive": "d"},
+                {"text": "a labeled text", "label": "x"}, {"sentence1": "e", "sentence2": "f", "score": float("nan")}]
+    source = labeled_source(str(write_jsonl(tmp_path / "sts.jsonl", records)), name="sts-graded", graded=True)
+    rows = read_rows(source).to_pylist()
+    good = [r for r in rows if not r["problem"]]
+    assert [r["score"] for r in good] == [i / 2 for i in range(12)]
+    assert [r["query"] for r in good] == [f"a {i}" for i in range(12)]
+    problems = [r["problem"] for r in rows if r["problem"]]
+    assert len(problems) == 4 and all("graded (loss cosent)" in p for p in problems)
+    assert all(r["score"] is None for r in rows if r["problem"])
+    # Without grading the same pairs keep no score (and train with InfoNCE).
+    assert all(r["score"] is None for r in read_rows(labeled_source(str(tmp_path / "sts.jsonl"))).to_pylist())
+    # Graded batches carry the scores of their rows, in order.
+    table, stats = plan_source(source, batch_size=4, epochs=1, seed=0)
+    batches = table.to_pylist()
+    assert stats["valid"] == 12 and len(batches) == 3
+    by_query = {r["query"]: r["score"] for r in good}
+    for batch in batches:
+        assert batch["score"] == [by_query[q] for q in batch["query"]]
+    plain, _ = plan_source(labeled_source(str(tmp_path / "sts.jsonl")), batch_size=4, epochs=1, seed=0)
+    assert plain.num_rows >= 3 and all(b["score"] == [] for b in plain.to_pylist())
 
 
 # ---- readers ------------------------------------------------------------------------------------------------

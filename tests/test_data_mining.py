@@ -12,7 +12,7 @@ import pytest
 
 from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.data.mining import mine_sources, mine_table, search
-from ray_e5.data.schema import ROW_COLUMNS
+from ray_e5.data.schema import rows_table
 from ray_e5.train.config import MineSettings
 
 
@@ -51,7 +51,7 @@ def _sts_rows(shared_data, n=60):
         if len(rows) == n:
             break
     rows.append({**rows[0], "query": "", "positive": "", "problem": "empty query"})  # a counted problem stays
-    return pa.table({c: pa.array([r[c] for r in rows], type=pa.string()) for c in ROW_COLUMNS})
+    return rows_table(rows)
 
 
 def test_minilm_mines_sts_pairs_over_ray_data_and_caches(ray_cluster, shared_data, tmp_path):

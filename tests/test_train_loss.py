@@ -111,3 +111,59 @@ def test_matryoshka_gradients_are_the_same_with_gradient_caching(tiny_decoder_di
     plain = train_step(engine, engine.module, texts, 0.05)
     assert runs[0]["loss"] > plain.loss > 0  # the extra widths add their own terms
     _assert_same(runs[1], runs[0])
+
+
+def _graded_batch(size=8):
+    """STS-like pairs with distinct and tied gold scores."""
+    return {"query": [f"sentence number {i} about the fox" for i in range(size)],
+            "positive": [f"another sentence {i} quick brown" for i in range(size)],
+            "negative": [""] * size, "task": ["Retrieve semantically similar text."] * size,
+            "score": [float(i % 5) for i in range(size)]}
+
+
+def test_cosent_matches_the_formula_and_ignores_ties():
+    from ray_e5.train.loss import contrastive_loss, cosent
+
+    q, p = _unit(5, seed=7), _unit(5, seed=8)
+    scores = torch.tensor([4.0, 1.0, 2.5, 1.0, 0.0])
+    loss = cosent(LossInputs(q, p, scores=scores), temperature=0.05, cross_device=False)
+    cos = [float(q[i] @ p[i]) for i in range(5)]
+    terms = [math.exp((cos[j] - cos[i]) / 0.05) for i in range(5) for j in range(5) if scores[i] > scores[j]]
+    assert len(terms) == 9  # 10 pairs of pairs, one tie (1.0, 1.0) left out
+    assert float(loss) == pytest.approx(math.log(1 + sum(terms)), rel=1e-5)
+    # Through the dispatch: a batch with scores is CoSENT, without them InfoNCE.
+    assert float(contrastive_loss(LossInputs(q, p, scores=scores), 0.05, cross_device=False)) == pytest.approx(float(loss))
+    assert float(contrastive_loss(LossInputs(q, p), 0.05, cross_device=False)) != pytest.approx(float(loss), rel=1e-3)
+    # Cosines ranked as the scores rank lose less than the same cosines ranked the other way.
+    order = torch.argsort(scores)
+    aligned = torch.empty(5)
+    aligned[order] = torch.linspace(-0.5, 0.9, 5)
+    reversed_ = torch.empty(5)
+    reversed_[order] = torch.linspace(0.9, -0.5, 5)
+    unit = torch.nn.functional.normalize(torch.ones(5, 2), dim=-1)
+
+    def with_cosines(c):  # pairs (u, v) whose cosine is c
+        v = torch.stack([torch.cos(torch.acos(c) + math.pi / 4), torch.sin(torch.acos(c) + math.pi / 4)], dim=-1)
+        return LossInputs(unit, v, scores=scores)
+
+    good = float(cosent(with_cosines(aligned), 0.05, cross_device=False))
+    bad = float(cosent(with_cosines(reversed_), 0.05, cross_device=False))
+    assert good < 1.0 < bad
+
+
+def test_cosent_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
+    """CoSENT over a global batch split on 2 gloo workers == 1 worker with it all; gradient caching changes nothing."""
+    from ray_e5.train.step import prepare
+
+    row = _graded_batch(8)
+    texts = prepare(row, 0, 1, "{text}")
+    assert texts.scores is not None and texts.scores.tolist() == row["score"] and texts.negatives == []
+    assert texts.false_negatives is None  # no in-batch negatives to mask
+    variants = [(None, False), (3, True)]
+    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    assert max(float(g.abs().max()) for g in one["runs"][0]["grads"].values()) > 0.01
+    _assert_same(one["runs"][1], one["runs"][0])
+    for k in range(len(variants)):
+        for rank in range(2):
+            _assert_same(two[rank]["runs"][k], one["runs"][0])

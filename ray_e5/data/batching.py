@@ -34,7 +34,9 @@ from ray_e5.data.schema import is_filtered
 PLAN_SCHEMA = pa.schema([
     ("order", pa.float64()), ("epoch", pa.int64()), ("source", pa.string()), ("kind", pa.string()),
     ("size", pa.int64()), ("task", pa.list_(pa.string())), ("query", pa.list_(pa.string())),
-    ("positive", pa.list_(pa.string())), ("negative", pa.list_(pa.string())), ("stats", pa.string()),
+    ("positive", pa.list_(pa.string())), ("negative", pa.list_(pa.string())),
+    ("score", pa.list_(pa.float64())),  # a graded (CoSENT) batch's pair scores; empty on every other batch
+    ("stats", pa.string()),
 ])
 
 
@@ -62,6 +64,7 @@ def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epoc
     problems = group.column("problem").to_pylist()
     good = np.array([i for i, p in enumerate(problems) if not p], dtype=np.int64)
     cols = {c: group.column(c).to_pylist() for c in ("task", "query", "positive", "negative")}
+    scores = group.column("score").to_pylist() if "score" in group.column_names else [None] * group.num_rows
     out: dict[str, list] = {f.name: [] for f in PLAN_SCHEMA}
     used = dropped = batches = 0
     for epoch in range(epochs):
@@ -88,13 +91,14 @@ def plan_group(group: pa.Table, batch_size: int, weights: dict[str, float], epoc
             out["size"].append(size)
             for c, values in cols.items():
                 out[c].append([values[i] for i in rows])
+            out["score"].append([scores[i] for i in rows] if scores[rows[0]] is not None else [])
             out["stats"].append("")
     counts = Counter(p for p in problems if p)
     stats = {"source": source, "kind": kind, "rows": len(problems), "valid": int(len(good)), "used": used,
              "batches": batches, "dropped_remainder": dropped, "filtered": {k: v for k, v in counts.items() if is_filtered(k)},
              "skipped": {k: v for k, v in counts.items() if not is_filtered(k)}}
     for name, value in (("order", -1.0), ("epoch", -1), ("source", source), ("kind", kind), ("size", 0),
-                        ("task", []), ("query", []), ("positive", []), ("negative", []),
+                        ("task", []), ("query", []), ("positive", []), ("negative", []), ("score", []),
                         ("stats", json.dumps(stats))):
         out[name].append(value)
     return pa.table(out, schema=PLAN_SCHEMA)

@@ -5,7 +5,8 @@ bitext, labeled), ``language``, ``query``, ``positive``, ``negative`` (may be em
 come as triplets (``query``/``positive``/``negative``), as pairs (``sentence1``/``sentence2``/``score``, as the
 STS and bitext sets are stored) or as labeled texts (``text``/``label``, a classification set's train split), which
 become the paper's long-short (classification) examples: the text as the query, its label as the positive (the
-misleading label, the negative, is chosen per source by :func:`ray_e5.data.sources.read_rows`). A record that
+misleading label, the negative, is chosen per source by :func:`ray_e5.data.sources.read_rows`). A source trained
+with the CoSENT loss (``graded``) keeps each pair's ``score``; the column is null on every other row. A record that
 cannot be a training example is not an error: it is skipped and its reason counted, so one bad line never stops a
 run.
 """
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 CONTRACT = ("task", "kind", "language", "query", "positive", "negative")
-# Columns of a normalised row: the contract, where it came from, and why it was rejected ("" when it was not).
-ROW_COLUMNS = ("source",) + CONTRACT + ("problem",)
+# Columns of a normalised row: the contract, where it came from, a graded pair's score (None on other rows), and
+# why it was rejected ("" when it was not).
+ROW_COLUMNS = ("source",) + CONTRACT + ("score", "problem")
 FILTERED_PREFIX = "filtered: "  # reasons that are a deliberate selection (min_score), not bad data
 
 
@@ -31,6 +33,15 @@ class RowDefaults:
     kind: str = "labeled"
     language: str = "en"
     min_score: float | None = None
+    graded: bool = False  # pairs keep their score, for the CoSENT loss (a score is then required)
+
+
+def rows_table(rows: list[dict]):
+    """Normalised rows as an Arrow table of ROW_COLUMNS (strings, and ``score`` as float64 with nulls)."""
+    import pyarrow as pa
+
+    return pa.table({c: pa.array([r.get(c) for r in rows], type=pa.float64() if c == "score" else pa.string())
+                     for c in ROW_COLUMNS})
 
 
 def _text(record: Mapping[str, Any], key: str, required: bool) -> tuple[str, str | None]:
@@ -53,7 +64,7 @@ def _score(value: Any) -> float | None:
 def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
     """One raw record as a row with every ROW_COLUMNS key; ``problem`` says why it cannot train ("" if it can)."""
     row = {"source": defaults.source, "task": defaults.task, "kind": defaults.kind, "language": defaults.language,
-           "query": "", "positive": "", "negative": "", "problem": ""}
+           "query": "", "positive": "", "negative": "", "score": None, "problem": ""}
     if not isinstance(record, Mapping):
         row["problem"] = f"record is {type(record).__name__}, expected an object"
         return row
@@ -64,17 +75,25 @@ def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
             problem = problem or f"label is {label!r}, expected a non-empty string or an integer"
         row.update(query=text, positive=label_text(label) if not problem else "", kind="long-short",
                    problem=problem or "")
+        if defaults.graded and not row["problem"]:
+            row["problem"] = "a labeled text, but the source is graded (loss cosent): expected sentence1/sentence2/score pairs"
         return row
     if "query" not in record and "sentence1" in record:  # a pair: (sentence1, sentence2[, score])
         keys = ("sentence1", "sentence2", None)
-        if defaults.min_score is not None:
+        if defaults.min_score is not None or defaults.graded:
             score = _score(record.get("score"))
             if score is None:
-                row["problem"] = f"score is {record.get('score')!r}, expected a number (min_score is set)"
+                why = "min_score is set" if defaults.min_score is not None else "the source is graded (loss cosent)"
+                row["problem"] = f"score is {record.get('score')!r}, expected a number ({why})"
                 return row
-            if score < defaults.min_score:
+            if defaults.min_score is not None and score < defaults.min_score:
                 row["problem"] = f"{FILTERED_PREFIX}score below min_score {defaults.min_score:g}"
                 return row
+            if defaults.graded:
+                row["score"] = score
+    elif defaults.graded:
+        row["problem"] = "a triplet, but the source is graded (loss cosent): expected sentence1/sentence2/score pairs"
+        return row
     else:
         keys = ("query", "positive", "negative")
     problems = []

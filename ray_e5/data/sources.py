@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_e5 import runs
-from ray_e5.data.schema import ROW_COLUMNS, RowDefaults, normalize_record
+from ray_e5.data.schema import RowDefaults, normalize_record, rows_table
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -77,7 +77,8 @@ def _task_hint(fs: pafs.FileSystem, folder: str) -> str:
 
 
 def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, task: str | None = None,
-                   kind: str = "labeled", language: str = "en", min_score: float | None = None) -> Source:
+                   kind: str = "labeled", language: str = "en", min_score: float | None = None,
+                   graded: bool = False) -> Source:
     """Resolve a labeled source (file or folder, local or s3://, gs://)."""
     fs, resolved = runs.resolve(path)
     fmt, files = _files(fs, resolved)
@@ -88,7 +89,7 @@ def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, t
     if name is None:
         stem = PurePosixPath(resolved).stem
         name = PurePosixPath(folder).name if is_dir or stem in ("train", "data") else stem
-    return Source(name, fmt, tuple(files), fs, RowDefaults(name, task, kind, language, min_score), weight)
+    return Source(name, fmt, tuple(files), fs, RowDefaults(name, task, kind, language, min_score, graded), weight)
 
 
 def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
@@ -115,7 +116,8 @@ def source_from_settings(settings, data_dir: str | None = None) -> Source:
         raise SourceError(str(err).removeprefix("data: ")
                           + (f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(settings.path) else "")) from None
     return labeled_source(path, name=settings.name, weight=settings.weight, task=settings.task,
-                          kind=settings.kind, language=settings.language, min_score=settings.min_score)
+                          kind=settings.kind, language=settings.language, min_score=settings.min_score,
+                          graded=settings.loss == "cosent")
 
 
 def iter_records(source: Source, batch_rows: int = 8192) -> Iterator[list]:
@@ -173,4 +175,4 @@ def read_rows(source: Source) -> pa.Table:
                 row = normalize_record(record, source.defaults)
             rows.append(row)
     misleading_labels(rows)
-    return pa.table({c: pa.array([r[c] for r in rows], type=pa.string()) for c in ROW_COLUMNS})
+    return rows_table(rows)

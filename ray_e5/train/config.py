@@ -20,6 +20,12 @@ class SourceSettings(Section):
 
     Rows are triplets (``query``, ``positive``, optional ``negative``, optional ``task``) or pairs
     (``sentence1``, ``sentence2``, optional ``score``; with ``min_score`` set, pairs scoring lower are left out).
+
+    ``loss``: ``contrastive`` (InfoNCE: each query against its positive, in-batch and hard negatives) or
+    ``cosent`` (CoSENT, Su 2022, as in AnglE and sentence-transformers' ``CoSENTLoss``: the cosines of a batch's
+    pairs ranked as their gold scores rank, every pair of the source kept with its score). CoSENT learns graded
+    similarity, which InfoNCE on the best-scored pairs cannot: what STS and pair-classification tasks measure.
+    A cosent source must hold scored pairs; list the same file twice (two names) to train it both ways.
     """
 
     path: str
@@ -29,6 +35,7 @@ class SourceSettings(Section):
     kind: str = "labeled"
     language: str = "en"
     min_score: float | None = None
+    loss: Literal["contrastive", "cosent"] = "contrastive"
 
 
 class MineSettings(Section):
@@ -61,7 +68,7 @@ class TrainSettings(Section):
     batch_by: Literal["kind", "task"] = "kind"  # a batch holds one source's kind, or one kind's task (instruction)
     chunk_size: int | None = Field(None, gt=0)  # texts per forward pass, grouped by length (None: all at once)
     gradient_cache: bool = False  # embed chunks without a graph first: memory of one chunk, any batch size
-    temperature: float = Field(0.02, gt=0.0)
+    temperature: float = Field(0.02, gt=0.0)  # InfoNCE's; CoSENT's scale is its inverse (0.05: the usual 20)
     hard_negatives: bool = True
     cross_device_negatives: bool = True
     mask_false_negatives: bool = True

@@ -1,4 +1,4 @@
-"""InfoNCE over cosine similarities, with in-batch, hard and cross-device negatives.
+"""InfoNCE over cosine similarities, with in-batch, hard and cross-device negatives; CoSENT on graded batches.
 
 Cross-device negatives: every worker gathers the embeddings of the whole global batch, with its own shard kept as
 the tensor that carries gradients, and computes the loss of the *whole* global batch. The gradient a worker gets
@@ -49,6 +49,7 @@ class LossInputs:
     negatives: torch.Tensor | None = None  # (B, d), or None without hard negatives
     negative_valid: torch.Tensor | None = None  # (N,) bool, N = G or B
     false_negatives: torch.Tensor | None = None  # (N, N or 2N) bool: documents left out for each query
+    scores: torch.Tensor | None = None  # (N,) gold scores of a graded batch's pairs: the loss is CoSENT
 
 
 def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
@@ -75,6 +76,26 @@ def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) 
     return F.cross_entropy(scores, torch.arange(n, device=scores.device))
 
 
+def cosent(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
+    """CoSENT (Su 2022; sentence-transformers' ``CoSENTLoss``, AnglE's cosine objective): for every two pairs of
+    the batch whose gold scores differ, the lower-scored pair's cosine should be below the higher one's:
+    ``log(1 + sum exp((cos_j - cos_i) / temperature))`` over pairs with ``score_i > score_j``. Ties add nothing.
+    Query i's pair is (query i, positive i); with ``cross_device`` the pairs of the whole global batch."""
+    gather = gather_keep_local if cross_device else (lambda t: t)
+    cos = (gather(inputs.queries) * gather(inputs.positives)).sum(-1) / temperature
+    scores = inputs.scores.to(cos.device)
+    diff = cos.unsqueeze(0) - cos.unsqueeze(1)  # [i, j] = cos_j - cos_i
+    ranked = scores.unsqueeze(1) > scores.unsqueeze(0)  # [i, j]: pair i should score above pair j
+    return torch.logsumexp(torch.cat([cos.new_zeros(1), diff[ranked]]), dim=0)
+
+
+def pair_loss(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
+    """CoSENT on a graded batch (``scores`` set), InfoNCE on every other."""
+    if inputs.scores is not None:
+        return cosent(inputs, temperature, cross_device)
+    return info_nce(inputs, temperature, cross_device)
+
+
 def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     """The first ``dim`` components, re-normalised: what a client asking for ``dimensions=dim`` gets."""
     return None if x is None else F.normalize(x[:, :dim], dim=-1)
@@ -82,17 +103,17 @@ def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
 
 def contrastive_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
                      matryoshka_dims: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
-    """InfoNCE on the full embeddings, or with ``matryoshka_dims`` the sum of InfoNCE at each truncated,
+    """InfoNCE (CoSENT on a graded batch) on the full embeddings, or with ``matryoshka_dims`` the sum at each truncated,
     re-normalised width (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit weights), so a
     vector cut to any of those widths stays a good embedding. The truncation is differentiable, so gradient
     caching and cross-device negatives work unchanged."""
     if not matryoshka_dims:
-        return info_nce(inputs, temperature, cross_device)
+        return pair_loss(inputs, temperature, cross_device)
     total = None
     for dim in matryoshka_dims:
-        part = info_nce(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
-                                   truncated(inputs.negatives, dim), inputs.negative_valid, inputs.false_negatives),
-                        temperature, cross_device)
+        part = pair_loss(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
+                                    truncated(inputs.negatives, dim), inputs.negative_valid, inputs.false_negatives,
+                                    inputs.scores), temperature, cross_device)
         total = part if total is None else total + part
     return total
 

@@ -93,7 +93,7 @@ def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, to
     """What must not change for a checkpoint to be resumed: the data plan, the model, the workers' layout."""
     return {
         "sources": [{"name": s.name, "files": list(s.files), "weight": s.weight, "task": s.defaults.task,
-                     "min_score": s.defaults.min_score} for s in sources],
+                     "min_score": s.defaults.min_score, "graded": s.defaults.graded} for s in sources],
         "batch_size": settings.batch_size, "epochs": settings.epochs, "seed": settings.seed,
         "total_steps": total_steps, "model": model_settings(config).model_dump(),
         "num_workers": settings.num_workers, "engine": settings.engine,

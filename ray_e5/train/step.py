@@ -33,16 +33,23 @@ class StepTexts:
     negatives: list[str]  # one per local row ("" where a row has none: embedded, then masked out of the loss)
     negative_valid: torch.Tensor | None
     false_negatives: torch.Tensor | None
+    scores: torch.Tensor | None = None  # a graded batch's pair scores (the documents scored): CoSENT, not InfoNCE
 
 
 def prepare(row: dict, rank: int, world: int, template: str, hard_negatives: bool = True,
             cross_device: bool = True, mask_false_negatives: bool = True) -> StepTexts:
-    """Slice a global batch row (lists of query/positive/negative/task) for ``rank`` of ``world`` workers."""
+    """Slice a global batch row (lists of query/positive/negative/task, and score on a graded batch) for ``rank``
+    of ``world`` workers."""
     size = len(row["query"])
     if size % world:
         raise ValueError(f"a global batch of {size} cannot be split over {world} workers")
     local = slice(rank * (size // world), (rank + 1) * (size // world))
     scope = slice(None) if cross_device else local  # the documents the loss scores
+    scores = row.get("score")
+    if scores is not None and len(scores):  # graded pairs: no negatives, no masks, their scores
+        return StepTexts(format_queries(row["query"][local], row["task"][local], template),
+                         list(row["positive"][local]), [], None, None,
+                         torch.tensor([float(x) for x in scores[scope]], dtype=torch.float32))
     negatives_all = list(row["negative"]) if hard_negatives else []
     use_negatives = any(negatives_all)
     negatives_local = negatives_all[local] if use_negatives else []
@@ -116,8 +123,8 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
 
     def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
-        return contrastive_loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives),
-                                temperature, cross_device, matryoshka_dims)
+        return contrastive_loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives,
+                                           texts.scores), temperature, cross_device, matryoshka_dims)
 
     if not gradient_cache:
         embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
