@@ -100,6 +100,35 @@ def test_train_cli_deepspeed_two_workers_end_to_end(ray_cluster, tiny_decoder_di
     np.testing.assert_allclose(merged.encode(texts), trained.encode(texts), atol=1e-4)
 
 
+def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decoder_dir, tmp_path):
+    """A ``loss: cosent`` source through the whole path (rows with scores, plan, Ray Data, two workers): its batches
+    train with a finite loss, and a record that is not a scored pair is counted, not trained."""
+    from ray_e5.train.run import train
+
+    graded = tmp_path / "sts.jsonl"
+    lines = [json.dumps({"sentence1": f"sentence {i} on topic {i % 4}", "sentence2": f"text {i} about {i % 4}",
+                         "score": float(i % 6)}) for i in range(16)]
+    lines += [json.dumps({"query": "a triplet", "positive": "x"}), json.dumps({"sentence1": "no", "sentence2": "score"})]
+    graded.write_text("\n".join(lines) + "\n")
+    config = _config(tmp_path, tiny_decoder_dir, num_workers=2, checkpoint_every=100)
+    config["train"]["sources"].append({"path": str(graded), "name": "graded", "loss": "cosent"})
+    path = train(RayE5Config.model_validate(config))
+    run_dir = tmp_path / "run"
+    data = json.loads((run_dir / "train" / "data.json").read_text())
+    assert data["sources"]["graded"]["valid"] == 16 and data["sources"]["graded"]["used"] == 16
+    assert sum(data["sources"]["graded"]["skipped"].values()) == 2
+    by_source = {}
+    for m in _metrics(run_dir):
+        if "loss" in m:
+            by_source.setdefault(m["source"], []).append(m["loss"])
+    assert len(by_source["graded"]) == 2 and len(by_source["labeled"]) == 6
+    assert all(np.isfinite(x) and x > 0 for x in by_source["graded"])
+    assert Embedder.load(path).encode(["sentence 1"]).shape == (1, 64)
+    with pytest.raises(ValueError, match=r"train\.sources\.1\.loss"):
+        config["train"]["sources"][1]["loss"] = "mse"
+        RayE5Config.model_validate(config)
+
+
 def _train_workers():
     import ray._private.state
 
