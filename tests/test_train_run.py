@@ -124,9 +124,9 @@ def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decod
     assert len(by_source["graded"]) == 2 and len(by_source["labeled"]) == 6
     assert all(np.isfinite(x) and x > 0 for x in by_source["graded"])
     assert Embedder.load(path).encode(["sentence 1"]).shape == (1, 64)
-    with pytest.raises(ValueError, match=r"train\.sources\.1\.loss"):
-        config["train"]["sources"][1]["loss"] = "mse"
-        RayE5Config.model_validate(config)
+    config["train"]["sources"][1]["loss"] = "mse"
+    with pytest.raises(ConfigError, match=r"train\.sources\.1\.loss: .*'contrastive' or 'cosent'"):
+        train(RayE5Config.model_validate(config))
 
 
 def _train_workers():
