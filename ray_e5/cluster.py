@@ -2,7 +2,7 @@
 
 Quiet by default: Ray's and the libraries' known internal noise (Ray Train's PlacementGroupCleaner state-API
 warnings, transformers' ``is_gradient_checkpointing`` FutureWarning that peft triggers, Ray's deprecation warnings,
-Ray Data's INFO lines, Ray's token-authentication notice) is kept out of the console; it stays in Ray's log files (``/tmp/ray/session_latest/logs``
+Ray Data's INFO lines, Ray's token-authentication notice, Ray Serve's start-up narration, mteb's bare bars) is kept out of the console; it stays in Ray's log files (``/tmp/ray/session_latest/logs``
 on a local cluster). Everything else the workers print (our progress bars, errors) still reaches the driver.
 ``ray-e5 --verbose`` (or ``RAY_E5_VERBOSE=1``) shows everything.
 """
@@ -40,11 +40,17 @@ NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Contr
                          r"Converting and de-quantizing GGUF tensors|Setting accelerator to CPU\. If you have GPU|"
                          r"Dataset \S+ execution finished in|"
                          # mteb's own bars, drawn whatever show_progress_bar says
-                         r"Matching sentences: |Standardizing text corpus format")
+                         r"Matching sentences: |Standardizing text corpus format|"
+                         # bars without a description (mteb's evaluators' encode loops); ours always have one
+                         r"^\s*\d+%\|[^|]*\| *\d+/\d+ \[|"
+                         # Ray Serve's controller and proxies narrating start-up (warnings, errors and the
+                         # replicas' access log still pass)
+                         r"^INFO \d{4}-\d\d-\d\d [\d:,]+ (controller|proxy) ")
 
 
 # Ray's own driver-side log lines that are known noise: (logger, message prefix).
-NOISY_RECORDS = (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),)
+NOISY_RECORDS = (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
+                 ("ray.serve", "Started Serve in namespace"), ("ray.serve", "Connecting to existing Serve app"))
 
 
 def verbose() -> bool:

@@ -214,3 +214,12 @@ def test_forwarded_worker_lines_lose_only_the_known_noise():
         "train:   0%|          | 0/650 [00:00<?, ?step/s]",
         "\u2714\ufe0f  Dataset train_0358I90wuqp70lhcr4XOMB_0 execution finished in 0.00 seconds"]}
     assert drop_noise(loading)["lines"] == [loading["lines"][2]]
+    evaluation = {"pid": 5, "is_err": True, "lines": [  # an evaluation worker and Serve, in the one-hour run
+        "  0%|          | 0/2 [00:00<?, ?it/s]",
+        "100%|██████████| 2/2 [00:06<00:00,  3.30s/it]100%|██████████| 2/2 [00:06<00:00,  3.38s/it]",
+        "evaluate:  50%|█████     | 4/8 [01:10<01:10, 17.5s/task]",
+        "INFO 2026-12-04 20:13:54,546 controller 17420 -- HAProxy is enabled in ServeController.",
+        "INFO 2026-12-04 20:13:55,824 proxy 192.0.2.2 -- Proxy starting on node 5d9c08d8 (HTTP port: 8500).",
+        "WARNING 2026-12-04 20:13:54,546 controller 17420 -- HTTPOptions.host='127.0.0.1' won't accept connections",
+        "INFO 2026-12-04 20:14:06,013 ray-e5_ray-e5-embeddings 9ioq57vm -- POST /v1/embeddings 200 82.6ms"]}
+    assert drop_noise(evaluation)["lines"] == evaluation["lines"][2:3] + evaluation["lines"][5:]
