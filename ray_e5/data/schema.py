@@ -21,6 +21,7 @@ CONTRACT = ("task", "kind", "language", "query", "positive", "negative")
 # Columns of a normalised row: the contract, where it came from, a graded pair's score (None on other rows), and
 # why it was rejected ("" when it was not).
 ROW_COLUMNS = ("source",) + CONTRACT + ("score", "problem")
+GRADED_EXPECTS = "the source is graded (loss cosent): expected sentence1/sentence2/score pairs"
 FILTERED_PREFIX = "filtered: "  # reasons that are a deliberate selection (min_score), not bad data
 
 
@@ -76,7 +77,7 @@ def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
         row.update(query=text, positive=label_text(label) if not problem else "", kind="long-short",
                    problem=problem or "")
         if defaults.graded and not row["problem"]:
-            row["problem"] = "a labeled text, but the source is graded (loss cosent): expected sentence1/sentence2/score pairs"
+            row["problem"] = f"a labeled text, but {GRADED_EXPECTS}"
         return row
     if "query" not in record and "sentence1" in record:  # a pair: (sentence1, sentence2[, score])
         keys = ("sentence1", "sentence2", None)
@@ -92,7 +93,7 @@ def normalize_record(record: Any, defaults: RowDefaults) -> dict[str, str]:
             if defaults.graded:
                 row["score"] = score
     elif defaults.graded:
-        row["problem"] = "a triplet, but the source is graded (loss cosent): expected sentence1/sentence2/score pairs"
+        row["problem"] = f"a triplet, but {GRADED_EXPECTS}"
         return row
     else:
         keys = ("query", "positive", "negative")

@@ -35,6 +35,11 @@ def gather_keep_local(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gatherer(cross_device: bool):
+    """What the losses apply to each embedding tensor: the global batch's gather, or nothing (the local batch)."""
+    return gather_keep_local if cross_device else (lambda t: t)
+
+
 @dataclass
 class LossInputs:
     """One worker's share of a batch, in embeddings, with masks over the documents the loss scores.
@@ -58,7 +63,7 @@ def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) 
     Documents are the positives, then the hard negatives; masked documents (false negatives, missing hard
     negatives) drop out of the softmax.
     """
-    gather = gather_keep_local if cross_device else (lambda t: t)
+    gather = gatherer(cross_device)
     q = gather(inputs.queries)
     docs = [gather(inputs.positives)]
     if inputs.negatives is not None:
@@ -81,7 +86,7 @@ def cosent(inputs: LossInputs, temperature: float, cross_device: bool = True) ->
     the batch whose gold scores differ, the lower-scored pair's cosine should be below the higher one's:
     ``log(1 + sum exp((cos_j - cos_i) / temperature))`` over pairs with ``score_i > score_j``. Ties add nothing.
     Query i's pair is (query i, positive i); with ``cross_device`` the pairs of the whole global batch."""
-    gather = gather_keep_local if cross_device else (lambda t: t)
+    gather = gatherer(cross_device)
     cos = (gather(inputs.queries) * gather(inputs.positives)).sum(-1) / temperature
     scores = inputs.scores.to(cos.device)
     diff = cos.unsqueeze(0) - cos.unsqueeze(1)  # [i, j] = cos_j - cos_i
