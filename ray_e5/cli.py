@@ -112,18 +112,24 @@ def job_main(command: str) -> int:
         import torch  # noqa: F401
     except ImportError:  # a driver without torch (generation only) has nothing to load
         pass
-    return main([command, *sys.argv[1:]])
+    return main([command, *sys.argv[1:]], console=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console: bool | None = None) -> int:
+    """The CLI. ``console`` (default: when the arguments come from the command line) marks a process whose
+    console is ours: Ray's known native noise is then kept off its stderr (:mod:`ray_e5.native_stderr`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    if args.verbose:
-        from ray_e5.cluster import VERBOSE_ENV
+    from ray_e5.cluster import VERBOSE_ENV, verbose
 
+    if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
+    if not verbose() and (argv is None if console is None else console):
+        from ray_e5.native_stderr import filter_native_stderr
+
+        filter_native_stderr()
     from ray_e5.config import ConfigError
     from ray_e5.stages import UnknownStageError
 

@@ -223,3 +223,27 @@ def test_forwarded_worker_lines_lose_only_the_known_noise():
         "WARNING 2026-12-04 20:13:54,546 controller 17420 -- HTTPOptions.host='127.0.0.1' won't accept connections",
         "INFO 2026-12-04 20:14:06,013 ray-e5_ray-e5-embeddings 9ioq57vm -- POST /v1/embeddings 200 82.6ms"]}
     assert drop_noise(evaluation)["lines"] == evaluation["lines"][2:3] + evaluation["lines"][5:]
+
+
+def test_the_drivers_native_noise_stays_off_the_console_and_the_rest_passes():
+    """Ray's core worker writes its ERROR lines to fd 2 itself; the console entry point drops the known one."""
+    noisy = ("[2026-12-06 04:56:06,487 E 2213 2213] core_worker.cc:2465: Actor with class name: "
+             "'MapWorker(MapBatches(ChatCompleter))' and ID: '62a2' has constructor arguments in the object store "
+             "and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+             "restart will fail.")
+    other = "[2026-12-06 04:56:07,001 E 2213 2213] core_worker.cc:99: some other native error"
+    code = f"""
+import os, sys
+from ray_e5.native_stderr import filter_native_stderr
+filter_native_stderr()
+os.write(2, {noisy.encode()!r} + b"\\n" + {other.encode()!r}[:20])   # the next line arrives in two writes
+os.write(2, {other.encode()!r}[20:] + b"\\n")
+sys.stderr.write("generate:  50%|#####     | 1/2\\r"); sys.stderr.flush()   # a bar: no newline
+os.write(2, {noisy.encode()!r}[:30]); os.write(2, {noisy.encode()!r}[30:] + b"\\n")
+raise SystemExit("the last words")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)  # bytes: "\r" kept
+    err = done.stderr.decode()
+    assert done.returncode == 1
+    assert "constructor arguments" not in err, err
+    assert other + "\n" in err and "1/2\r" in err and err.rstrip().endswith("the last words"), err
