@@ -132,16 +132,25 @@ def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c``; a number steps into a list (``train.sources.3.weight``: the fourth source's weight)."""
     parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"{dotted}: {part!r} is not an index of {'.'.join(parts[:depth])}, a list of "
+                                  f"{len(node)} (0 to {len(node) - 1})")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: cannot set a key under {parts[depth - 1]!r}, which holds {node!r}")
+        if last:
+            node[part] = value
+            return
+        child = node[part] if isinstance(node, list) else node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: cannot set a key under {part!r}, which holds {child!r}")
         node = child
-    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

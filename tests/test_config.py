@@ -34,6 +34,16 @@ def test_bad_keys_are_named(overrides, key):
         load_config(None, overrides)
 
 
+def test_an_override_steps_into_a_list_by_index():
+    cfg = load_config(CONFIGS / "cpu-1h.yaml", ["train.sources.3.weight=0.25", "train.sources.-1.weight=0.4"])
+    sources = cfg.train["sources"]
+    assert sources[3]["path"].startswith("snli_triplets") and sources[3]["weight"] == 0.25
+    assert sources[-1]["weight"] == 0.4 and sources[0]["weight"] == 0.3  # the others as they were
+    for bad in ("train.sources.9.weight=1", "train.sources.snli.weight=1"):
+        with pytest.raises(ConfigError, match=r"is not an index of train\.sources, a list of 6 \(0 to 5\)"):
+            load_config(CONFIGS / "cpu-1h.yaml", [bad])
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["model.name"])

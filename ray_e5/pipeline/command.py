@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     quick.add_argument("--smoke", action="store_true",
                        help="reduced size (2 examples, 30 steps, small eval sets): the CI end-to-end run")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
+                       help="override a config key, e.g. --set train.max_steps=50; a number indexes a list: "
+                            "train.sources.3.weight=0.5 (repeatable)")
     _common(quick)
     quick.set_defaults(func=_quickstart)
 
