@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 
 
+SET_HELP = ("override a config key, e.g. --set train.lr=2e-4; a number indexes a list: train.sources.3.weight=0.5 "
+            "(repeatable)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE, any number of --set KEY=VALUE overrides (dotted keys) and --address."""
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=2e-4; a number indexes a list: "
-                             "train.sources.3.weight=0.5 (repeatable)")
+                        help=SET_HELP)
     parser.add_argument("--address", help="Ray cluster address (default: a local cluster)")
 
 

@@ -27,7 +27,7 @@ NOISY_WARNINGS = (("`is_gradient_checkpointing` is deprecated", "FutureWarning")
                   ("Precision is ill-defined", "UserWarning"), ("Recall is ill-defined", "UserWarning"),
                   ("F-score is ill-defined", "UserWarning"),
                   ("To copy construct from a tensor", "UserWarning"))  # mteb's bitext-mining evaluator
-# Worker log lines (forwarded to the driver) that are known noise.
+# Log lines that are known noise: the workers' (forwarded to the driver) and the driver's native ones (native_stderr).
 NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller actor state|"
                          r"FutureWarning: `is_gradient_checkpointing`|RayDeprecationWarning|"
                          # Ray Train's controller and workers narrating their start-up and every checkpoint

@@ -19,13 +19,16 @@ import re
 import sys
 import threading
 
+from ray_e5.cluster import NOISY_LINES
+
 # A line of Ray's C++ logger: "[2026-12-06 04:56:06,487 E 2213 2213] core_worker.cc:2465: ..."
 NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] ")
-NOISY_NATIVE = re.compile(rb"has constructor arguments in the object store and max_restarts")
+_NATIVE_START = re.compile(rb"^\[\d")
 
 
 def is_noise(line: bytes) -> bool:
-    return bool(NATIVE_LINE.match(line) and NOISY_NATIVE.search(line))
+    """A native log line whose message is known noise (the same list as the workers' forwarded lines)."""
+    return bool(NATIVE_LINE.match(line)) and NOISY_LINES.search(line.decode("utf-8", "replace")) is not None
 
 
 def _kept(line: bytes) -> bytes:
@@ -40,7 +43,7 @@ def _maybe_native(partial: bytes) -> bool:
     a native line's header, or is shorter than one and starts as one does."""
     if NATIVE_LINE.match(partial):
         return True
-    return len(partial) < 48 and (partial == b"[" or re.match(rb"^\[\d", partial) is not None)
+    return len(partial) < 48 and (partial == b"[" or _NATIVE_START.match(partial) is not None)
 
 
 def _write_all(fd: int, data: bytes) -> None:

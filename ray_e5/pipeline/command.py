@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ray_e5.cliargs import add_config_arguments
+from ray_e5.cliargs import SET_HELP, add_config_arguments
 from ray_e5.stages import STAGES
 
 ALLOW_EMPTY_HELP = ("when generation writes no valid row, print one warning and train on the labeled sources alone "
@@ -34,8 +34,7 @@ def register(subparsers) -> None:
     quick.add_argument("--smoke", action="store_true",
                        help="reduced size (2 examples, 30 steps, small eval sets): the CI end-to-end run")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.max_steps=50; a number indexes a list: "
-                            "train.sources.3.weight=0.5 (repeatable)")
+                       help=SET_HELP)
     _common(quick)
     quick.set_defaults(func=_quickstart)
 
