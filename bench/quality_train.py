@@ -41,6 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "first-12-layers": ["model.num_layers=12"],
     "temperature-0.02": ["train.temperature=0.02"],  # the paper's
     "lr-1e-3": ["train.lr=1.0e-3"],
+    "symmetric-loss": ["train.symmetric_loss=true"],  # InfoNCE both ways (GTE; MultipleNegativesSymmetricRankingLoss)
     # STS-B and SICK train pairs a second time, every pair with its gold score, under the CoSENT loss
     "cosent-sts": ['__add_source__={"path": "stsbenchmark/train.jsonl", "name": "stsb-graded", "loss": "cosent", "weight": 0.5}',
                    '__add_source__={"path": "sick/train.jsonl", "name": "sick-graded", "loss": "cosent", "weight": 0.5}'],

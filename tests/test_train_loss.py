@@ -42,6 +42,19 @@ def test_info_nce_matches_the_formula_with_masks():
     assert float(plain) == pytest.approx(_reference(q, p, [[True] * 4] * 4, 0.05), rel=1e-5)
 
 
+def test_symmetric_info_nce_adds_each_positive_over_the_queries():
+    q, p, n = _unit(4, seed=1), _unit(4, seed=2), _unit(4, seed=3)
+    fn = torch.zeros(4, 8, dtype=torch.bool)
+    fn[0, 2] = True  # query 0's positive equals document 2: query 0 is no negative for document 2
+    inputs = LossInputs(q, p, n, torch.ones(4, dtype=torch.bool), fn)
+    one_way = float(info_nce(inputs, 0.05))
+    both = float(info_nce(inputs, 0.05, symmetric=True))
+    keep_back = [[not fn[j, i] for j in range(4)] for i in range(4)]  # [document i][query j]
+    backward = _reference(p, q, keep_back, 0.05)  # each positive's softmax over the queries, no hard negatives
+    assert both == pytest.approx((one_way + backward) / 2, rel=1e-5)
+    assert backward != pytest.approx(one_way, rel=1e-3)
+
+
 def _global_batch(size=8):
     return {"query": [f"query number {i} about the fox" for i in range(size)],
             # rows 1 and 7 share a positive (a false negative for each other)

@@ -72,6 +72,7 @@ class TrainSettings(Section):
     hard_negatives: bool = True
     cross_device_negatives: bool = True
     mask_false_negatives: bool = True
+    symmetric_loss: bool = False  # InfoNCE both ways: each query over the documents and each positive over the queries
     # Matryoshka: also train the first d components of each embedding (re-normalised) for each d listed, e.g.
     # [64, 128, 256, 640]; the loss is the sum of InfoNCE at every width. Empty: the full width only.
     matryoshka_dims: list[int] = Field(default_factory=list)

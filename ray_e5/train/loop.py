@@ -110,7 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
         texts = prepare(row, rank, world, template, settings.hard_negatives, settings.cross_device_negatives,
                         settings.mask_false_negatives)
         result = train_step(engine, embedder, texts, settings.temperature, settings.cross_device_negatives,
-                            settings.chunk_size, settings.gradient_cache, tuple(settings.matryoshka_dims))
+                            settings.chunk_size, settings.gradient_cache, tuple(settings.matryoshka_dims),
+                            settings.symmetric_loss)
         lr = engine.lr()
         engine.step()
         step += 1

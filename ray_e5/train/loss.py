@@ -57,11 +57,15 @@ class LossInputs:
     scores: torch.Tensor | None = None  # (N,) gold scores of a graded batch's pairs: the loss is CoSENT
 
 
-def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
+def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True,
+             symmetric: bool = False) -> torch.Tensor:
     """Mean InfoNCE over the global batch (``cross_device``) or the local one; query i's positive is document i.
 
     Documents are the positives, then the hard negatives; masked documents (false negatives, missing hard
-    negatives) drop out of the softmax.
+    negatives) drop out of the softmax. ``symmetric`` averages it with the reverse direction, each positive's
+    softmax over the batch's queries (GTE's bidirectional loss, sentence-transformers'
+    ``MultipleNegativesSymmetricRankingLoss``): the same embeddings, a second supervision for free. A query whose
+    positive equals document i's text is no negative for document i (the false-negative mask, transposed).
     """
     gather = gatherer(cross_device)
     q = gather(inputs.queries)
@@ -78,7 +82,11 @@ def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True) 
     if inputs.negatives is not None and inputs.negative_valid is not None:
         mask[:, n:] |= ~inputs.negative_valid.to(scores.device).unsqueeze(0)
     scores = scores.masked_fill(mask, float("-inf"))
-    return F.cross_entropy(scores, torch.arange(n, device=scores.device))
+    target = torch.arange(n, device=scores.device)
+    forward = F.cross_entropy(scores, target)
+    if not symmetric:
+        return forward
+    return (forward + F.cross_entropy(scores[:, :n].T, target)) / 2
 
 
 def cosent(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
@@ -94,11 +102,12 @@ def cosent(inputs: LossInputs, temperature: float, cross_device: bool = True) ->
     return torch.logsumexp(torch.cat([cos.new_zeros(1), diff[ranked]]), dim=0)
 
 
-def pair_loss(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
-    """CoSENT on a graded batch (``scores`` set), InfoNCE on every other."""
+def pair_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
+              symmetric: bool = False) -> torch.Tensor:
+    """CoSENT on a graded batch (``scores`` set), InfoNCE (``symmetric`` or not) on every other."""
     if inputs.scores is not None:
         return cosent(inputs, temperature, cross_device)
-    return info_nce(inputs, temperature, cross_device)
+    return info_nce(inputs, temperature, cross_device, symmetric)
 
 
 def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -107,18 +116,18 @@ def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
 
 
 def contrastive_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
-                     matryoshka_dims: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+                     matryoshka_dims: list[int] | tuple[int, ...] = (), symmetric: bool = False) -> torch.Tensor:
     """InfoNCE (CoSENT on a graded batch) on the full embeddings, or with ``matryoshka_dims`` the sum at each truncated,
     re-normalised width (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit weights), so a
     vector cut to any of those widths stays a good embedding. The truncation is differentiable, so gradient
     caching and cross-device negatives work unchanged."""
     if not matryoshka_dims:
-        return pair_loss(inputs, temperature, cross_device)
+        return pair_loss(inputs, temperature, cross_device, symmetric)
     total = None
     for dim in matryoshka_dims:
         part = pair_loss(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
                                     truncated(inputs.negatives, dim), inputs.negative_valid, inputs.false_negatives,
-                                    inputs.scores), temperature, cross_device)
+                                    inputs.scores), temperature, cross_device, symmetric)
         total = part if total is None else total + part
     return total
 

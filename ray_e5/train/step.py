@@ -109,7 +109,7 @@ class StepResult:
 
 def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_device: bool = True,
                chunk_size: int | None = None, gradient_cache: bool = False,
-               matryoshka_dims: tuple[int, ...] = ()) -> StepResult:
+               matryoshka_dims: tuple[int, ...] = (), symmetric: bool = False) -> StepResult:
     """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``).
 
     Texts are embedded in length-grouped chunks of ``chunk_size``; with ``gradient_cache`` the chunks are first
@@ -124,7 +124,7 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
     def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
         return contrastive_loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives,
-                                           texts.scores), temperature, cross_device, matryoshka_dims)
+                                           texts.scores), temperature, cross_device, matryoshka_dims, symmetric)
 
     if not gradient_cache:
         embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
