@@ -85,6 +85,21 @@ def test_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
     assert two[0]["runs"][0]["tokens"] + two[1]["runs"][0]["tokens"] == one["runs"][0]["tokens"]
 
 
+def test_symmetric_loss_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
+    """The reverse direction too: 2 gloo workers x batch 4 == 1 worker x batch 8, plain and gradient-cached."""
+    row = _global_batch(8)
+    variants = [(None, False), (3, True)]
+    args = (str(tiny_decoder_dir), row, {"engine": "torch"}, variants, 0.05, True, True)
+    one = step_gradients(0, 1, *args)
+    two = spawn(step_gradients, 2, *args)
+    one_way = step_gradients(0, 1, *args[:-1], False)
+    assert one["runs"][0]["loss"] != pytest.approx(one_way["runs"][0]["loss"], rel=1e-3)  # the reverse term counts
+    assert max(float(g.abs().max()) for g in one["runs"][0]["grads"].values()) > 0.1
+    for k in range(len(variants)):
+        for rank in range(2):
+            _assert_same(two[rank]["runs"][k], one["runs"][0])
+
+
 def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
     from ray_e5.train.loss import contrastive_loss
 

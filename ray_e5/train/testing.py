@@ -68,7 +68,8 @@ def lora_embedder(model_dir: str, seed: int = 0, max_length: int = 64, engine_se
 
 
 def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_settings: dict,
-                   variants: list, temperature: float = 0.05, cross_device: bool = True) -> dict:
+                   variants: list, temperature: float = 0.05, cross_device: bool = True,
+                   symmetric: bool = False) -> dict:
     """Loss and worker-averaged gradients of one step on ``row``, once per (chunk_size, gradient_cache) entry of
     ``variants``. The engine steps with lr 0 between runs, so every run sees the same weights."""
     from ray_e5.train.engines import make_engine
@@ -81,7 +82,7 @@ def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_sett
     runs = []
     for chunk, cache in variants:
         result = train_step(engine, engine.module, texts, temperature, cross_device=cross_device, chunk_size=chunk,
-                            gradient_cache=cache)
+                            gradient_cache=cache, symmetric=symmetric)
         runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
         engine.step()
     # ZeRO-3 leaves each worker an empty local tensor for a partitioned parameter (outside forward and backward).
