@@ -65,7 +65,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from ray_e5.train.engines import cpu_has_native_bf16
+    from ray_e5.model.precision import cpu_has_native_bf16
 
     rows = [json.loads(line) for line in (DATA / "snli_triplets" / "train.jsonl").read_text().splitlines()[:400]]
     print(f"{os.cpu_count()} CPU cores; native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}")

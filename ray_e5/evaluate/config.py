@@ -41,7 +41,8 @@ class ModelEntry(Section):
     # Embedder overrides (ModelSettings fields), e.g. max_length: 256 for MiniLM as sentence-transformers uses
     pooling: Literal["last", "mean", "cls"] | None = None
     max_length: int | None = Field(None, gt=1)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    # auto: bf16 where the evaluating node runs it natively (AVX512-BF16/AMX CPU, CUDA), else fp32
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] | None = None
     normalize: bool | None = None
     rope_theta: float | None = Field(None, gt=0)  # long context: the RoPE base (model.rope_theta)
     sliding_window: int | None = Field(None, gt=0)  # long context: the attention window (model.sliding_window)

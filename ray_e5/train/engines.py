@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from ray_e5.model.precision import cpu_has_native_bf16
 from ray_e5.train.loss import distributed
 
 
@@ -62,17 +63,6 @@ def set_horizon(scheduler, horizon: int) -> None:
     for factor in getattr(scheduler, "lr_lambdas", ()):
         if isinstance(factor, WarmupLinearDecay):
             factor.horizon = max(int(horizon), factor.warmup + 1)
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
