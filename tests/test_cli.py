@@ -130,8 +130,8 @@ def test_an_hour_budget_runs_the_one_hour_recipe_with_its_shares(shared_data):
 
     assert recipe_for_budget(60).name == "cpu-1h.yaml" and recipe_for_budget(20).name == "quickstart.yaml"
     hour = quickstart_config(None, None, str(shared_data), Budget(3600), False, [], log=lambda line: None)
-    assert hour.run_dir.endswith("cpu-1h") and hour.budget.train == 0.71
-    assert hour.train["max_time_s"] == int(3600 * 0.71)  # the recipe's share caps the section's own limit
+    assert hour.run_dir.endswith("cpu-1h") and hour.budget.train == 0.76
+    assert hour.train["max_time_s"] == int(3600 * 0.76)  # the recipe's share caps the section's own limit
     assert hour.generate["time_budget_s"] == min(420, int(3600 * hour.budget.generate))
     short = quickstart_config(None, None, str(shared_data), Budget(1200), False, [], log=lambda line: None)
     assert short.run_dir.endswith("quickstart") and short.train["max_time_s"] == int(1200 * 0.4)
