@@ -141,7 +141,7 @@ def test_inference_dtype_auto_is_bf16_only_where_the_cpu_has_it():
 
 
 def test_evaluate_scores_a_lora_embedder_merged_with_the_same_vectors(tiny_decoder_dir, tmp_path):
-    """The evaluate stage merges a trained adapter into its weights (1.3x faster on Gemma 270M's 14 layers):
+    """The evaluate stage merges a trained adapter into its weights (1.2x faster on Gemma 270M's 14 layers):
     no LoRA module is left, and the vectors are the adapter's (to fp32 rounding); `dtype: auto` stays close."""
     from ray_e5.evaluate.models import ModelSpec
 

@@ -60,13 +60,13 @@ class ModelSpec:
         from ray_e5.model import Embedder
 
         from ray_e5 import runs
-
         from ray_e5.model.precision import inference_dtype
 
         overrides = dict(self.overrides)
         if "dtype" in overrides:  # resolved here, on the node that encodes
             overrides["dtype"] = inference_dtype(overrides["dtype"])
-        # A LoRA adapter is merged into the weights it adapts: the same vectors (within fp32 rounding), 1.3x faster
+        # A LoRA adapter is merged into the weights it adapts: the same vectors (within fp32 rounding), 1.2x faster
+        # (the one-hour recipe's trained model: 357 s unmerged, 303 s merged)
         return Embedder.load(runs.local_copy(self.ref), merge_lora=True, **overrides)
 
 
