@@ -151,6 +151,8 @@ def test_evaluate_scores_a_lora_embedder_merged_with_the_same_vectors(tiny_decod
     merged = ModelSpec("trained", str(tmp_path / "emb")).build_base()
     assert not any("lora_" in name for name, _ in merged.backbone.named_parameters())
     np.testing.assert_allclose(merged.encode(TEXTS), expected, atol=1e-5)
+    # the adapter is really in the merged weights: the base model's vectors differ
+    assert not np.allclose(merged.encode(TEXTS), Embedder.load(str(tiny_decoder_dir)).encode(TEXTS), atol=1e-3)
     auto = ModelSpec("trained", str(tmp_path / "emb"), overrides={"dtype": "auto"}).build_base()
     assert auto.dtype == (torch.bfloat16 if auto.settings.dtype == "bf16" else torch.float32)
     assert (auto.encode(TEXTS) * expected).sum(1).min() > 0.99
