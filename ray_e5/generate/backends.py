@@ -12,6 +12,7 @@ JSON-schema constrained decoding is asked for in each backend's own dialect.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from ray_e5.generate.config import GenerateSettings
@@ -31,12 +32,65 @@ def is_transient(reason: str) -> bool:
     return reason.startswith("request_http_") and (reason[-3:] in ("408", "409", "429") or reason[-3:].startswith("5"))
 
 
+# A usage count at or above this is no count (and would not fit the manifest's or Parquet's integers).
+MAX_TOKEN_COUNT = 1 << 31
+
+
+def token_count(value) -> int | None:
+    """A usage count as the server should have sent it (a non-negative integer, also as a whole float or a string of
+    digits), or None for anything else: null, negative, fractional, non-finite, absurdly large, another type. A
+    count we cannot read is charged as the request's reservation (:func:`ray_e5.generate.completions.charged`)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isascii() or not value.isdigit() or len(value) > 10:
+            return None
+        value = int(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    elif not isinstance(value, int):
+        return None
+    return value if 0 <= value < MAX_TOKEN_COUNT else None
+
+
 @dataclass
 class Completion:
+    """An answer: its text, and its usage counts (None where the server sent none we can read)."""
+
     text: str | None
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
     finish_reason: str | None = None
+
+
+def envelope_answer(choices, usage, completion_text: bool = False) -> tuple[str | None, int | None, int | None,
+                                                                            str | None]:
+    """(text, prompt tokens, completion tokens, finish reason) of a chat completion's ``choices`` and ``usage``, as
+    attributes (the openai client's objects, which it builds without validating) or as dict keys (a Batch API output
+    line). A body that is not a chat completion (no choice, a choice without a message, content that is not text)
+    raises :class:`Dropped` ``request_bad_response``."""
+
+    def get(obj, name):
+        return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+    if not isinstance(choices, list) or not choices:
+        raise Dropped("request_bad_response")
+    choice = choices[0]
+    if completion_text:
+        text = get(choice, "text")
+    else:
+        message = get(choice, "message")
+        if message is None or isinstance(message, (str, int, float, list)):
+            raise Dropped("request_bad_response")
+        text = get(message, "content")  # null when the model refused: an empty answer
+    if text is not None and not isinstance(text, str):
+        raise Dropped("request_bad_response")
+    finish_reason = get(choice, "finish_reason")
+    return (text, token_count(get(usage, "prompt_tokens")), token_count(get(usage, "completion_tokens")),
+            finish_reason if isinstance(finish_reason, str) else None)
 
 
 def response_format(style: str, schema: dict) -> dict | None:
@@ -96,18 +150,14 @@ class ChatBackend:
             raise Dropped("request_connection_error") from None
         except Exception:  # a body the client could not decode, and the like: dropped and counted, never fatal
             raise Dropped("request_bad_response") from None
-        if not hasattr(response, "choices"):  # a 200 whose body is not a chat completion
-            raise Dropped("request_bad_response")
-        usage = getattr(response, "usage", None)
-        choice = response.choices[0] if response.choices else None
+        # A 200 whose body is not a chat completion: the client builds its objects without validating them.
+        text, prompt_tokens, completion_tokens, finish_reason = envelope_answer(
+            getattr(response, "choices", None), getattr(response, "usage", None), completion_text=bool(completion))
         if completion:
             from ray_e5.generate.prompts import answer_text
 
-            text = answer_text(prompt, getattr(choice, "text", None))
-        else:
-            text = getattr(getattr(choice, "message", None), "content", None)
-        return Completion(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
-                          getattr(choice, "finish_reason", None))
+            text = answer_text(prompt, text)
+        return Completion(text, prompt_tokens, completion_tokens, finish_reason)
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 
 from ray_e5.rundir import RunDir
 from ray_e5 import runs
-from ray_e5.generate.backends import Completion, is_transient, response_format
+from ray_e5.generate.backends import Completion, envelope_answer, is_transient, response_format
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import GenerateError
 from ray_e5.generate.parse import Dropped
@@ -90,22 +90,24 @@ def worst_cost(item: dict, settings: GenerateSettings) -> float:
 
 
 def completion_of(record: dict) -> Completion | Dropped:
-    """An output or error file line as the outcome of its request."""
+    """An output or error file line as the outcome of its request; the body is read as the synchronous path reads a
+    response (:func:`ray_e5.generate.backends.envelope_answer`), so a malformed one is ``request_bad_response``
+    and usage it cannot read is charged at the reservation."""
     response = record.get("response") if isinstance(record.get("response"), dict) else {}
     error = record.get("error") if isinstance(record.get("error"), dict) else {}
     status = response.get("status_code")
-    if error.get("code") in NOT_RUN:
-        return Dropped("skipped_" + str(error["code"]))
-    if isinstance(status, int) and status != 200:
-        return Dropped(f"request_http_{status}")
+    code = error.get("code")
+    if isinstance(code, str) and code in NOT_RUN:
+        return Dropped("skipped_" + code)
+    if isinstance(status, int) and not isinstance(status, bool) and status != 200:
+        return Dropped(f"request_http_{status}" if 100 <= status <= 599 else "request_bad_response")
     body = response.get("body")
-    try:
-        choice = body["choices"][0]
-        usage = body.get("usage") or {}
-        return Completion((choice.get("message") or {}).get("content"), int(usage.get("prompt_tokens") or 0),
-                          int(usage.get("completion_tokens") or 0), choice.get("finish_reason"))
-    except (TypeError, KeyError, IndexError, AttributeError, ValueError):
+    if not isinstance(body, dict):
         return Dropped("request_bad_response")  # a 200 whose body is not a chat completion, as synchronously
+    try:
+        return Completion(*envelope_answer(body.get("choices"), body.get("usage")))
+    except Dropped as drop:
+        return drop
 
 
 def update_part(part: dict, batch) -> bool:
@@ -318,8 +320,8 @@ class BatchPhase:
 
     # ---- collect ---------------------------------------------------------------------------------------------
     def _records(self, file_id: str | None) -> Iterator[dict]:
-        """The lines of an output or error file, streamed; a line that is not JSON is skipped (its request is
-        then missing from the file and handled as such)."""
+        """The lines of an output or error file, streamed; a line that is not JSON (or JSON nested too deep or
+        with a number Python refuses) is skipped: its request is then missing from the file and handled as such."""
         if not file_id:
             return
         with self._guard(f"download {file_id}"), self.client.files.with_streaming_response.content(
@@ -327,7 +329,7 @@ class BatchPhase:
             for line in response.iter_lines():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # JSONDecodeError, a huge integer, too deep a nesting
                     continue
                 if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
                     yield record

@@ -5,14 +5,19 @@ an async UDF, so each actor overlaps several batches on one event loop while a s
 ``concurrency`` requests in flight per actor. vLLM runs as ``ray.data.llm``'s processor. Either way each request
 comes back as one row: the parsed and validated answer, or empty texts and a ``drop`` reason. Parsing happens in
 the workers, so the driver only filters and writes.
+
+No answer can stop the stage: :func:`finish` turns any answer (any text, any envelope, any usage counts) into
+either a row that JSON Lines and Parquet can hold or a counted drop reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
+
 from ray_e5.generate.backends import ChatBackend, Completion, vllm_completion
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.parse import Dropped, parse_json, parse_tasks, validate_answer
@@ -23,6 +28,9 @@ EXAMPLE_COLUMNS = (*COLUMNS, "drop")
 BRAINSTORM_COLUMNS = ("id", "key", "kind", "tasks", "prompt_tokens", "completion_tokens", "drop")
 # A parse failure on an answer the server cut at max_tokens is named for its cause.
 _CUT = ("empty_answer", "not_json", "truncated_json", "malformed_json")
+# What an answer that broke an assumption of ours (a bug, not the answer's fault) is counted as; never expected.
+UNEXPECTED = "answer_unexpected_error"
+log = logging.getLogger(__name__)
 
 
 def model_name(settings: GenerateSettings) -> str:
@@ -34,9 +42,30 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 3 + 8
 
 
+def answer_limit(kind, settings: GenerateSettings) -> int:
+    """The most characters an answer of ``kind`` may have: its fields at ``max_chars``, every character written
+    as a six-character JSON escape, plus room for keys and a code fence; a longer one is ``answer_too_large``."""
+    return len(kind.output_keys) * settings.max_chars * 6 + 4096
+
+
+def charged(item: dict, result: Completion | Dropped) -> tuple[int, int]:
+    """The (prompt, completion) tokens an outcome is counted at: the answer's usage, or where a count is missing or
+    unreadable (a string, null, negative), the request's reservation (the prompt estimate and ``max_tokens``), so
+    that tokens, cost and ``budget_usd`` never undercount. A request without an answer costs nothing; one answered
+    with a body that is not a chat completion (``request_bad_response``, billed all the same) costs its reservation."""
+    if isinstance(result, Dropped):
+        result = Completion(None, None, None) if result.reason == "request_bad_response" else None
+    if result is None:
+        return 0, 0
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    return (prompt if prompt is not None else estimate_tokens(item["prompt"]),
+            completion if completion is not None else int(item["max_tokens"]))
+
+
 def finish(phase: str, item: dict, result: Completion | Dropped, settings: GenerateSettings) -> dict:
-    """One planned request and its outcome as an output row of ``phase`` ("example" or "brainstorm")."""
-    tokens = (result.prompt_tokens, result.completion_tokens) if isinstance(result, Completion) else (0, 0)
+    """One planned request and its outcome as an output row of ``phase`` ("example" or "brainstorm"): valid text,
+    or empty texts and a ``drop`` reason; it never raises for anything in the answer."""
+    tokens = charged(item, result)
     if phase == "brainstorm":
         out = {"id": item["id"], "key": item["key"], "kind": item["kind"], "tasks": "[]",
                "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "drop": ""}
@@ -50,12 +79,16 @@ def finish(phase: str, item: dict, result: Completion | Dropped, settings: Gener
         if phase == "brainstorm":
             return {**out, "tasks": json.dumps(parse_tasks(result.text))}
         kind = KINDS[item["kind"]]
-        fields = validate_answer(parse_json(result.text), kind, settings.min_chars, settings.max_chars,
-                                 prompt=item.get("prompt", ""), task=item.get("task", ""))
+        fields = validate_answer(parse_json(result.text, answer_limit(kind, settings)), kind, settings.min_chars,
+                                 settings.max_chars, prompt=item.get("prompt", ""), task=item.get("task", ""))
+        return {**out, **to_row(kind, fields, item["task"], item["language"], item.get("tgt_language") or None)}
     except Dropped as drop:
         reason = "truncated_max_tokens" if result.finish_reason == "length" and drop.reason in _CUT else drop.reason
         return {**out, "drop": reason}
-    return {**out, **to_row(kind, fields, item["task"], item["language"], item.get("tgt_language") or None)}
+    except Exception as err:  # a bug of ours met by some answer: counted, never the end of the stage
+        log.warning("generate: an answer to %s raised %s; dropped as %s", item.get("id"), type(err).__name__,
+                    UNEXPECTED)
+        return {**out, "drop": UNEXPECTED}
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -99,8 +132,7 @@ class ChatCompleter:
                 result = drop
             finally:
                 if self.ledger is not None:
-                    used = (result.prompt_tokens, result.completion_tokens) if isinstance(result, Completion) else (0, 0)
-                    await self.ledger.settle.remote(estimate, max_tokens, *used)
+                    await self.ledger.settle.remote(estimate, max_tokens, *charged(item, result))
             return result
 
     async def _answer(self, item: dict) -> dict:

@@ -15,6 +15,10 @@ One double charge is beyond any client: an answer already on the wire when its p
 but never reached the journal, so the rerun asks it again. At most the requests then in flight (``actors`` x
 ``concurrency``) are paid twice.
 
+Records are rows that :func:`ray_e5.generate.completions.finish` made writable, and the writer still never fails
+on one: text that UTF-8 cannot hold (a lone surrogate) is written as a JSON escape, and a reader skips any line it
+cannot parse or whose counts it cannot read.
+
 On a local run directory each line is flushed as it is written; an object store has no append, so there each
 writer puts one object per batch of answers (a kill then loses at most the answers of the batches in flight).
 """
@@ -31,7 +35,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from ray_e5 import runs
-from ray_e5.generate.backends import is_transient
+from ray_e5.generate.backends import is_transient, token_count
 
 JOURNAL_DIR = "journal"
 
@@ -47,10 +51,15 @@ class JournalWriter:
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.buffer: list[str] = []
         self.part = 0
-        self.handle = open(os.path.join(self.path, f"{self.name}.jsonl"), "a") if self.local else None
+        self.handle = (open(os.path.join(self.path, f"{self.name}.jsonl"), "a", encoding="utf-8") if self.local
+                       else None)
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: escaped, so the line is valid UTF-8 and reads back the same
+            line = json.dumps(record, ensure_ascii=True) + "\n"
         if self.handle is not None:
             self.handle.write(line)
             self.handle.flush()
@@ -84,9 +93,9 @@ def read_journal(out_dir: str) -> Iterator[dict]:
         for line in text.splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # torn by a kill (or not ours)
                 continue
-            if isinstance(record, dict) and "id" in record:
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
                 yield record
 
 
@@ -109,9 +118,11 @@ class JournalState:
     def note(self, record: dict) -> None:
         """Fold in one record (a row this run received, or one read back from the journal)."""
         self.records += 1
-        self.prompt_tokens += int(record.get("prompt_tokens") or 0)
-        self.completion_tokens += int(record.get("completion_tokens") or 0)
+        self.prompt_tokens += token_count(record.get("prompt_tokens")) or 0
+        self.completion_tokens += token_count(record.get("completion_tokens")) or 0
         reason = record.get("drop") or ""
+        if not isinstance(reason, str):
+            reason = "request_bad_response"
         if record.get("phase") == "brainstorm":
             if not is_transient(reason) or record["id"] not in self.brainstorm:
                 self.brainstorm[record["id"]] = record

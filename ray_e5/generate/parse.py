@@ -1,13 +1,28 @@
-"""Parse and validate an LLM answer; anything malformed is dropped with a reason, never raised."""
+"""Parse and validate an LLM answer; anything malformed is dropped with a reason, never raised.
+
+An answer is whatever bytes a server sent, so every step is bounded: the text's size before any parsing (a
+megabyte answer is refused before json or a regex sees it), JSON nesting (``RecursionError``), integer literals
+(Python refuses to convert more than 4300 digits, with a ``ValueError``), non-finite numbers (``NaN``, ``Infinity``,
+``1e400``), and text that cannot become a row (lone surrogates, which no UTF-8 file can hold; control characters
+such as NUL). Each becomes a :class:`Dropped` reason that the manifest counts; a rerun then never asks again."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from ray_e5.generate.taxonomy import Kind
 
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.S)
+# A brainstorm answer is about 20 task definitions of at most 500 characters: this bounds one with room to spare
+# (JSON escapes included), and keeps the salvage regex below linear in practice.
+MAX_TASKS_CHARS = 100_000
+# An integer literal longer than this is no answer of ours (and past 4300 digits Python refuses to convert it).
+MAX_INT_DIGITS = 64
+# Text no row may hold: lone surrogates (not encodable as UTF-8, so neither JSON Lines nor Parquet can store them)
+# and C0 control characters other than tab, newline and carriage return (NUL truncates text in C libraries).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Scripts written without spaces between words: each ideograph or kana is about one word (Chinese averages 1.5
 # characters a word, so this errs long); Thai, Lao, Khmer and Myanmar letters average about four to a word.
 _IDEOGRAPHIC = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
@@ -26,12 +41,68 @@ class Dropped(Exception):
         self.reason = reason
 
 
-def parse_json(text: str | None) -> dict:
-    if not text or not text.strip():
-        raise Dropped("empty_answer")
-    body = _FENCE.sub("", text.strip())
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored in a row (``unencodable_text``, ``control_characters``), or None."""
+    if _SURROGATE.search(text):
+        return "unencodable_text"
+    if _CONTROL.search(text):
+        return "control_characters"
+    return None
+
+
+def _int(literal: str) -> int:
+    if len(literal) > MAX_INT_DIGITS:
+        raise Dropped("huge_number")
+    return int(literal)
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400
+        raise Dropped("non_finite_number")
+    return value
+
+
+def _constant(name: str):  # NaN, Infinity, -Infinity: not JSON, though Python's parser takes them
+    raise Dropped("non_finite_number")
+
+
+def _loads(body: str):
+    """``json.loads`` bounded: too deep a nesting and too long or non-finite numbers become drop reasons (the
+    parser raises them as RecursionError and ValueError, which no caller expects)."""
     try:
-        value = json.loads(body)
+        return json.loads(body, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise Dropped("nested_too_deep") from None
+
+
+def _unfence(text: str) -> str:
+    """The text inside a Markdown code fence (```json ... ```), or the text (string operations: a regex with
+    ``\\s*`` before an anchor is quadratic on long runs of spaces)."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body[3:]
+        if body.startswith("json"):
+            body = body[4:]
+    if body.endswith("```"):
+        body = body[:-3]
+    return body.strip()
+
+
+def parse_json(text, limit: int | None = None) -> dict:
+    """The JSON object in an answer (a code fence and prose around it are tolerated). ``limit``: the most
+    characters an answer may have (``answer_too_large`` beyond)."""
+    if not isinstance(text, str):
+        if text is None:
+            raise Dropped("empty_answer")
+        raise Dropped("not_json")
+    if limit is not None and len(text) > limit:
+        raise Dropped("answer_too_large")
+    if not text.strip():
+        raise Dropped("empty_answer")
+    body = _unfence(text)
+    try:
+        value = _loads(body)
     except json.JSONDecodeError:
         start, end = body.find("{"), body.rfind("}")
         if start < 0:
@@ -39,7 +110,7 @@ def parse_json(text: str | None) -> dict:
         if end <= start:
             raise Dropped("truncated_json") from None
         try:
-            value = json.loads(body[start:end + 1])
+            value = _loads(body[start:end + 1])
         except json.JSONDecodeError:
             raise Dropped("malformed_json") from None
     if not isinstance(value, dict):
@@ -98,6 +169,9 @@ def validate_answer(answer: dict, kind: Kind, min_chars: int, max_chars: int, pr
             raise Dropped("empty_field")
         if len(value) < min_chars or len(value) > max_chars:
             raise Dropped("length_out_of_bounds")
+        problem = text_problem(value)
+        if problem:
+            raise Dropped(problem)
         out[key] = value
     if kind.min_words > 1 and any(word_count(v) < kind.min_words for v in out.values()):
         raise Dropped("too_short")
@@ -110,20 +184,38 @@ def validate_answer(answer: dict, kind: Kind, min_chars: int, max_chars: int, pr
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.){11,500})"')
 
 
-def parse_tasks(text: str | None) -> list[str]:
+def _unescape(quoted: str) -> str:
+    """A JSON string's body as text; '' when its escapes are broken."""
+    if "\\" not in quoted:
+        return quoted
     try:
-        value = parse_json(text)
-    except Dropped:  # a list cut short (max_tokens) or broken late still holds the tasks written before
-        found = [t for t in _QUOTED.findall((text or "").split("[", 1)[-1]) if t != "tasks"]
+        value = json.loads(f'"{quoted}"')
+    except ValueError:  # a stray backslash (\q), a cut \u escape
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def parse_tasks(text) -> list[str]:
+    """The task definitions of a brainstorm answer: strings of 11 to 500 characters that a row can hold (others are
+    left out); ``no_tasks`` when none is left."""
+    try:
+        value = parse_json(text, MAX_TASKS_CHARS)
+    except Dropped as drop:  # a list cut short (max_tokens) or broken late still holds the tasks written before
+        if not isinstance(text, str) or drop.reason not in ("not_json", "truncated_json", "malformed_json",
+                                                             "not_an_object"):
+            raise
+        found = [t for t in _QUOTED.findall(text.split("[", 1)[-1]) if t != "tasks"]
         if not found:
             raise
-        value = {"tasks": [json.loads(f'"{t}"') if "\\" in t else t for t in found]}
+        value = {"tasks": [_unescape(t) for t in found]}
     tasks = value.get("tasks")
     if not isinstance(tasks, list):
         raise Dropped("missing_keys")
     found: list[str] = []
     for task in tasks:
         task = " ".join(task.split()) if isinstance(task, str) else ""
+        if text_problem(task):  # a task becomes part of a prompt, a request id and a row
+            continue
         if 10 < len(task) <= 500 and task not in found:  # a definition, not a word or an essay
             found.append(task)
     if not found:

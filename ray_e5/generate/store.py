@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_e5 import runs
+from ray_e5.generate.backends import token_count
 
 SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("kind", pa.string()), ("language", pa.string()),
                     ("query", pa.string()), ("positive", pa.string()), ("negative", pa.string()),
@@ -94,5 +95,5 @@ class Tally:
         self.by_language[row["language"]] += 1
 
     def add_tokens(self, row: dict) -> None:
-        self.prompt_tokens += int(row.get("prompt_tokens") or 0)
-        self.completion_tokens += int(row.get("completion_tokens") or 0)
+        self.prompt_tokens += token_count(row.get("prompt_tokens")) or 0
+        self.completion_tokens += token_count(row.get("completion_tokens")) or 0

@@ -5,7 +5,11 @@ It answers /v1/chat/completions with a JSON object that fills the requested JSON
 concurrent slots (so its capacity is exactly K / latency requests per second). Faults come from a repeating
 schedule, one entry per request: ``ok``, ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the
 client's timeout), ``malformed``, ``truncated``, ``wrong_keys``, ``empty``, ``prose``, ``bad_body`` (a 200 that is
-not JSON), ``cut`` (truncated JSON with finish_reason "length"), ``401`` (refuses the key, echoing it). It records every call (time, mode, prompt,
+not JSON), ``cut`` (truncated JSON with finish_reason "length"), ``401`` (refuses the key, echoing it), and the
+hostile answers of :data:`HOSTILE` (``hostile`` takes the next of them in turn; each is a fault name too): answers
+nested 100000 deep, 5000-digit integers, lone surrogates, NUL bytes, 2 MB fields, NaN, objects where text belongs,
+bodies that are not chat completions, bytes that are not UTF-8, and usage counts that are strings, null, negative,
+fractional or NaN (with a good answer). It records every call (time, mode, prompt,
 Authorization header, the client's request id header, the status and tokens it answered with) for tests to inspect:
 ``answered`` calls are the ones a hosted API would bill.
 
@@ -38,6 +42,13 @@ import time
 from dataclasses import dataclass
 
 FAULTS = ("429", "500", "timeout", "malformed", "truncated", "wrong_keys", "empty", "prose")
+# Hostile answers (all with status 200), by the drop reason a client of ours must count them under ("" = a valid row:
+# a good answer whose usage counts are unreadable).
+HOSTILE = {"deep": "nested_too_deep", "huge_int": "huge_number", "surrogate": "unencodable_text",
+           "nul": "control_characters", "huge_field": "answer_too_large", "nan": "non_finite_number",
+           "object_field": "wrong_type", "no_choices": "request_bad_response", "bad_message": "request_bad_response",
+           "deep_body": "request_bad_response", "bad_bytes": "request_bad_response", "bad_usage": ""}
+DEPTH = 100_000
 BATCH_FAULTS = ("complete", "fail", "expire", "errors", "malformed")
 
 
@@ -78,6 +89,43 @@ def _content(mode: str, schema: dict | None, n: int, prompt: str) -> str:
         "empty": json.dumps({k: "" for k in json.loads(answer)}),
         "prose": "Sure! Here is a great example for your task, described in words.",
     }.get(mode, answer)
+
+
+def _hostile_body(body: dict, call: "Call", mode: str, n: int) -> bytes:
+    """The whole response body (bytes, as sent) of a hostile answer ``mode`` (one of :data:`HOSTILE`)."""
+    if mode == "deep_body":
+        call.status = 200
+        return b'{"id": "cmpl-deep", "choices": ' + b"[" * DEPTH + b"]" * DEPTH + b"}"
+    if mode == "bad_bytes":
+        call.status = 200
+        return b'{"id": "cmpl-bytes", "choices": [{"index": 0, "message": {"content": "\xff\xfe\xc0"}}]}'
+    answer = _completion(body, call, "ok", n)
+    content = answer["choices"][0]["message"]["content"]
+    fields = json.loads(content)
+    first = next(iter(fields))
+    if mode in ("deep", "huge_int", "nan"):
+        literal = {"deep": "[" * DEPTH + "]" * DEPTH, "huge_int": "7" * 5000, "nan": "NaN"}[mode]
+        content = content.replace(json.dumps(fields[first]), literal, 1)
+    elif mode in ("surrogate", "nul", "huge_field", "object_field"):
+        text = fields[first] if isinstance(fields[first], str) else " ".join(fields[first])
+        fields[first] = {"surrogate": text + " \ud800 " + b"\xff".decode("utf-8", "surrogateescape"),
+                         "nul": text + "\x00 more", "huge_field": "x " * 1_000_000,
+                         "object_field": {"text": fields[first]}}[mode]
+        content = json.dumps(fields, ensure_ascii=False)  # a raw lone surrogate: escaped in the envelope below
+    elif mode == "no_choices":
+        answer.pop("choices")
+    elif mode == "bad_message":
+        answer["choices"][0]["message"] = {"role": "assistant", "content": ["not", "text"]} if n % 2 else "text"
+    elif mode == "bad_usage":
+        answer["usage"] = {"prompt_tokens": ["many", None, -5, 2.5, "12"][n % 5],
+                           "completion_tokens": [float("nan"), "-3", 1e30, None, -1][n % 5]}
+    if mode not in ("no_choices", "bad_message"):
+        answer["choices"][0]["message"]["content"] = content
+        call.completion_tokens = len(content) // 4 + 1
+        if mode != "bad_usage":
+            answer["usage"].update(completion_tokens=call.completion_tokens,
+                                   total_tokens=call.prompt_tokens + call.completion_tokens)
+    return json.dumps(answer).encode()  # ensure_ascii: lone surrogates as \ud800 escapes, NaN as NaN
 
 
 def _completion(body: dict, call: "Call", mode: str, n: int) -> dict:
@@ -166,10 +214,16 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
     async def models():
         return {"object": "list", "data": [{"id": "test-model", "object": "model"}]}
 
+    hostile = itertools.cycle(HOSTILE)
+
+    def next_mode() -> str:
+        mode = next(schedule)
+        return next(hostile) if mode == "hostile" else mode
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()
-        mode, n = next(schedule), number(request.headers.get("x-ray-e5-request-id", ""))
+        mode, n = next_mode(), number(request.headers.get("x-ray-e5-request-id", ""))
         prompt = _prompt(body)
         call = Call(time.time(), mode, prompt, request.headers.get("authorization", ""),
                     request.headers.get("x-ray-e5-request-id", ""))
@@ -196,6 +250,8 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
         if mode == "bad_body":
             call.status = 200
             return PlainTextResponse("not json at all", 200)
+        if mode in HOSTILE:
+            return Response(_hostile_body(body, call, mode, n), 200, media_type="application/json")
         return _completion(body, call, mode, n)
 
     # ---- the Batch API: files ------------------------------------------------------------------------------
@@ -288,7 +344,7 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
                                          "body": {"error": {"message": "boom", "type": "server_error"}}}})
                 continue
             body = request.get("body") or {}
-            mode, n = next(schedule), number(rid)
+            mode, n = next_mode(), number(rid)
             call = Call(time.time(), "batch", _prompt(body), entry["authorization"], rid)
             if mode in ("429", "401", "500", "timeout"):
                 call.status = 500 if mode == "timeout" else int(mode)
@@ -297,19 +353,27 @@ def build_app(faults: list[str], latency_s: float, slots: int, hang_s: float = 3
                             "response": {"status_code": call.status, "request_id": f"req_{i}",
                                          "body": {"error": {"message": "injected", "type": "server_error"}}}})
                 continue
-            answer = _completion(body, call, mode, n)
-            app.state.calls.append(call)
-            if mode == "bad_body":  # a 200 whose body is not a chat completion
-                answer = "not json at all"
-            record = {"id": f"batch_req_{i}", "custom_id": rid, "error": None,
-                      "response": {"status_code": 200, "request_id": f"req_{i}", "body": answer}}
-            text = json.dumps(record)
+            if mode in HOSTILE:
+                call.mode = mode  # (the kind, for tests to match each line to its drop reason)
+                raw = _hostile_body(body, call, mode, n)
+                app.state.calls.append(call)
+                text = (json.dumps({"id": f"batch_req_{i}", "custom_id": rid, "error": None,
+                                    "response": {"status_code": 200, "request_id": f"req_{i}"}})[:-2].encode()
+                        + b', "body": ' + raw + b"}}")
+            else:
+                answer = _completion(body, call, mode, n)
+                app.state.calls.append(call)
+                if mode == "bad_body":  # a 200 whose body is not a chat completion
+                    answer = "not json at all"
+                record = {"id": f"batch_req_{i}", "custom_id": rid, "error": None,
+                          "response": {"status_code": 200, "request_id": f"req_{i}", "body": answer}}
+                text = json.dumps(record).encode()
             out.append(text[: len(text) // 3] if fault == "malformed" and i % 4 == 3 else text)
         batch["status"] = "expired" if fault == "expire" else "completed"
         batch[f"{batch['status']}_at"] = int(time.time())
         batch["request_counts"].update(completed=len(out), failed=len(err))
         if out:
-            batch["output_file_id"] = store_file(("\n".join(out) + "\n").encode(), f"{batch['id']}_output.jsonl",
+            batch["output_file_id"] = store_file(b"\n".join(out) + b"\n", f"{batch['id']}_output.jsonl",
                                                  "batch_output")["id"]
         if err:
             batch["error_file_id"] = store_file(("\n".join(json.dumps(e) for e in err) + "\n").encode(),
