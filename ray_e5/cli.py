@@ -16,7 +16,8 @@ import sys
 from ray_e5.cliargs import add_config_arguments, config_from_args  # noqa: F401  (the shared config arguments)
 from ray_e5.stages import STAGES
 
-COMMAND_MODULES = (*(stage.command_module for stage in STAGES.values()), "ray_e5.pipeline.command")
+COMMAND_MODULES = (*(stage.command_module for stage in STAGES.values()), "ray_e5.pipeline.command",
+                   "ray_e5.recipes.command")
 
 
 def _embed(args) -> int:

@@ -108,14 +108,47 @@ def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
 def source_from_settings(settings, data_dir: str | None = None) -> Source:
     """A :class:`Source` from a ``train.sources`` entry (``ray_e5.train.config.SourceSettings``); a relative
     ``path`` is taken under ``data_dir`` (the config's top-level ``data_dir``), a URI or absolute path as it is.
-    The location is checked first (store reachable, bucket present, credentials accepted, path present)."""
-    path = runs.data_uri(data_dir, settings.path) if data_dir is not None else runs.absolute(settings.path)
+    The location is checked first (store reachable, bucket present, credentials accepted, path present). An entry
+    with ``hf`` is read from the Hub (:mod:`ray_e5.data.hub`) when it has no ``path`` or its path is absent."""
+    path = None
+    if settings.path:
+        path = runs.data_uri(data_dir, settings.path) if data_dir is not None else runs.absolute(settings.path)
+    if settings.hf and (path is None or not _present(path)):
+        return _hub_source(settings)
     try:
         runs.check_access(path, "data")
     except runs.StorageError as err:
         raise SourceError(str(err).removeprefix("data: ")
                           + (f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(settings.path) else "")) from None
     return labeled_source(path, name=settings.name, weight=settings.weight, task=settings.task,
+                          kind=settings.kind, language=settings.language, min_score=settings.min_score,
+                          graded=settings.loss == "cosent")
+
+
+def _present(uri: str) -> bool:
+    try:
+        return runs.exists(uri)
+    except Exception:  # noqa: BLE001 - an unreachable mirror is an absent one: the Hub serves the entry
+        return False
+
+
+def _hub_source(settings) -> Source:
+    """A source read from a Hugging Face dataset: its rows, columns mapped, as a local Parquet file. Named as the
+    mirror path would name it (so a run names its sources the same either way), else after the dataset."""
+    from ray_e5.config import ConfigError
+    from ray_e5.data.hub import hf_rows_file
+
+    name = settings.name
+    if name is None and settings.path:
+        stem = PurePosixPath(settings.path.rstrip("/"))
+        name = stem.parent.name if stem.suffix and stem.stem in ("train", "data") else stem.stem or stem.name
+    if name is None:
+        name = settings.hf.rstrip("/").rsplit("/", 1)[-1] + (f"-{settings.config}" if settings.config else "")
+    try:
+        parquet = hf_rows_file(settings, f"hf dataset {settings.hf}")
+    except ConfigError as err:
+        raise SourceError(str(err)) from None
+    return labeled_source(parquet, name=name, weight=settings.weight, task=settings.task or "",
                           kind=settings.kind, language=settings.language, min_score=settings.min_score,
                           graded=settings.loss == "cosent")
 

@@ -10,6 +10,8 @@ evaluate:
     - stsbenchmark/                                          # a folder under data_dir (task.json + data files)
     - {path: scifact, max_samples: 100}                      # a folder under data_dir (or a URI), subsampled
     - STS12                                                  # an MTEB task by name (needs a reachable hub)
+    - {path: sick, mteb: SICK-R}                             # the folder when present under data_dir, else mteb's
+    - {hf: mteb/sickr-sts, split: test, type: sts}           # a Hugging Face dataset's rows as a local task
   num_workers: 2
 ```
 """
@@ -49,11 +51,20 @@ class ModelEntry(Section):
 
 
 class TaskEntry(Section):
-    """One task: a local folder (``path``) or an MTEB task name (``name``). Strings in ``tasks`` are read as a
-    folder when they contain a ``/`` or name an existing directory, else as an MTEB task name."""
+    """One task: a local folder (``path``), an MTEB task name (``name`` alone, or ``mteb``), or a Hugging Face
+    dataset (``hf`` with ``type``: its rows, columns mapped to the layout of the local ``type``). Strings in
+    ``tasks`` are read as a folder when they contain a ``/`` or name an existing directory, else as an MTEB task
+    name. With ``path`` and ``mteb`` or ``hf``, the folder under data_dir is read when present (a local mirror),
+    the Hub otherwise."""
 
     path: str | None = None
     name: str | None = None  # MTEB name; for a local folder, the name it is reported under (default: folder name)
+    mteb: str | None = None  # the MTEB task this entry is read as when its `path` is absent (or when it has none)
+    hf: str | None = None  # a Hugging Face dataset id (or a local folder in the Hub's layout); needs `type`
+    config: str | None = None  # the dataset's config (subset) name
+    columns: dict[str, str] | None = None  # ours -> the dataset's (sts: sentence1, sentence2, score; ...)
+    revision: str | None = None  # the dataset's git revision
+    language: str | None = None  # hf: the rows' language (default en)
     split: str | None = None  # default: "test" for a local folder, the task's own eval splits for an MTEB task
     subsets: list[str] | None = None  # local multi-subset folders (languages): only these
     max_samples: int | None = Field(None, gt=0)  # seeded subsample: rows, or queries for retrieval/reranking
@@ -65,7 +76,9 @@ class TaskEntry(Section):
     main_score: str | None = None  # override mteb's main score for a local task
     # built-in tasks (no data to read): `type: passkey` is passkey retrieval at each of `lengths` (tokens), with
     # max_samples documents per length (default 10: chance is 0.1), the key at `depth` (None: seeded random)
-    type: Literal["passkey"] | None = None
+    # with `hf`: the task type of the dataset's rows, one of the local types (retrieval needs three tables: name
+    # its mteb task instead)
+    type: Literal["passkey", "sts", "classification", "pair_classification", "reranking", "bitext_mining"] | None = None
     lengths: list[int] | None = None
     depth: float | None = Field(None, ge=0.0, le=1.0)
 
@@ -81,9 +94,18 @@ class TaskEntry(Section):
             return self
         if self.lengths is not None or self.depth is not None:
             raise ValueError("`lengths` and `depth` belong to `type: passkey` tasks")
-        if not self.path and not self.name:
-            raise ValueError("a task needs `path` (a local folder), `name` (an MTEB task name) or "
-                             "`type: passkey` (built in)")
+        if self.hf and self.mteb:
+            raise ValueError("give `hf` (a dataset read as a local task) or `mteb` (an MTEB task), not both")
+        if self.hf and self.type is None:
+            raise ValueError(f"an `hf` task needs `type`: one of {', '.join(t for t in LOCAL_TYPES if t != 'retrieval')}"
+                             " (for retrieval, name its MTEB task with `mteb`)")
+        if self.type is not None and not self.hf:
+            raise ValueError(f"`type: {self.type}` applies to `hf` tasks (a local folder's type is in its task.json)")
+        if (self.columns or self.config or self.revision) and not self.hf:
+            raise ValueError("`columns`, `config` and `revision` describe an `hf` dataset: they need `hf`")
+        if not self.path and not self.name and not self.mteb and not self.hf:
+            raise ValueError("a task needs `path` (a local folder), `name` or `mteb` (an MTEB task name), `hf` (a "
+                             "Hugging Face dataset, with `type`) or `type: passkey` (built in)")
         return self
 
 

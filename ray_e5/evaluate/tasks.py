@@ -67,10 +67,11 @@ def largest_first(tasks: list[TaskSpec]) -> list[TaskSpec]:
 def hub_task(entry: TaskEntry):
     import mteb
 
+    name = entry.mteb or entry.name
     try:
-        return mteb.get_task(entry.name, eval_splits=[entry.split] if entry.split else None)
+        return mteb.get_task(name, eval_splits=[entry.split] if entry.split else None)
     except KeyError as err:
-        raise ConfigError(f"task {entry.name!r}: not an MTEB task name ({err}); give a local folder as `path`, "
+        raise ConfigError(f"task {name!r}: not an MTEB task name ({err}); give a local folder as `path`, "
                           "or a name from mteb.get_tasks()") from None
 
 
@@ -95,6 +96,13 @@ def passkey_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
 def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) -> TaskSpec:
     if entry.type == "passkey":
         return passkey_task(entry, seed)
+    if entry.path and (entry.hf or entry.mteb) and not _present(task_uri(entry, data_dir)):
+        # the mirror lacks it: the Hub serves the entry (the mirror's `dev` split is the Hub's `validation`)
+        from ray_e5.data.hub import hub_split
+
+        entry = entry.model_copy(update={"path": None, "split": hub_split(entry.split)})
+    if entry.hf:
+        return hf_task(entry, seed)
     if entry.path:
         from ray_e5 import runs
 
@@ -131,6 +139,27 @@ def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) 
     md = task.metadata
     key = {"name": md.name, "revision": md.dataset.get("revision"), "splits": list(task.eval_splits)}
     return TaskSpec(md.name, md.type, entry, False, _digest(key))
+
+
+def _present(uri: str) -> bool:
+    from ray_e5 import runs
+
+    try:
+        return runs.exists(uri)
+    except Exception:  # noqa: BLE001 - an unreachable mirror is an absent one: the Hub serves the entry
+        return False
+
+
+def hf_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
+    """A task read from a Hugging Face dataset: its rows become a local task folder of ``entry.type``
+    (:func:`ray_e5.data.hub.hf_task_folder`), scored as the local folders are."""
+    from ray_e5.data.hub import hf_task_folder
+
+    name = entry.name or entry.hf.rstrip("/").rsplit("/", 1)[-1] + (f"-{entry.config}" if entry.config else "")
+    folder = hf_task_folder(entry, entry.type, f"task {name!r} (hf dataset {entry.hf})")
+    local = entry.model_copy(update={"path": folder, "hf": None, "type": None, "columns": None, "config": None,
+                                     "revision": None, "name": name})
+    return resolve_task(local, seed, None)
 
 
 def benchmark_tasks(name: str) -> list[TaskSpec]:

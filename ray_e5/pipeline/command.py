@@ -23,13 +23,17 @@ def register(subparsers) -> None:
     quick = subparsers.add_parser(
         "quickstart", help="the whole recipe offline on this machine: generate, train, evaluate, serve",
         description="Gemma 3 270M writes synthetic data (llama.cpp), a Gemma 270M LoRA embedder is trained on it "
-                    "(plus ../shared/data when present), base and trained models are scored, and the trained one is "
-                    "served behind /v1/embeddings. A rerun into the same run directory resumes.")
-    quick.add_argument("--config", help="recipe (default: configs/cpu-1h.yaml for a budget of 60 min or more, "
-                                        "else configs/quickstart.yaml)")
+                    "(plus the labeled datasets the recipe names: from the mirror under --data-dir when present, "
+                    "else the Hugging Face Hub), base and trained models are scored, and the trained one is served "
+                    "behind /v1/embeddings. A dataset found in neither place stops it before anything starts. A "
+                    "rerun into the same run directory resumes.")
+    quick.add_argument("--config", metavar="NAME|FILE",
+                       help="a packaged recipe (`ray-e5 recipes`) or a YAML file (default: cpu-1h for a budget of "
+                            "60 min or more, else quickstart)")
     quick.add_argument("--run-dir", help="where outputs go (default: the recipe's run_dir, runs/quickstart)")
     quick.add_argument("--data-dir", default=None,
-                       help="the labeled datasets: sets data_dir (default: the recipe's data_dir, ../shared/data)")
+                       help="a local mirror of the recipe's datasets: sets data_dir (default: the recipe's data_dir, "
+                            "../shared/data); a dataset absent there is read from the Hugging Face Hub")
     quick.add_argument("--budget-min", type=float, default=20.0, help="time budget in minutes (default 20)")
     quick.add_argument("--smoke", action="store_true",
                        help="reduced size (2 examples, 30 steps, small eval sets): the CI end-to-end run")
@@ -60,13 +64,16 @@ def _verbose(args) -> None:
 def _quickstart(args) -> int:
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _verbose(args)
+    from ray_e5.data.hub import lookups
     from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
 
     config = quickstart_config(args.config, args.run_dir, args.data_dir, Budget(args.budget_min * 60), args.smoke,
                                args.overrides)
+    if all(found.found == "mirror" for found in lookups(config, ask_hub=False)):
+        # the packaged models and the mirror need no Hub: nothing asks it (unless the user says otherwise)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     run_quickstart(config, keep_serving=args.keep_serving, allow_empty_synthetic=args.allow_empty_synthetic)
     return 0
 

@@ -1,9 +1,11 @@
 """The offline quickstart: every stage of the recipe on one CPU machine, inside a time budget.
 
 Gemma 3 270M writes synthetic examples through a local llama.cpp server, a Gemma 3 270M LoRA embedder is trained
-on them (plus the labeled sets under ``data_dir``, ``../shared/data`` by default, when present), the base and
-trained models are scored on local tasks, and the trained model is served behind the OpenAI-compatible API. A rerun into the same run directory
-resumes: finished stages are skipped, generation continues, evaluation reuses its per-task cache.
+on them (plus the labeled sets the recipe names: read from the mirror under ``data_dir``, ``../shared/data`` by
+default, when present, else from the Hugging Face Hub), the base and trained models are scored, and the trained
+model is served behind the OpenAI-compatible API. A dataset that neither the mirror nor the Hub can serve stops
+the run before anything starts, naming it. A rerun into the same run directory resumes: finished stages are
+skipped, generation continues, evaluation reuses its per-task cache.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Any
 
 from ray_e5 import runs
 from ray_e5.config import BudgetShares, RayE5Config, apply_overrides, check_config, read_yaml, validate
+from ray_e5.recipes import recipe_path
 from ray_e5.stages import STAGES, GenerateResult, TrainResult
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 #: budgets of at least this many minutes run the one-hour recipe (the best found for a 2-core CPU hour)
@@ -25,8 +26,9 @@ LONG_BUDGET_MIN = 60.0
 
 
 def recipe_for_budget(minutes: float) -> Path:
-    """The recipe a budget runs when no --config is given: ``cpu-1h.yaml`` from an hour up, else ``quickstart.yaml``."""
-    return REPO_CONFIGS / ("cpu-1h.yaml" if minutes >= LONG_BUDGET_MIN else "quickstart.yaml")
+    """The packaged recipe a budget runs when no --config is given: ``cpu-1h`` from an hour up, else
+    ``quickstart``."""
+    return recipe_path("cpu-1h" if minutes >= LONG_BUDGET_MIN else "quickstart")
 
 
 @dataclass(frozen=True)
@@ -40,32 +42,12 @@ class Budget:
         return max(30, int(self.total_s * getattr(self.shares, stage)))
 
 
-def _keep_present(items: list, data_dir: str, key: str, log) -> list:
-    """The entries whose path (under ``data_dir``) is present; each absent one is dropped with a line. Entries
-    that are not paths (MTEB names) and remote data dirs (checked by the stage itself) are kept as they are."""
-    kept = []
-    for item in items:
-        path = item.get(key) if isinstance(item, dict) else item
-        if not isinstance(path, str) or not runs.is_local(runs.data_uri(data_dir, path)):
-            kept.append(item)
-            continue
-        present = Path(runs.data_uri(data_dir, path)).exists()
-        if isinstance(item, str) and "/" not in path and not present:
-            kept.append(item)  # an MTEB task name
-            continue
-        if not present:
-            log(f"[ray-e5] skipping {path}: not found under data_dir {data_dir} (pass --data-dir to point at the "
-                "shared datasets)")
-            continue
-        kept.append(item)
-    return kept
-
-
 def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: str | None, budget: Budget,
                       smoke: bool, overrides: list[str], log=print) -> RayE5Config:
-    """The quickstart recipe with the budget applied, absent datasets dropped, and the user's overrides last;
-    validated whole (every section, every error at once) before anything runs."""
-    recipe = config_path or recipe_for_budget(budget.total_s / 60)
+    """The quickstart recipe (a packaged name or a file) with the budget applied and the user's overrides last;
+    validated whole (every section, every error at once) before anything runs. Its datasets are checked by
+    :func:`ray_e5.pipeline.run.run_pipeline` before Ray starts."""
+    recipe = recipe_path(config_path) if config_path else recipe_for_budget(budget.total_s / 60)
     log(f"[ray-e5] recipe {recipe} with a budget of {budget.total_s / 60:g} min")
     data: dict[str, Any] = read_yaml(recipe)
     if "budget" in data:  # the recipe's own shares (checked again with the whole config below)
@@ -74,12 +56,9 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
         data["run_dir"] = run_dir
     if data_dir:
         data["data_dir"] = data_dir
-    data_dir = data.get("data_dir") or RayE5Config.model_fields["data_dir"].default
     train = data.setdefault("train", {})
-    train["sources"] = _keep_present(train.get("sources", []), data_dir, "path", log)
     train["max_time_s"] = min(train.get("max_time_s") or 1e9, budget.seconds("train"))
     evaluate = data.setdefault("evaluate", {})
-    evaluate["tasks"] = _keep_present(evaluate.get("tasks", []), data_dir, "path", log)
     generate = data.setdefault("generate", {})
     generate["time_budget_s"] = min(generate.get("time_budget_s") or 1e9, budget.seconds("generate"))
     if smoke:  # the reduced size CI runs: two examples, a few steps, the trained and base model on a small STS set

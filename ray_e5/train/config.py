@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ray_e5.config import Section
 
@@ -26,16 +26,37 @@ class SourceSettings(Section):
     pairs ranked as their gold scores rank, every pair of the source kept with its score). CoSENT learns graded
     similarity, which InfoNCE on the best-scored pairs cannot: what STS and pair-classification tasks measure.
     A cosent source must hold scored pairs; list the same file twice (two names) to train it both ways.
+
+    Where the rows come from: ``path`` (under ``data_dir``, or a URI), ``hf`` (a Hugging Face dataset, read with
+    ``datasets.load_dataset(hf, config, split=split)``, its columns mapped to ours by ``columns``), or both: then
+    ``data_dir/path`` is read when present (a local mirror of the same rows) and the Hub otherwise::
+
+        - {hf: sentence-transformers/all-nli, config: triplet, split: train, path: snli_triplets/train.jsonl,
+           columns: {query: anchor, positive: positive, negative: negative}}
     """
 
-    path: str
-    name: str | None = None  # default: the folder (or file stem) name
+    path: str | None = None
+    hf: str | None = None  # Hugging Face dataset id (or a local folder in the Hub's layout)
+    config: str | None = None  # the dataset's config (subset) name
+    split: str = "train"  # the dataset's split (hf only)
+    columns: dict[str, str] | None = None  # ours -> the dataset's: query/positive/negative, sentence1/2 + score, text + label
+    revision: str | None = None  # the dataset's git revision (hf only)
+    name: str | None = None  # default: the folder (or file stem) name, else the dataset's name
     weight: float = Field(1.0, gt=0.0)  # fraction of the source used per epoch (> 1 repeats it)
     task: str | None = None  # instruction for rows without one; default: the folder's task.json instruction_hint
     kind: str = "labeled"
     language: str = "en"
     min_score: float | None = None
     loss: Literal["contrastive", "cosent"] = "contrastive"
+
+    @model_validator(mode="after")
+    def _path_or_hf(self) -> "SourceSettings":
+        if not self.path and not self.hf:
+            raise ValueError("a source needs `path` (a file or folder under data_dir, or a URI) or `hf` (a Hugging "
+                             "Face dataset id), or both (the path is a local mirror of the dataset)")
+        if self.columns is not None and not self.hf:
+            raise ValueError("`columns` maps a Hugging Face dataset's columns: it needs `hf`")
+        return self
 
 
 class MineSettings(Section):
