@@ -11,6 +11,7 @@ the last stage must not cost the hours of the first.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar
 
@@ -115,6 +116,10 @@ class RayE5Config(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
+# Keys whose values are secrets: an error about one names the key and what is accepted, never the value given.
+_SECRET_KEY = re.compile(r"api_?key|token|secret|password|passwd|credential", re.IGNORECASE)
+
+
 def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
@@ -122,6 +127,8 @@ def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
         key = f"{prefix}{key}" if key else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif _SECRET_KEY.search(key):
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (the value given is a secret: not shown)")
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
             # a check across a whole (sub)section: its message says what is wrong; the input is the section itself
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")

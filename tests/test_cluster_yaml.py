@@ -20,7 +20,34 @@ def test_cluster_yaml_validates_with_ray():
     assert prepared["head_node_type"] == "head"
     assert pools["gpu_pool"]["resources"]["GPU"] > 0 and "GPU" not in pools["cpu_pool"]["resources"]
     assert all(pools[p]["min_workers"] == 0 < pools[p]["max_workers"] for p in ("cpu_pool", "gpu_pool"))
-    assert any("ray-e5[gpu]" in cmd for cmd in prepared["setup_commands"])
+    assert any("ray_e5-*.whl" in cmd and "[gpu]" in cmd for cmd in prepared["setup_commands"])
+
+
+def _start_commands(config: dict) -> list[str]:
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]]
+
+
+def test_only_the_owner_can_drive_the_cluster():
+    """Ray's security guidance, checked on the file: the dashboard and Jobs API on the head's loopback (reached
+    through `ray dashboard cluster.yaml`), token authentication on every node, an IAM instance profile per node
+    type instead of keys, secrets from a secret store rather than a runtime env, and ray-e5 installed from the
+    wheel the user built (not a name on a public index)."""
+    config = yaml.safe_load(CLUSTER.read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in CLUSTER.read_text()
+    starts = [c for c in _start_commands(config) if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    for name, node_type in config["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile") or {}
+        assert profile.get("Name") or profile.get("Arn"), f"{name} has no IAM instance profile"
+    text = yaml.safe_dump(config)  # what the launcher runs, without the comments that explain it
+    for leaked in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "runtime-env-json", "env_vars"):
+        assert leaked not in text, leaked
+    assert "aws secretsmanager get-secret-value" in head and "OPENAI_API_KEY" in head
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "-U pip" not in c]
+    assert installs and all(".whl" in c for c in installs), installs
+    mounted = set(config["file_mounts"])
+    assert any(m in c for c in installs for m in mounted), (installs, mounted)
 
 
 def test_ray_rejects_a_broken_cluster_yaml():

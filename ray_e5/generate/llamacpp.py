@@ -118,6 +118,29 @@ def _exit_words(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def private_log() -> str:
+    """A new log file only this user can read, under an unpredictable name (a fixed name in a shared /tmp could be
+    pre-created, or linked elsewhere, by another user)."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="ray-e5-llamacpp-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have the kernel send it SIGTERM when the process that started it dies, however
+    it dies (a SIGKILLed driver runs no clean-up). Linux only; elsewhere the server is stopped by ``__exit__``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class LlamaCppServer:
     """llama-cpp-python's OpenAI-compatible server on a GGUF (default: the packaged Gemma 3 270M), on a free
     loopback port; a context manager that stops it on exit.
@@ -133,7 +156,7 @@ class LlamaCppServer:
         self.threads = threads or os.cpu_count() or 1
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
-        self.log_path = log_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ray-e5-llamacpp-{os.getpid()}.log")
+        self.log_path = log_path or private_log()
         self.info = ""
         self._stopping = False
         self._died: int | None = None
@@ -175,7 +198,7 @@ class LlamaCppServer:
                 [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
                  "--port", str(port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
                  "--verbose", "False"],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
         self.base_url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + self.startup_s

@@ -28,7 +28,7 @@ from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import BackendError, EmptySyntheticError, GenerateError
 from ray_e5.generate.filters import ContaminationFilter, Deduplicator
 from ray_e5.generate.journal import JournalWriter, load_state
-from ray_e5.generate.llamacpp import LlamaCppServer
+from ray_e5.generate.llamacpp import LlamaCppServer, private_log
 from ray_e5.generate.plan import brainstorm_requests, expand, plan_slots
 from ray_e5.generate.completions import completions, model_name
 from ray_e5.generate.store import Store, Tally
@@ -319,9 +319,7 @@ def _llamacpp_log(out_dir: str) -> tuple[str, str | None]:
     local file that is copied there when the stage ends (an object store has no append)."""
     if runs.is_local(out_dir):
         return runs.resolve(runs.join(out_dir, "llamacpp.log"))[1], None
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), f"ray-e5-llamacpp-{os.getpid()}.log"), runs.join(out_dir, "llamacpp.log")
+    return private_log(), runs.join(out_dir, "llamacpp.log")
 
 
 def _empty(manifest: dict) -> str:
@@ -336,7 +334,15 @@ def generate(config: RayE5Config) -> dict[str, Any]:
     """Generate ``generate.num_examples`` planned examples into ``<run_dir>/synthetic``; return the manifest.
 
     Raises :class:`EmptySyntheticError` when the plan is not empty and no valid row is on disk at the end, and
-    :class:`BackendError` when the backend is gone (after writing every valid row received)."""
+    :class:`BackendError` when the backend is gone (after writing every valid row received). One driver at a time
+    per run directory (:mod:`ray_e5.lease`): two would send and pay for the same pending requests."""
+    from ray_e5.lease import hold_lease
+
+    with hold_lease(config.run_dir, "generate"):
+        return _generate(config)
+
+
+def _generate(config: RayE5Config) -> dict[str, Any]:
     run = _Run(config)  # validates the section and the eval paths, reads what earlier runs wrote
     s = run.settings
     slots = plan_slots(s)
