@@ -168,13 +168,49 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
+def _safe_relative(key: str, rel: str) -> str:
+    """``rel`` (a path under a folder being copied) when it stays inside that folder; else a StorageError naming
+    the object ``key``. An object store accepts any key, ``embedder/../../evil`` or ``/etc/x`` included, and a copy
+    that joined such a key to a local folder would write outside it."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith(("/", "\\")) or not rel or any(p in ("..", ".", "") for p in parts) or ":" in parts[0]:
+        raise StorageError(f"{key!r}: refused: this object key would be written outside the local copy's folder "
+                           "(absolute, empty or '..'/'.' parts); accepted: plain relative keys such as "
+                           "'adapter/adapter_model.safetensors'")
+    return "/".join(parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_partials(folder, prefix: str) -> None:
+    """Remove ``<prefix><pid>`` folders left by copies whose process died (killed mid-copy); live ones stay."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(f"{prefix}*"):
+        pid = leftover.name[len(prefix):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def local_copy(uri: str) -> str:
     """A local directory for ``uri``: a plain path as it is; a URI (s3://, gs://, file://, ...) copied into the
     ray-e5 cache, so that a model saved to a run directory on object storage loads on any node.
 
     The cache is keyed by the URI and its listing (paths, sizes, modification times), so a directory rewritten in
     place (a retrained embedder) is fetched again, and an unchanged one only once. The copy is written beside its
-    final place and renamed when complete, so a copy cut off half-way is redone.
+    final place and renamed when complete, so a copy cut off half-way is redone, and its leftovers are removed by
+    the next call. Every key must stay inside the copy's folder (:func:`_safe_relative`): one that would not is
+    refused before anything is copied.
     """
     if "://" not in uri:
         return uri
@@ -188,16 +224,71 @@ def local_copy(uri: str) -> str:
     if files is None:
         raise FileNotFoundError(f"{uri!r} is not a directory; accepted: a local path, a packaged name or the URI "
                                 "of a model directory (s3://, gs://, file://, ...)")
+    root = path.rstrip("/")
+    relative = [_safe_relative(f"{root}{rel}", rel.lstrip("/")) for rel, _, _ in files]
     key = digest([uri.rstrip("/"), files], 20)
     target = cache_root() / "remote" / key
     if target.is_dir():
         return str(target)
-    partial = Path(f"{target}.partial-{os.getpid()}")  # per process: replicas on one node may copy at once
+    prefix = f"{key}.partial-"
+    _remove_partials(target.parent, prefix)
+    partial = target.parent / f"{prefix}{os.getpid()}"  # per process: replicas on one node may copy at once
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for rel in relative:
+        dest = partial / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{root}/{rel}") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
     try:
         partial.rename(target)
     except OSError:  # another process finished first: its copy is as good as ours
         shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+def publish_dir(src_fs: pafs.FileSystem, src: str, dst_uri: str, manifest: str) -> None:
+    """Replace the folder ``dst_uri`` with the files under ``src`` so that a reader sees the old folder whole, the
+    new one whole, or none, never a mix (a training killed mid-copy must not leave a half embedder to be served).
+
+    ``manifest`` (a file directly under ``src``, such as ``ray_e5.json``) is what makes the folder count, and it
+    lists what the folder needs. Locally the files are copied into a hidden sibling that is renamed into place (the
+    old folder renamed away first, then removed). An object store has no rename: the old manifest is deleted first
+    (from then on readers find nothing), the old files next, then every new file, and the manifest LAST; readers
+    read the manifest first. Leftovers of an interrupted local publish are removed by the next one.
+    """
+    import shutil
+    import uuid
+
+    src = src.rstrip("/")
+    infos = [i for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.is_file]
+    rels = sorted(i.path[len(src):].lstrip("/") for i in infos)
+    if manifest not in rels:
+        raise FileNotFoundError(f"{src!r} holds no {manifest}: nothing to publish")
+    fs, dst = resolve(dst_uri)
+    dst = dst.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = os.path.split(dst)
+        os.makedirs(parent, exist_ok=True)
+        for leftover in os.listdir(parent):  # a publish killed before its renames (one writer: the train lease)
+            if leftover.startswith((f".{name}.publish-", f".{name}.old-")):
+                shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging = os.path.join(parent, f".{name}.publish-{token}")
+        pafs.copy_files(src, staging, source_filesystem=src_fs, destination_filesystem=fs)
+        if os.path.exists(dst):
+            old = os.path.join(parent, f".{name}.old-{token}")
+            os.rename(dst, old)
+            os.rename(staging, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, dst)
+        return
+    if fs.get_file_info(f"{dst}/{manifest}").type != pafs.FileType.NotFound:
+        fs.delete_file(f"{dst}/{manifest}")
+    if fs.get_file_info(dst).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(dst)
+    for rel in [r for r in rels if r != manifest] + [manifest]:
+        with src_fs.open_input_stream(f"{src}/{rel}") as data, fs.open_output_stream(f"{dst}/{rel}") as out:
+            while chunk := data.read(1 << 20):
+                out.write(chunk)

@@ -3,6 +3,11 @@
 It is a ``torch.nn.Module`` so that training wraps it unchanged (DDP, DeepSpeed); ``encode`` is the inference
 path every other stage uses. An embedder directory holds ``ray_e5.json`` (base model reference, pooling,
 normalisation, max length, template) and, after LoRA training, ``adapter/``.
+
+``ray_e5.json`` is the manifest: it is written last and lists every file the embedder needs (``files``: path ->
+size). A directory whose manifest names files that are not there is refused by :meth:`Embedder.load`
+(:class:`IncompleteEmbedderError`) rather than loaded as the bare base model: that is what a publish cut off half-way
+leaves, and serving it would answer with the untrained model under the trained one's name.
 """
 
 from __future__ import annotations
@@ -27,8 +32,42 @@ ADAPTER_DIR = "adapter"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class IncompleteEmbedderError(UnknownModelError):
+    """An embedder directory whose manifest (``ray_e5.json``) names files that are missing or of another size."""
+
+
 def is_embedder_dir(path: str | Path) -> bool:
     return (Path(path) / EMBEDDER_FILE).is_file()
+
+
+def manifest_files(directory: str | Path) -> dict[str, int]:
+    """path (relative, '/'-separated) -> size of every file under ``directory`` but the manifest itself."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith(EMBEDDER_FILE)}  # the manifest, or its leftover .tmp
+
+
+def check_complete(directory: str | Path, saved: dict) -> None:
+    """Raise :class:`IncompleteEmbedderError` when a file the manifest needs is absent or of another size.
+    Manifests written before ``files`` existed need ``adapter/`` exactly when they record LoRA settings."""
+    directory = Path(directory)
+    needed = saved.get("files")
+    if needed is None:
+        needed = {f"{ADAPTER_DIR}/adapter_config.json": None} if saved.get("lora") else {}
+    problems = []
+    for rel, size in sorted(needed.items()):
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif size is not None and path.stat().st_size != size:
+            problems.append(f"{rel} has {path.stat().st_size} bytes, not {size}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise IncompleteEmbedderError(
+            f"embedder {str(directory)!r} is incomplete: its {EMBEDDER_FILE} needs files that are not there "
+            f"({shown}); its publish was interrupted (a training killed while writing embedder/, or a copy cut "
+            "off). Loading it would give the untrained base model. Rerun `ray-e5 train` on this run directory: it "
+            "resumes from its last checkpoint and publishes the embedder again")
 
 
 def _natural_pooling(backbone: Backbone, config) -> str:
@@ -63,6 +102,7 @@ class Embedder(torch.nn.Module):
         reference = str(reference)
         if is_embedder_dir(reference):
             saved = json.loads((Path(reference) / EMBEDDER_FILE).read_text())
+            check_complete(reference, saved)  # the manifest first: a half-published embedder is refused
             fields = {k: v for k, v in saved.items() if k in ModelSettings.model_fields}
             fields["name"] = saved["base_model"]
             settings = validate(ModelSettings, {**fields, **overrides}, prefix="model.")
@@ -205,10 +245,14 @@ class Embedder(torch.nn.Module):
                 "dimension": self.dimension}
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``ray_e5.json`` and, for a LoRA model, the adapter; the base model is referenced, not copied."""
+        """Write, for a LoRA model, the adapter, then ``ray_e5.json`` listing it (the manifest, written last and
+        renamed into place); the base model is referenced, not copied."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if hasattr(self.backbone, "peft_config"):
             self.backbone.save_pretrained(directory / ADAPTER_DIR)
-        (directory / EMBEDDER_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
+        manifest = {**self.describe(), "files": manifest_files(directory)}
+        tmp = directory / f"{EMBEDDER_FILE}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(directory / EMBEDDER_FILE)
         return directory

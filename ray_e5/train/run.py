@@ -19,7 +19,7 @@ from pathlib import Path
 from ray_e5.digest import digest as _digest
 from ray_e5 import runs
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
-from ray_e5.rundir import RunDir
+from ray_e5.rundir import EMBEDDER_FILE, RunDir
 from ray_e5.train.config import TrainSettings
 
 log = logging.getLogger("ray_e5.train")
@@ -123,18 +123,17 @@ def _storage_path(uri: str) -> str:
     return runs.resolve(uri)[1] if runs.is_local(uri) else uri
 
 
-def _copy_tree(src_fs, src: str, dst_uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    dst_fs, dst = runs.resolve(dst_uri)
-    if dst_fs.get_file_info(dst).type != pafs.FileType.NotFound:
-        dst_fs.delete_dir(dst)
-    dst_fs.create_dir(dst, recursive=True)
-    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-
-
 def train(config: RayE5Config) -> Path:
-    """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``)."""
+    """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``).
+
+    One driver at a time per run directory (:mod:`ray_e5.lease`): two would resume one checkpoint path."""
+    from ray_e5.lease import hold_lease
+
+    with hold_lease(config.run_dir, "train"):
+        return _train(config)
+
+
+def _train(config: RayE5Config) -> Path:
     settings = config.section("train", TrainSettings)
     started = time.time()
     deadline = started + settings.max_time_s if settings.max_time_s else None
@@ -204,7 +203,9 @@ def train(config: RayE5Config) -> Path:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
     embedder_uri = run.embedder
-    _copy_tree(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri)
+    # whole or absent: a training killed here leaves the previous embedder or none, never a half one
+    runs.publish_dir(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri,
+                     EMBEDDER_FILE)
     curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
         state = json.loads(src.read().decode())
