@@ -110,17 +110,20 @@ def test_requests_cancelled_while_queued_never_reach_the_model():
         blocker = asyncio.ensure_future(batcher.embed(request(9999)))
         await wait_started(forward)
         gone = asyncio.ensure_future(batcher.embed(request(1)))
+        timed_out = asyncio.ensure_future(asyncio.wait_for(batcher.embed(request(3)), 0.005))  # as the app's timeout
         kept = asyncio.ensure_future(batcher.embed(request(2)))
         await asyncio.sleep(0.01)
         gone.cancel()  # the client disconnected
         await asyncio.sleep(0.01)
+        assert timed_out.done() and isinstance(timed_out.exception(), asyncio.TimeoutError)
         forward.gate.set()
         await blocker
-        return forward.batches, await kept
+        return forward.batches, await kept, batcher.stats()
 
-    batches, kept = run(main())
+    batches, kept, stats = run(main())
     assert [[x[0] for x in b] for b in batches] == [[9999], [2]]
     assert kept.tolist() == [[2.0]]
+    assert stats["dropped_requests"] == 2  # counted: the cancelled one and the timed-out one
 
 
 @pytest.mark.parametrize("wait_s, batches_expected", [(0.2, 1), (0.0, 5)])

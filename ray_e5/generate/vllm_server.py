@@ -7,7 +7,10 @@ writes examples loaded the model twice (minutes each for a 7B writer, and the GP
 the same ChatCompleter actors a hosted API gets: the journal, retries, rate limits and drop counts are the hosted
 path's, unchanged. ``engine: batch`` keeps the ``ray.data.llm`` processor (no HTTP hop; engines per step).
 
-Serve runs an HTTP proxy on every node, so the actors reach the app on their own node's loopback.
+Serve runs an HTTP proxy on every node, so the actors reach the app on their own node's loopback: the writer binds
+127.0.0.1 only (nothing off the node can reach the LLM). Serve's HTTP options are cluster-wide, so the writer reads
+those of a Serve already running and stops when they differ, and shuts Serve down on exit when it started it and no
+other app is left (the serve stage that follows then starts Serve at its own host and port).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ray_e5.generate.errors import BackendError
 
 APP_NAME = "ray-e5-writer"
 ROUTE = "/ray-e5-writer"
+HOST = "127.0.0.1"  # the ChatCompleter actors reach the proxy of their own node; nothing else needs to
 
 
 def llm_config(settings: GenerateSettings) -> dict[str, Any]:
@@ -45,8 +49,9 @@ class VllmServer:
     def __init__(self, settings: GenerateSettings, log=print):
         self.settings = settings
         self.port = settings.vllm.serve_port
-        self.base_url = f"http://127.0.0.1:{self.port}{ROUTE}/v1"
+        self.base_url = f"http://{HOST}:{self.port}{ROUTE}/v1"
         self.log = log
+        self.started_serve = False
 
     def __enter__(self) -> "VllmServer":
         try:
@@ -56,13 +61,29 @@ class VllmServer:
                                f"(pip install 'ray-e5[gpu]' on GPU nodes): {err}") from None
         from ray import serve
 
-        serve.start(http_options={"host": "0.0.0.0", "port": self.port})
+        self._start_serve()
         app = build_openai_app({"llm_configs": [LLMConfig(**llm_config(self.settings))]})
         serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
         self._wait(serve)
         self.log(f"[ray-e5 generate] vLLM writer {self.settings.vllm.model} served at {self.base_url} "
                  f"({self.settings.vllm.concurrency} replica(s), one engine set for both steps)")
         return self
+
+    def _start_serve(self) -> None:
+        """Start Serve on loopback at ``vllm.serve_port``, or use the running one when it listens there already."""
+        from ray import serve
+
+        from ray_e5.serve.instance import ServeConflict, check_http_options
+
+        try:
+            running = check_http_options(
+                HOST, self.port, "the vLLM writer (127.0.0.1) and generate.vllm.serve_port",
+                "Set generate.vllm.serve_port to that port if it is loopback, shut the running Serve down "
+                "(`serve shutdown`), or use generate.vllm.engine: batch (no Serve).")
+        except ServeConflict as err:
+            raise BackendError(str(err)) from None
+        self.started_serve = running is None
+        serve.start(http_options={"host": HOST, "port": self.port})
 
     def _wait(self, serve) -> None:
         deadline = time.time() + self.settings.vllm.start_timeout_s
@@ -86,6 +107,8 @@ class VllmServer:
 
         try:
             serve.delete(APP_NAME)
+            if self.started_serve and not serve.status().applications:
+                serve.shutdown()  # Serve was ours: free its cluster-wide HTTP options for the serve stage
         except Exception:  # noqa: BLE001 - already gone
             pass
 

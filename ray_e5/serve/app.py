@@ -10,6 +10,15 @@ wrong Content-Type or Content-Encoding, 413 for a body over the limit, 400 for e
 ``max_queued_requests`` / ``max_queued_tokens`` answers 429 with Retry-After, a request past ``request_timeout_s``
 answers 504, and any exception anywhere answers a JSON 500 carrying the request id (the traceback goes to the log).
 Every error is ``{"error": {"message", "type", "param", "code"}}``.
+
+No request can hold a replica: the body must arrive within ``body_read_timeout_s`` (408), a request asking for more
+than ``max_tokens_per_request`` tokens is refused (413) before it is queued, tokenisation runs in a thread (not on
+the event loop every request shares), and the work of a request that timed out is dropped: never batched when it was
+still queued, and skipped between sub-batches when its batch was already computing.
+
+Auth cannot fail open: the key is read on the driver, where the user set it, and reaches the replicas as a
+``SecretStr`` constructor argument (not their environment, which on an existing cluster is the raylet's); tokens are
+compared as bytes, so a header of any shape or encoding is a 401 or 400.
 """
 
 
@@ -27,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import SecretStr
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -143,7 +153,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ApiError(413, f"request body is {size} bytes; the limit is {limit}", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # a deadline is put on this loop by the caller (body_read_timeout_s)
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
@@ -154,7 +164,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 @serve.deployment(name="ray-e5-embeddings")
 @serve.ingress(api)
 class EmbeddingServer:
-    def __init__(self, settings: dict[str, Any], model_ref: str):
+    def __init__(self, settings: dict[str, Any], model_ref: str, api_key: SecretStr | None = None):
         from ray.serve.metrics import Counter, Histogram
 
         from ray_e5.model import Embedder
@@ -181,8 +191,11 @@ class EmbeddingServer:
         self.names = {self.settings.model_name, model_ref}
         self.max_tokens = min(self.settings.max_tokens_per_input or self.text.settings.max_length,
                               self.text.settings.max_length)
-        key = self.settings.api_key or (os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None)
-        self.api_key = key or None
+        # The key comes from the driver only (never this replica's environment): an empty one means no auth.
+        secret = api_key.get_secret_value() if api_key is not None else ""
+        self._key = secret.encode("utf-8") if secret else None
+        logger.info("ray-e5: %s serving %s with API key auth %s", type(self).__name__, self.settings.model_name,
+                    "ON" if self._key else "OFF")
         self.batcher = ContinuousBatcher(forward, self.settings.max_batch_tokens,
                                          self.settings.max_batch_requests, self.settings.batch_wait_timeout_s,
                                          max_queued_requests=self.settings.max_queued_requests,
@@ -196,13 +209,16 @@ class EmbeddingServer:
                                    boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=tags)
 
     # ---- batching ----------------------------------------------------------------------------------------
-    def _forward(self, items: list[list[int]]) -> list:
+    def _forward(self, items: list[list[int]], alive=None) -> list:
+        """Vectors for ``items`` (None for an item whose request is gone: ``alive(i)`` false before its sub-batch)."""
         import torch
 
         from ray_e5.model.tokenize import pad
 
         out: list = [None] * len(items)
         order = sorted(range(len(items)), key=lambda i: len(items[i]), reverse=True)
+        if alive is not None:
+            order = [i for i in order if alive(i)]
         budget = self.settings.max_batch_tokens
         device = self.embedder.device
         start = 0
@@ -210,6 +226,11 @@ class EmbeddingServer:
             width = len(items[order[start]])  # the longest in this sub-batch: sets its padded size
             count = max(1, min(len(order) - start, budget // max(width, 1)))
             chunk = order[start:start + count]
+            start += count
+            if alive is not None:  # a request that timed out while earlier sub-batches computed: skip its texts
+                chunk = [i for i in chunk if alive(i)]
+                if not chunk:
+                    continue
             batch = {k: v.to(device) for k, v in pad([items[i] for i in chunk], self.embedder.tokenizer.pad_token_id,
                                                     "right").items()}
             with torch.inference_mode():
@@ -217,16 +238,20 @@ class EmbeddingServer:
             self.m_batch.observe(len(chunk), tags={"model": self.settings.model_name})
             for row, i in enumerate(chunk):
                 out[i] = vectors[row]
-            start += count
         return out  # type: ignore[return-value]
 
     # ---- routes ------------------------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
-        if not self.api_key:
+        """Bearer auth on the raw header bytes: any bytes, any shape, is a 401 (or 400 for several headers)."""
+        if self._key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        values = [v for k, v in request.headers.raw if k.lower() == b"authorization"]
+        if len(values) > 1:
+            raise ApiError(400, f"{len(values)} Authorization headers were sent; send one: 'Authorization: Bearer "
+                                "<key>'", param="Authorization", code="invalid_header")
+        scheme, _, token = (values[0] if values else b"").strip().partition(b" ")
+        # compare_digest on bytes takes any bytes (on str it raises for non-ASCII) and in time independent of them
+        if not hmac.compare_digest(token.strip(), self._key) or scheme.lower() != b"bearer":
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", kind="authentication_error")
 
@@ -242,6 +267,20 @@ class EmbeddingServer:
                                param=f"input[{long}]", code="input_too_long")
         return token_ids(self.text.tokenizer, formatted, self.max_tokens, self.text.append_eos)
 
+    async def _embed(self, body: bytes):
+        """Parse, tokenise (both in a thread: the event loop serves every other request meanwhile), bound the
+        request's tokens, then queue it; cancelled by the request timeout at any point, so its work is dropped."""
+        req = await asyncio.to_thread(parse_request, body, max_body_bytes=self.settings.max_body_bytes,
+                                      max_inputs=self.settings.max_inputs_per_request, dimension=self.text.dimension,
+                                      model_names=self.names)
+        ids = await asyncio.to_thread(self._token_ids, req.texts, req.instruction)
+        tokens = sum(len(x) for x in ids)
+        if tokens > self.settings.max_tokens_per_request:
+            raise ApiError(413, f"the request's {len(ids)} inputs have {tokens} tokens; the limit per request is "
+                                f"{self.settings.max_tokens_per_request} (serve.max_tokens_per_request): send fewer "
+                                "or shorter inputs per request", param="input", code="request_too_many_tokens")
+        return (req, ids), await self.batcher.embed(ids)
+
     @api.post("/v1/embeddings", openapi_extra={"requestBody": openapi_request_body()},
               responses=openapi_responses(), response_class=Response,
               summary="Embed text (OpenAI /v1/embeddings, with an 'instruction' extension for queries)")
@@ -251,13 +290,16 @@ class EmbeddingServer:
         try:
             self._check_auth(request)
             check_headers(request.headers.get("content-type"), request.headers.get("content-encoding"))
-            body = await read_body(request, self.settings.max_body_bytes)
-            req = parse_request(body, max_body_bytes=self.settings.max_body_bytes,
-                                max_inputs=self.settings.max_inputs_per_request, dimension=self.text.dimension,
-                                model_names=self.names)
-            ids = self._token_ids(req.texts, req.instruction)
             try:
-                vectors = await asyncio.wait_for(self.batcher.embed(ids), self.settings.request_timeout_s)
+                body = await asyncio.wait_for(read_body(request, self.settings.max_body_bytes),
+                                              self.settings.body_read_timeout_s)
+            except asyncio.TimeoutError:
+                status = "408"
+                return _error(ApiError(408, f"request body not received within {self.settings.body_read_timeout_s:g}"
+                                            " s (serve.body_read_timeout_s); send the whole body at once",
+                                       code="body_timeout"), {"Connection": "close"})
+            try:
+                (req, ids), vectors = await asyncio.wait_for(self._embed(body), self.settings.request_timeout_s)
             except Overloaded as err:
                 wait = err.retry_after_s
                 status = "429"
@@ -313,8 +355,13 @@ class EmbeddingServer:
                                     "GET /v1/models, GET /health", code="not_found"))
 
 
-def build_app(settings: ServeSettings, model_ref: str):
-    """The bound application, with the config's replicas, autoscaling, resources and ingress applied."""
+def build_app(settings: ServeSettings, model_ref: str, api_key: SecretStr | None = None):
+    """The bound application, with the config's replicas, autoscaling, resources and ingress applied.
+
+    ``api_key`` (default: :meth:`ServeSettings.resolve_api_key`, read here on the driver) reaches the replicas as a
+    constructor argument: not an environment variable, not the settings (which Serve's status shows)."""
+    if api_key is None:
+        api_key = settings.resolve_api_key()
     auto = settings.autoscaling
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus,
@@ -327,16 +374,22 @@ def build_app(settings: ServeSettings, model_ref: str):
     else:
         options["autoscaling_config"] = {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
                                          "target_ongoing_requests": auto.target_ongoing_requests}
-    return EmbeddingServer.options(**options).bind(settings.model_dump(), model_ref)
+    return EmbeddingServer.options(**options).bind(settings.model_dump(exclude={"api_key"}), model_ref, api_key)
 
 
 def start_serve(settings: ServeSettings) -> None:
     """Start Ray Serve (HTTP on ``host:port``) with the ingress the settings ask for.
 
-    A Serve instance already running keeps its own options (Ray Serve warns); its ingress must then match.
+    A Serve instance already running keeps its own HTTP options (Serve would only warn): when they differ from
+    ``serve.host``/``serve.port`` this raises ServeConflict instead of serving somewhere the config does not say.
     """
     from ray import serve as ray_serve
 
+    from ray_e5.serve.instance import check_http_options
+
+    check_http_options(settings.host, settings.port, "serve.host/serve.port",
+                       "Set serve.host and serve.port to those, or shut the running Serve down first "
+                       "(`serve shutdown`, which ends every app on it).")
     ray_serve.start(http_options={"host": settings.host, "port": settings.port},
                     controller_options={"runtime_env": {"env_vars": settings.ingress_env()}})
 
@@ -346,4 +399,6 @@ def app_builder(args: dict[str, Any]):
     from ray_e5.config import validate
 
     settings = validate(ServeSettings, dict(args), prefix="serve.")
-    return build_app(settings, settings.model or "gemma3-270m")
+    key = settings.resolve_api_key()  # the process that builds the app: `serve run`'s, or the controller's for deploy
+    settings.check_exposure(key)
+    return build_app(settings, settings.model or "gemma3-270m", key)

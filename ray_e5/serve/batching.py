@@ -10,9 +10,14 @@ Back-pressure (TEI's max_concurrent_requests, per replica): at most ``max_queued
 ``max_queued_tokens`` tokens wait for the model at once (the batch computing is not counted). A request beyond either
 bound is refused at once with ``Overloaded`` (the app answers 429 with Retry-After) instead of joining a queue whose
 wait grows without limit: an accepted request waits for at most the batch computing now plus the queue ahead of it.
+
+A request that stops waiting (its timeout cancelled it, or the client left) costs no more compute: while queued it is
+dropped when the next batch is formed, and a forward that takes an ``alive`` argument skips, between its
+sub-batches, the texts of requests that are gone. Both are counted (``dropped_requests``, ``dropped_texts``).
 """
 
 import asyncio
+import inspect
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-Forward = Callable[[list[list[int]]], list[np.ndarray]]
+# forward(items) or forward(items, alive): alive(i) is False once item i's request is gone; its vector may be None
+Forward = Callable[..., list]
 
 
 class Overloaded(Exception):
@@ -37,6 +43,9 @@ class ContinuousBatcher:
     def __init__(self, forward: Forward, max_tokens: int, max_requests: int, wait_s: float = 0.0,
                  max_queued_requests: int | None = None, max_queued_tokens: int | None = None):
         self.forward = forward
+        self.forward_takes_alive = "alive" in inspect.signature(forward).parameters
+        self.dropped_requests = 0  # requests gone before their batch was formed: never computed
+        self.dropped_texts = 0  # texts of requests gone while their batch computed: skipped between sub-batches
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0
@@ -86,7 +95,8 @@ class ContinuousBatcher:
         return {"queued_requests": len(self.pending), "queued_tokens": self.queued_tokens,
                 "peak_queued_requests": self.peak_queued_requests, "peak_queued_tokens": self.peak_queued_tokens,
                 "max_queued_requests": self.max_queued_requests, "max_queued_tokens": self.max_queued_tokens,
-                "refused": self.refused}
+                "refused": self.refused, "dropped_requests": self.dropped_requests,
+                "dropped_texts": self.dropped_texts}
 
     def _take(self) -> list[tuple[list[list[int]], asyncio.Future]]:
         """The next batch: queued requests in arrival order while the token budget and request cap hold."""
@@ -98,7 +108,9 @@ class ContinuousBatcher:
                 break
             self.pending.popleft()
             self.queued_tokens -= size
-            if not future.cancelled():  # the client went away while queued
+            if future.done():  # timed out (cancelled) or the client went away while queued: never computed
+                self.dropped_requests += 1
+            else:
                 batch.append((ids, future))
                 tokens += size
         return batch
@@ -119,7 +131,13 @@ class ContinuousBatcher:
                 flat = [x for ids, _ in batch for x in ids]
                 began = time.monotonic()
                 try:
-                    vectors = await loop.run_in_executor(self.executor, self.forward, flat)
+                    if self.forward_takes_alive:
+                        owners = [future for ids, future in batch for _ in ids]
+                        # read from the model thread: a future's done flag only ever turns on
+                        call = lambda: self.forward(flat, alive=lambda i: not owners[i].done())  # noqa: E731
+                    else:
+                        call = lambda: self.forward(flat)  # noqa: E731
+                    vectors = await loop.run_in_executor(self.executor, call)
                 except Exception as err:  # noqa: BLE001 - handed to the requests of this batch only
                     for _, future in batch:
                         if not future.done():
@@ -127,6 +145,7 @@ class ContinuousBatcher:
                     continue
                 finally:
                     self.batch_seconds = time.monotonic() - began
+                self.dropped_texts += sum(1 for v in vectors if v is None)
                 start = 0
                 for ids, future in batch:
                     if not future.done():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+import ipaddress
+import os
+
+from pydantic import Field, SecretStr, model_validator
 
 from ray_e5.config import Section
 
@@ -51,8 +54,13 @@ class ServeSettings(Section):
     # takes a replica out at once, so a short drain is enough.
     ingress_drain_s: float = Field(2.0, ge=0)
     access_log: bool = True  # Ray Serve's per-request access log lines in the replica logs
-    api_key: str | None = None  # when set (or api_key_env names a set variable), Bearer auth is required
+    # Bearer auth: the key is read on the driver (here, or the variable api_key_env names in the environment of the
+    # process that runs `ray-e5 serve` or the job) and handed to the replicas as a constructor secret, never through
+    # their environment, which on an existing cluster is the raylet's, not the user's shell's.
+    api_key: SecretStr | None = None
     api_key_env: str | None = "RAY_E5_API_KEY"
+    # Without a key, a host other than loopback is refused (an open embeddings API on the network) unless this is true.
+    allow_unauthenticated: bool = False
     backend: Literal["embedder", "vllm"] = "embedder"
     # The dtype a replica holds the weights in (a merged fp32 export is cast at load). None: bf16 on GPU replicas
     # (num_gpus > 0), fp32 on CPU ones. Pooling, normalisation and the vectors returned are float32 either way.
@@ -68,6 +76,11 @@ class ServeSettings(Section):
     max_tokens_per_input: int | None = Field(None, gt=1)  # default: the model's max_length
     on_long_input: Literal["truncate", "error"] = "truncate"  # error: 413
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # Tokens one request may ask for, after truncation (TEI's max_client_batch_size, in tokens): beyond it, 413.
+    # The body limit alone lets 2,048 inputs of 512 tokens through, minutes of one replica's forward.
+    max_tokens_per_request: int = Field(65536, gt=0)
+    # A client must send its whole body within this time (408 after): a slow sender cannot hold a replica's slot.
+    body_read_timeout_s: float = Field(10.0, gt=0)
     # ---- back-pressure (TEI's max_concurrent_requests), per replica: beyond either bound a request is answered
     # 429 with Retry-After at once, so an accepted request waits for at most the batch computing plus the queue --
     max_queued_requests: int = Field(64, gt=0)  # requests waiting for the model (the batch computing is not counted)
@@ -94,6 +107,23 @@ class ServeSettings(Section):
                              f"(vllm.dtype 'auto' follows dtype: {VLLM_DTYPES})")
         return self
 
+    def resolve_api_key(self) -> SecretStr | None:
+        """The key as the user set it: ``api_key``, else the variable ``api_key_env`` names in this process's
+        environment (the driver's: where the user exported it). Called on the driver only."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key
+        value = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return SecretStr(value) if value else None
+
+    def check_exposure(self, key: SecretStr | None) -> None:
+        """Refuse to serve without a key on anything but loopback, unless ``allow_unauthenticated`` says so."""
+        if key is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            where = f"the variable {self.api_key_env}" if self.api_key_env else "no variable (serve.api_key_env is unset)"
+            raise ValueError(f"serve.host {self.host!r} is reachable from other machines and no API key is set "
+                             f"(serve.api_key is unset and {where} is empty in this environment): set serve.api_key "
+                             f"or export {self.api_key_env or 'the variable serve.api_key_env names'}, bind serve.host "
+                             "127.0.0.1, or set serve.allow_unauthenticated: true to serve without auth on purpose")
+
     def replica_dtype(self) -> str:
         """The dtype each replica loads the model in: ``dtype``, else bf16 on a GPU replica and fp32 on a CPU one."""
         return self.dtype or ("bf16" if self.num_gpus > 0 else "fp32")
@@ -118,3 +148,13 @@ class ServeSettings(Section):
     def cpu_threads(self) -> int:
         """Torch threads for a CPU replica: ``torch_threads``, else one per CPU it reserves (at least one)."""
         return self.torch_threads or max(1, round(self.num_cpus))
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

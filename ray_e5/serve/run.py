@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_e5.config import RayE5Config
+from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.rundir import RunDir
 from ray_e5.serve.config import ServeSettings
 
@@ -25,10 +25,18 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
     from ray_e5.serve.app import build_app, start_serve
 
     settings = config.section("serve", ServeSettings)
+    key = settings.resolve_api_key()  # here, on the driver: where the user set it
+    try:
+        settings.check_exposure(key)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from None
     connect(config.ray_address)
     start_serve(settings)
-    ray_serve.run(build_app(settings, model_reference(config, settings)), name=APP_NAME, route_prefix="/")
+    ray_serve.run(build_app(settings, model_reference(config, settings), key), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}/v1"
+    source = ("serve.api_key" if settings.api_key is not None and settings.api_key.get_secret_value()
+              else f"${settings.api_key_env}")
+    print(f"[ray-e5] API key auth is {f'ON (key from {source})' if key else 'OFF (no key set)'}", flush=True)
     if blocking:
         from ray_e5.cluster import wait_forever
 

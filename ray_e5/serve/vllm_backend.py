@@ -99,6 +99,12 @@ class VllmForward:
         kwargs["pooler_config"] = PoolerConfig(**kwargs["pooler_config"])
         self.llm = LLM(**kwargs)
 
-    def __call__(self, items: list[list[int]]) -> list[np.ndarray]:
-        outputs = self.llm.embed([{"prompt_token_ids": ids} for ids in items], use_tqdm=False)
-        return [np.asarray(o.outputs.embedding, dtype=np.float32) for o in outputs]
+    def __call__(self, items: list[list[int]], alive=None) -> list:
+        """Vectors for ``items``; an item whose request is already gone (``alive(i)`` false) is not sent (None)."""
+        keep = [i for i in range(len(items)) if alive is None or alive(i)]
+        out: list = [None] * len(items)
+        if keep:
+            outputs = self.llm.embed([{"prompt_token_ids": items[i]} for i in keep], use_tqdm=False)
+            for i, o in zip(keep, outputs):
+                out[i] = np.asarray(o.outputs.embedding, dtype=np.float32)
+        return out
