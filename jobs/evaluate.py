@@ -1,4 +1,4 @@
-"""Entry point for `ray job submit -- python jobs/evaluate.py --config configs/<recipe>.yaml [--set k=v ...]`.
+"""Entry point for `ray job submit -- python jobs/evaluate.py --config <recipe name or file> [--set k=v ...]`.
 
 Inside a Ray job RAY_ADDRESS is set, so the evaluation joins the job's cluster; elsewhere it starts a local one.
 """

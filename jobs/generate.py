@@ -1,4 +1,4 @@
-"""Entry point for `ray job submit -- python jobs/generate.py --config configs/e5-mistral-7b.yaml`."""
+"""Entry point for `ray job submit -- python jobs/generate.py --config e5-mistral-7b`."""
 
 import sys
 

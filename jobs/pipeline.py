@@ -1,5 +1,5 @@
-"""Entry point for `ray job submit --working-dir . -- python jobs/pipeline.py --config configs/e5-mistral-7b.yaml`
-(or `--config configs/smoke.yaml --set run_dir=s3://bucket/run --set data_dir=s3://bucket/data`).
+"""Entry point for `ray job submit --working-dir . -- python jobs/pipeline.py --config e5-mistral-7b`
+(or `--config smoke --set run_dir=s3://bucket/run --set data_dir=s3://bucket/data`).
 
 Runs generate -> train -> evaluate -> serve on one run directory. Inside a Ray job RAY_ADDRESS is set, so every
 stage joins the job's cluster.

@@ -1,4 +1,4 @@
-"""Entry point for `ray job submit -- python jobs/serve.py --config configs/e5-mistral-7b.yaml [--model DIR]`."""
+"""Entry point for `ray job submit -- python jobs/serve.py --config e5-mistral-7b [--model DIR]`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Entry point for `ray job submit -- python jobs/train.py --config configs/e5-mistral-7b.yaml [--set k=v ...]`.
+"""Entry point for `ray job submit -- python jobs/train.py --config e5-mistral-7b [--set k=v ...]`.
 
 Inside a Ray job, RAY_ADDRESS is set, so training joins the job's cluster.
 """

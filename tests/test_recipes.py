@@ -32,7 +32,7 @@ def test_config_names_resolve_and_a_path_wins(tmp_path, monkeypatch):
     own = tmp_path / "cpu-1h"
     own.write_text("run_dir: mine\n")
     assert recipe_path("cpu-1h").resolve() == own  # an existing file wins over the packaged name
-    with pytest.raises(ConfigError, match=r"'nope' is neither a file nor a packaged recipe; packaged recipes: .*cpu-1h"):
+    with pytest.raises(ConfigError, match=r"'nope' does not exist \(as a file or a packaged recipe\); packaged recipes: .*cpu-1h"):
         recipe_path("nope")
 
 

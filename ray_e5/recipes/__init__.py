@@ -60,5 +60,5 @@ def recipe_path(name_or_path: str | Path) -> Path:
     for recipe in list_recipes():
         if recipe.name == stem and (given.parent == Path(".") or not given.parent.exists()):
             return recipe.path
-    raise UnknownRecipeError(f"config {str(name_or_path)!r} is neither a file nor a packaged recipe; packaged "
-                             f"recipes: {', '.join(recipe_names())} (`ray-e5 recipes` describes them)")
+    raise UnknownRecipeError(f"config {str(name_or_path)!r} does not exist (as a file or a packaged recipe); "
+                             f"packaged recipes: {', '.join(recipe_names())} (`ray-e5 recipes` describes them)")
