@@ -128,7 +128,7 @@ def test_two_generate_drivers_never_send_one_request_twice(run_dir, ray_cluster,
     if remote:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with TestServer(latency_s=1.0, slots=1) as server:
-        gen = {"backend": "endpoint", "base_url": server.base_url, "model": "test-model", "num_examples": 8,
+        gen = {"backend": "endpoint", "base_url": server.base_url, "model": "test-model", "num_examples": 4,
                "concurrency": 1, "mix": {"short-short": 1}, "request_timeout_s": 60.0, "progress": False}
         config = RayE5Config.model_validate({"run_dir": run_dir, "generate": gen})
         log = open(tmp_path / "first.log", "wb")
@@ -151,5 +151,5 @@ def test_two_generate_drivers_never_send_one_request_twice(run_dir, ray_cluster,
                 first.kill()
             log.close()
         answered = Counter(c.request_id for c in server.calls if c.answered)
-    assert len(answered) >= 8 and all(answered.values()) and max(answered.values()) == 1, answered
+    assert len(answered) >= 4 and max(answered.values()) == 1, answered
     Lease(run_dir, "generate").acquire().release()  # the first driver released its lease when it ended
