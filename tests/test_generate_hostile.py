@@ -101,21 +101,21 @@ _sentences = st.builds(lambda n, extra: f"Sentence number {n} about the weather 
 
 
 def _mostly(good, bad):
-    """``good`` three times in four, else ``bad``."""
-    return st.integers(0, 3).flatmap(lambda i: bad if i == 0 else good)
+    """``good`` three times in four, else ``bad`` (hypothesis leans to small numbers: 3 is the bad one)."""
+    return st.integers(0, 3).flatmap(lambda i: bad if i == 3 else good)
 
 
 @st.composite
 def _answers(draw):
     """An answer text: arbitrary text, or the JSON object asked for, with odd values, odd literals or a code fence."""
-    if draw(st.integers(0, 5)) == 0:
+    if draw(st.integers(0, 5)) == 5:
         return draw(_texts)
     fields = {key: draw(_mostly(_sentences, _json)) for key in GOOD}
     text = json.dumps(fields, ensure_ascii=draw(st.booleans()))
-    if draw(st.integers(0, 2)) == 0:
+    if draw(st.integers(0, 2)) == 2:
         key = draw(st.sampled_from(list(GOOD)))
         text = text.replace(json.dumps(fields[key], ensure_ascii=False), draw(_literals), 1)
-    if draw(st.integers(0, 2)) == 0:
+    if draw(st.integers(0, 2)) == 2:
         text = draw(st.sampled_from(["```json\n{}\n```", "Here it is: {} thanks", "{}  "])).format(text)
     return text
 
@@ -136,7 +136,7 @@ def _bodies(draw):
             "choices": draw(_mostly(st.sampled_from([[choice], [choice, choice]]), _json)),
             "usage": draw(st.one_of(st.fixed_dictionaries({"prompt_tokens": _usage_counts,
                                                            "completion_tokens": _usage_counts}), _json))}
-    if draw(st.integers(0, 5)) == 0:
+    if draw(st.integers(0, 5)) == 5:
         del body[draw(st.sampled_from(["choices", "usage"]))]
     return draw(_mostly(st.just(body), _json))
 
@@ -144,7 +144,7 @@ def _bodies(draw):
 def test_arbitrary_answers_become_rows_or_counted_drops():
     seen = {"valid": 0, "dropped": 0}
 
-    @hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @hsettings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.lists(_bodies(), min_size=1, max_size=4))
     def check(bodies):
         with tempfile.TemporaryDirectory() as out_dir:
@@ -157,7 +157,7 @@ def test_arbitrary_answers_become_rows_or_counted_drops():
     assert seen["valid"] > 0 and seen["dropped"] > 0, seen
 
 
-@hsettings(max_examples=200, deadline=None)
+@hsettings(max_examples=200, deadline=None, derandomize=True)
 @given(_answers())
 def test_arbitrary_brainstorm_answers_give_tasks_a_row_can_hold_or_a_reason(text):
     try:
@@ -226,6 +226,14 @@ def test_unreadable_usage_keeps_the_row_and_charges_the_reservation(tmp_path, us
     reservation = (estimate_tokens(ITEM["prompt"]), ITEM["max_tokens"])
     want = tuple(e if e is not None else r for e, r in zip(expected, reservation))
     assert (read[0]["prompt_tokens"], read[0]["completion_tokens"]) == want
+
+
+def test_text_with_unicode_line_separators_is_a_row_and_one_journal_record(tmp_path):
+    """U+2028, U+2029 and U+0085 are text (JSON leaves them unescaped), not ends of journal lines."""
+    fields = {**GOOD, "S1": "First line\u2028second\u2029third\x85fourth of the answer."}
+    body = {"choices": [{"message": {"content": json.dumps(fields, ensure_ascii=False)}}]}
+    read, drops = _through_the_pipeline([body], str(tmp_path))
+    assert not drops and read[0]["query"] == fields["S1"]
 
 
 def test_a_journal_line_with_unreadable_counts_or_bytes_does_not_stop_a_rerun(tmp_path):
