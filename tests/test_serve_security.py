@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -244,6 +245,8 @@ def head(tiny_decoder_dir):
 
     temp = Path(tempfile.mkdtemp(prefix="re5s_", dir="/tmp"))  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_E5_API_KEY", "RAY_ADDRESS")}
+    # Ray's own token auth with a token of this cluster's (~/.ray/auth_token is shared by every cluster on the machine)
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex})
     env.update({"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())})
     port = free_port()
@@ -252,6 +255,7 @@ def head(tiny_decoder_dir):
                               "--ray-client-server-port") for arg in (name, str(free_port()))]
     started = subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", str(temp),
                               "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+                              "--node-ip-address", "127.0.0.1",
                               "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats", *ports],
                              env=env, start_new_session=True, capture_output=True, text=True, timeout=180)
     try:
@@ -292,9 +296,10 @@ def _serve_driver(head: dict, http_port: int, key: str, log: Path) -> subprocess
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, times: int, timeout: float = 240) -> None:
+    """Wait until ``text`` is in the log ``times`` times (the drivers share one log)."""
     deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
+    while log.read_text(errors="replace").count(text) < times:
         assert proc.poll() is None, f"ray-e5 serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, f"no {text!r} in the log after {timeout:.0f} s:\n{log.read_text()[-4000:]}"
         time.sleep(1)
@@ -316,7 +321,7 @@ def test_the_drivers_key_is_enforced_on_a_ray_start_cluster_and_rotates(head, tm
     try:
         for key, old in (("first-key", None), ("rotated-key", "first-key")):
             drivers.append(_serve_driver(head, http_port, key, log))
-            _wait_for_line(log, f"serving tiny at http://127.0.0.1:{http_port}/v1", drivers[-1])
+            _wait_for_line(log, f"serving tiny at http://127.0.0.1:{http_port}/v1", drivers[-1], len(drivers))
             assert "API key auth is ON (key from $RAY_E5_API_KEY)" in log.read_text()
             got = {"no key": _status(url, None), "wrong key": _status(url, "wrong"), "right key": _status(url, key)}
             if old is not None:

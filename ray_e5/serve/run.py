@@ -33,6 +33,7 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
     connect(config.ray_address)
     start_serve(settings)
     ray_serve.run(build_app(settings, model_reference(config, settings), key), name=APP_NAME, route_prefix="/")
+    wait_for_old_replicas(APP_NAME)
     url = f"http://{settings.host}:{settings.port}/v1"
     source = ("serve.api_key" if settings.api_key is not None and settings.api_key.get_secret_value()
               else f"${settings.api_key_env}")
@@ -43,6 +44,28 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
         print(f"[ray-e5] serving {settings.model_name} at {url}")
         wait_forever()
     return url
+
+
+def wait_for_old_replicas(app: str, timeout_s: float = 120.0) -> None:
+    """Return once every replica of ``app`` runs the version just deployed.
+
+    ``serve.run`` returns when the new replicas are up, while the old ones still drain and answer: after a key
+    rotation they would still let the old key in. Waiting here makes "serving" mean the new settings are enforced.
+    """
+    import time
+
+    from ray import serve as ray_serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = ray_serve.status().applications.get(app)
+        states = {str(state).rsplit(".", 1)[-1] for d in (status.deployments.values() if status else ())
+                  for state, count in d.replica_states.items() if count}
+        if states <= {"RUNNING"}:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"replicas of the previous version of {app!r} were still running {timeout_s:.0f} s after "
+                       "the new one started; see `serve status`")
 
 
 def shutdown() -> None:
