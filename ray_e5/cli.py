@@ -131,13 +131,16 @@ def main(argv: list[str] | None = None, console: bool | None = None) -> int:
         from ray_e5.native_stderr import filter_native_stderr
 
         filter_native_stderr()
+    from ray_e5.capacity import CapacityError
+    from ray_e5.cluster import ClusterUnreachable
     from ray_e5.config import ConfigError
     from ray_e5.stages import UnknownStageError
 
     try:
         return int(args.func(args) or 0)
     except Exception as err:
-        if not isinstance(err, (ConfigError, UnknownStageError, *_loaded_error_types())):
+        if not isinstance(err, (ConfigError, UnknownStageError, CapacityError, ClusterUnreachable,
+                                *_loaded_error_types())):
             raise
         print(f"ray-e5 {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -202,9 +202,12 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
 
     started = time.perf_counter()
     if pending:
+        from ray_e5.capacity import Demand, check_fits
         from ray_e5.cluster import connect
 
         ray = connect(config.ray_address)
+        check_fits([Demand("evaluate.cpus_per_worker / evaluate.gpus_per_worker", "evaluation worker",
+                           {"CPU": settings.cpus_per_worker or 0, "GPU": settings.gpus_per_worker}, 1)])
 
         def on_record(model: ModelSpec, task: TaskSpec, record: dict) -> None:
             record.update(model_label=model.label, model_ref=model.ref, model_fingerprint=model.fingerprint,

@@ -24,6 +24,7 @@ from ray_e5 import runs
 from ray_e5.config import RayE5Config
 from ray_e5.rundir import RunDir
 from ray_e5.generate.backends import FATAL_STATUSES, is_transient
+from ray_e5.capacity import Demand, check_fits
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import BackendError, EmptySyntheticError, GenerateError
 from ray_e5.generate.filters import ContaminationFilter, Deduplicator
@@ -314,6 +315,16 @@ class _Run:
         }
 
 
+def _demands(s: GenerateSettings) -> list[Demand]:
+    """What the stage asks Ray for: vLLM engines of tensor_parallel_size GPUs, or at least one generation actor."""
+    if s.backend == "vllm":
+        return [Demand("generate.vllm.tensor_parallel_size / generate.vllm.concurrency", "vLLM engine",
+                       {"GPU": s.vllm.tensor_parallel_size}, s.vllm.concurrency)]
+    if s.batch_api:
+        return []
+    return [Demand("generate.actor_cpus", "generation actor", {"CPU": s.actor_cpus}, 1)]
+
+
 def _llamacpp_log(out_dir: str) -> tuple[str, str | None]:
     """Where the llama.cpp server logs: ``<run_dir>/synthetic/llamacpp.log`` itself for a local run dir; else a
     local file that is copied there when the stage ends (an object store has no append)."""
@@ -351,6 +362,7 @@ def _generate(config: RayE5Config) -> dict[str, Any]:
         from ray_e5.cluster import connect
 
         ray = connect(config.ray_address)
+        check_fits(_demands(s))
         stack.enter_context(_ray_data_quiet())
         kwargs: dict[str, Any] = {"deadline": run.deadline}
         if s.batch_api or (s.backend == "vllm" and s.vllm.engine == "batch"):  # answers reach the driver

@@ -144,6 +144,11 @@ def _train(config: RayE5Config) -> Path:
     from ray_e5.cluster import connect
 
     connect(config.ray_address)
+    from ray_e5.capacity import Demand, check_fits
+
+    check_fits([Demand("train.cpus_per_worker / train.use_gpu / train.num_workers", "training worker",
+                       {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
+                       settings.num_workers)])
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -194,7 +199,10 @@ def _train(config: RayE5Config) -> Path:
                                                                      **({"GPU": 1} if settings.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=_storage_path(train_dir),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            # the controller's own retries (a worker group that cannot start) are bounded too: unbounded, a
+            # request the cluster can no longer meet would wait forever
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures,
+                                                   controller_failure_limit=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
         datasets={"train": plan.dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options),
