@@ -294,7 +294,8 @@ EMBEDDINGS_SCHEMA = {
 }
 
 _ERRORS = {400: "malformed request", 401: "missing or invalid API key", 404: "unknown model",
-           413: "body or input too large", 415: "wrong Content-Type or Content-Encoding",
+           408: "body not received within serve.body_read_timeout_s",
+           413: "body, input or request tokens (serve.max_tokens_per_request) too large", 415: "wrong Content-Type or Content-Encoding",
            429: "queue full: retry after Retry-After", 500: "internal error (JSON, with a request id)",
            504: "not answered within serve.request_timeout_s"}
 
