@@ -195,6 +195,27 @@ def _check_reachable(address: str, where: str, timeout_s: float = 10.0) -> None:
             time.sleep(0.5)
 
 
+def _loopback_cluster(address: str) -> bool:
+    """Whether ``address`` is a cluster on this machine that listens on loopback only (one a ray-e5 driver or test
+    started): Ray maps 127.0.0.1 to the machine's network address before it connects, so a driver joining such a
+    cluster must take the same single-machine switch the cluster took."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    from ray._private.services import node_ip_address_from_perspective
+
+    ip = node_ip_address_from_perspective(None)
+    if ip in ("127.0.0.1", "::1"):
+        return True
+    try:
+        with socket.create_connection((ip, int(port)), timeout=2):
+            return False  # it listens on the machine's address too: an ordinary cluster
+    except OSError:
+        return True
+
+
 def _job_env_vars() -> set[str]:
     """The environment variables the Ray job this driver runs in already sets (``ray job submit
     --runtime-env-json``): Ray refuses a ray.init runtime env that names any of them again, even with the same value."""
@@ -242,6 +263,8 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     found, where = _found_address(address)
     if found:
         _check_reachable(found, where)
+        if _loopback_cluster(found):
+            loopback_only()  # Ray would otherwise look for it at the machine's address, where it does not listen
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     if quiet:
