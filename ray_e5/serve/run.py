@@ -31,6 +31,10 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
     except ValueError as err:
         raise ConfigError([str(err)]) from None
     connect(config.ray_address)
+    from ray_e5.capacity import Demand, check_fits
+
+    check_fits([Demand("serve.num_cpus / serve.num_gpus / serve.autoscaling.min_replicas", "Serve replica",
+                       {"CPU": settings.num_cpus, "GPU": settings.num_gpus}, settings.autoscaling.min_replicas)])
     start_serve(settings)
     ray_serve.run(build_app(settings, model_reference(config, settings), key), name=APP_NAME, route_prefix="/")
     wait_for_old_replicas(APP_NAME)
