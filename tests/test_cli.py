@@ -104,7 +104,7 @@ def test_quickstart_flag_reaches_the_pipeline(recorded, tmp_path, capsys, monkey
     calls, behaviour, _ = recorded
     behaviour["generate"] = _empty()
     behaviour["serve"] = ServeResult("http://127.0.0.1:1/v1", "m")
-    monkeypatch.setattr("ray_e5.pipeline.quickstart._openai_example", lambda url, model: ("snippet", "640 0.5"))
+    monkeypatch.setattr("ray_e5.pipeline.quickstart._openai_example", lambda url, model, key_env, key: ("snippet", "640 0.5"))
     assert main(["quickstart", "--config", str(QUICKSTART), "--run-dir", str(tmp_path / "run")]) == 2
     assert calls == ["generate"]
     calls.clear()

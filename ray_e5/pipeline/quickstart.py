@@ -75,17 +75,26 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
     return check_config(data, RayE5Config)
 
 
-def _openai_example(base_url: str, model: str) -> tuple[str, str]:
-    """An openai-client snippet and what it printed when we ran it against the live server."""
+def _openai_example(base_url: str, model: str, key_env: str | None, key) -> tuple[str, str]:
+    """An openai-client snippet and what it printed when we ran it against the live server (with the server's key
+    when it has one; the snippet names where the key is, never the key)."""
+    import os
+
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="unused")
+    client = OpenAI(base_url=base_url, api_key=key.get_secret_value() if key is not None else "unused")
     response = client.embeddings.create(model=model, input=["how do rockets reach orbit", "Rockets burn fuel."])
     vectors = [d.embedding for d in response.data]
     cosine = sum(a * b for a, b in zip(*vectors))
+    if key is None:
+        imports, api_key = "", '"unused"'
+    elif key_env and os.environ.get(key_env) == key.get_secret_value():
+        imports, api_key = "import os\n", f'os.environ["{key_env}"]'
+    else:
+        imports, api_key = "", '"<serve.api_key>"'
     snippet = (
-        "from openai import OpenAI\n"
-        f"client = OpenAI(base_url=\"{base_url}\", api_key=\"unused\")\n"
+        f"{imports}from openai import OpenAI\n"
+        f"client = OpenAI(base_url=\"{base_url}\", api_key={api_key})\n"
         f"r = client.embeddings.create(model=\"{model}\", input=[\"how do rockets reach orbit\", \"Rockets burn fuel.\"])\n"
         "print(len(r.data[0].embedding), sum(a * b for a, b in zip(r.data[0].embedding, r.data[1].embedding)))"
     )
@@ -127,7 +136,10 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
     start = time.perf_counter()
     results = run_pipeline(config, log=log, allow_empty_synthetic=allow_empty_synthetic)
     served = results["serve"]
-    snippet, output = _openai_example(served.url, served.model_name)
+    from ray_e5.serve.config import ServeSettings
+
+    serving = config.section("serve", ServeSettings)
+    snippet, output = _openai_example(served.url, served.model_name, serving.api_key_env, serving.resolve_api_key())
     run_dir = config.run_dir
     log("")
     log(f"[ray-e5] quickstart finished in {time.perf_counter() - start:.0f} s; outputs under {run_dir}:")
