@@ -46,8 +46,27 @@ class RunDir:
         return self.join("eval")
 
     def trained_embedder(self) -> str | None:
-        """The trained embedder's URI when training has written one, else None."""
-        return self.embedder if runs.exists(runs.join(self.embedder, EMBEDDER_FILE)) else None
+        """The trained embedder's URI when training has published one, else None. An interrupted publish (files
+        under ``embedder/`` but no manifest, as an object store holds it mid-publish, or a local publish's hidden
+        leftovers with no ``embedder/``) raises :class:`runs.StorageError`: falling back to the base model there
+        would serve or score the untrained model under the trained one's name."""
+        if runs.exists(runs.join(self.embedder, EMBEDDER_FILE)):
+            return self.embedder
+        files = runs.listing(self.embedder)
+        leftovers = []
+        if runs.is_local(self.uri) and runs.exists(self.uri):
+            import os
+
+            root = runs.resolve(self.uri)[1]
+            leftovers = [n for n in os.listdir(root) if n.startswith((".embedder.publish-", ".embedder.old-"))]
+        if files or (leftovers and not runs.exists(self.embedder)):
+            raise runs.StorageError(
+                f"{self.embedder}: the trained embedder is incomplete (no {EMBEDDER_FILE}"
+                f"{'; ' + str(len(files)) + ' other files' if files else ''}"
+                f"{'; leftovers ' + ', '.join(sorted(leftovers)) if leftovers else ''}): its publish was interrupted "
+                "(a training stopped while writing it, or one still writing it). Rerun `ray-e5 train` on this run "
+                "directory (it resumes from its last checkpoint and publishes again), or name a model explicitly")
+        return None
 
     def local_embedder(self) -> str:
         """A local directory holding the trained embedder (a cached copy when the run dir is remote)."""
