@@ -53,7 +53,7 @@ def _export(args) -> int:
 
 def _validate(args) -> int:
     """Exit 0 printing ``ok``, or exit 2 printing every error of every section (one per line)."""
-    from ray_e5.config import ConfigError
+    from ray_e5.settings import ConfigError
 
     try:
         config_from_args(args)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None, console: bool | None = None) -> int:
         filter_native_stderr()
     from ray_e5.capacity import CapacityError
     from ray_e5.cluster import ClusterUnreachable
-    from ray_e5.config import ConfigError
+    from ray_e5.settings import ConfigError
     from ray_e5.stages import UnknownStageError
 
     try:

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from hashlib import sha256
 from typing import Any, Iterator
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 TTL_ENV = "RAY_E5_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ray_e5.digest import digest
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 
 class StorageError(ConfigError):

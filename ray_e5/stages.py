@@ -2,16 +2,17 @@
 
 A stage's name is its command (``ray-e5 <name>``), its config section (``<name>:`` in the YAML), its job entry
 point (``jobs/<name>.py``) and its key in ``pipeline`` results, as torchtune's recipe registry gives one name to a
-recipe's file, CLI command and config. The CLI subcommands, ``ray-e5 pipeline``, ``ray-e5 quickstart`` and config
-validation (:func:`ray_e5.config.check_sections`) are all derived from :data:`STAGES`.
+recipe's file, CLI command and config. The CLI subcommands, ``ray-e5 pipeline``, ``ray-e5 quickstart`` and
+the job entry points are all derived from :data:`STAGES`.
 
 The stage contract: a stage takes the whole validated :class:`~ray_e5.config.RayE5Config` (it reads its own
 section and ``run_dir``, and joins the cluster at ``ray_address``), writes its outputs under ``run_dir`` (the
 ``outputs`` each entry declares, relative to the run directory), and returns a small typed result. The run
 functions here are adapters: they call each stage package's own entry point and wrap what it returns.
 
-This module is a leaf: it imports nothing of ray_e5 at import time (settings classes and run functions are
-imported when used), so ``ray_e5.config`` can read it without a cycle and ``ray-e5 --help`` stays fast.
+The registry sits at the top, below only the commands: it imports nothing of ray_e5 at import time (settings
+classes and run functions are imported when used), so ``ray-e5 --help`` loads no stage's code, and nothing it
+imports imports it back (the config composes the sections itself, :mod:`ray_e5.config`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Output:
 class Stage:
     name: str  # the command, the config section, jobs/<name>.py
     package: str  # where the stage's code lives; its command is <package>.command (register(subparsers))
-    settings: str  # "module:Class" of the section's settings (a ray_e5.config.Section), imported when needed
+    settings: str  # "module:Class" of the section's settings (a ray_e5.settings.Section), imported when needed
     run: Callable[["RayE5Config"], Any]  # adapter returning ``result``
     result: type
     outputs: tuple[Output, ...]

@@ -52,9 +52,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_stage_sections_name_their_keys():
-    cfg = RayE5Config.model_validate({"train": {"bogus": 1}})
     with pytest.raises(ConfigError, match=r"train\.bogus: unknown key"):
-        cfg.section("train", ModelSettings)
+        RayE5Config.model_validate({"train": {"bogus": 1}}).section("train", ModelSettings)
 
 
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "serve.yaml")  # serve.yaml: Ray's deploy schema
@@ -113,9 +112,8 @@ def test_section_that_is_not_a_mapping_is_named():
 
 
 def test_check_sections_validates_a_config_built_without_load_config():
-    cfg = RayE5Config.model_validate({"serve": {"port": 0}, "evaluate": {"num_workers": 0}})
     with pytest.raises(ConfigError) as info:
-        check_sections(cfg)
+        check_sections(RayE5Config.model_validate({"serve": {"port": 0}, "evaluate": {"num_workers": 0}}))
     assert [e.split(":")[0] for e in info.value.errors] == ["evaluate.num_workers", "serve.port"]
     assert check_sections(RayE5Config()) == RayE5Config()  # no sections: the stages' defaults apply
 

@@ -135,7 +135,7 @@ def _present(uri: str) -> bool:
 def _hub_source(settings) -> Source:
     """A source read from a Hugging Face dataset: its rows, columns mapped, as a local Parquet file. Named as the
     mirror path would name it (so a run names its sources the same either way), else after the dataset."""
-    from ray_e5.config import ConfigError
+    from ray_e5.settings import ConfigError
     from ray_e5.data.hub import hf_rows_file
 
     name = settings.name

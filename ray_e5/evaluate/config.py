@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 
 LOCAL_TYPES = ("sts", "retrieval", "classification", "pair_classification", "reranking", "bitext_mining")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_e5.digest import digest
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 from ray_e5.evaluate.config import TaskEntry
 from ray_e5.evaluate.local_tasks import load_local_task
 

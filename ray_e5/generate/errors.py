@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 
 class GenerateError(ConfigError):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_e5.config import ModelSettings, validate
+from ray_e5.settings import ModelSettings, validate
 from ray_e5.model.instructions import format_query
 from ray_e5.model.pooling import pool
 from ray_e5.model.sources import Backbone, UnknownModelError, resolve_backbone

@@ -136,9 +136,7 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
     start = time.perf_counter()
     results = run_pipeline(config, log=log, allow_empty_synthetic=allow_empty_synthetic)
     served = results["serve"]
-    from ray_e5.serve.config import ServeSettings
-
-    serving = config.section("serve", ServeSettings)
+    serving = config.serve
     snippet, output = _openai_example(served.url, served.model_name, serving.api_key_env, serving.resolve_api_key())
     run_dir = config.run_dir
     log("")

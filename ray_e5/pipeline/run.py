@@ -1,7 +1,7 @@
 """Run the registered stages in order on one run directory; each stage resumes from what a killed run left behind.
 
 The stages, their order and their results come from the stage registry (:mod:`ray_e5.stages`); the config is
-validated whole (every section), and every dataset it names is found (:func:`ray_e5.data.hub.check_datasets`),
+validated whole (every section), and every dataset it names is found (:func:`ray_e5.datasets.check_datasets`),
 before Ray starts.
 """
 
@@ -26,7 +26,7 @@ def run_pipeline(config: RayE5Config, stages: tuple[str, ...] | list[str] = tupl
     """
     chosen = select(tuple(stages))  # unknown names fail here, all of them named
     check_sections(config)  # a typo in the last section fails before the first stage starts
-    from ray_e5.data.hub import check_datasets
+    from ray_e5.datasets import check_datasets
 
     # every dataset train and evaluate name, on the mirror under data_dir or the Hub, before Ray starts or
     # generation pays for anything: one error naming each missing one

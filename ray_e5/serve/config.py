@@ -9,7 +9,7 @@ import os
 
 from pydantic import Field, SecretStr, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 
 
 class AutoscalingSettings(Section):

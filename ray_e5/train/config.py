@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 
 
 class SourceSettings(Section):
