@@ -120,7 +120,7 @@ def main() -> None:
     from ray_e5.cluster import connect
     from ray_e5.config import RayE5Config
     from ray_e5.generate.run import generate
-    from ray_e5.generate.testserver import TestServer
+    from ray_e5.testing.openai_server import TestServer
 
     connect(None)
     limit = args.slots / args.latency

@@ -102,10 +102,10 @@ def mfu(args) -> None:
     import torch
     from transformers import MistralConfig, MistralModel
 
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
-    from ray_e5.train.testing import settings as engine_settings
+    from ray_e5.testing.train import settings as engine_settings
 
     import torch.distributed as dist
 

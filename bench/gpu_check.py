@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from ray_e5.config import LoraSettings, ModelSettings  # noqa: E402
 from ray_e5.model import Embedder  # noqa: E402
 from ray_e5.model.lora import add_lora  # noqa: E402
-from ray_e5.model.testing import build_tokenizer, tiny_decoder  # noqa: E402
+from ray_e5.testing.models import build_tokenizer, tiny_decoder  # noqa: E402
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=10000.0,

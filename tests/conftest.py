@@ -40,7 +40,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_decoder_dir(tmp_path_factory) -> Path:
     """A random Mistral-shaped decoder with a tokenizer trained on the spot (milliseconds to build)."""
-    from ray_e5.model.testing import tiny_decoder
+    from ray_e5.testing.models import tiny_decoder
 
     return tiny_decoder(tmp_path_factory.mktemp("tiny") / "decoder")
 

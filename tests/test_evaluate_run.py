@@ -12,7 +12,7 @@ import pytest
 from ray_e5.cli import main
 from ray_e5.config import ConfigError, load_config
 from ray_e5.evaluate.run import evaluate
-from ray_e5.evaluate.testing import toy_tasks
+from ray_e5.testing.tasks import toy_tasks
 
 TOYS = ["toy_retrieval", "toy_sts", "toy_bitext"]
 

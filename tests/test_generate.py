@@ -24,8 +24,8 @@ from ray_e5.generate.parse import Dropped, parse_json, validate_answer
 from ray_e5.generate.plan import brainstorm_requests, expand, per_brainstorm, plan_slots
 from ray_e5.generate.run import generate
 from ray_e5.generate.taxonomy import KINDS, LANGUAGE_NAMES, LANGUAGES, language_weights
-from ray_e5.generate.testing import generation_driver
-from ray_e5.generate.testserver import FAULTS, TestServer
+from ray_e5.testing.generate import generation_driver
+from ray_e5.testing.openai_server import FAULTS, TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
 BRAINSTORM_OPENING = "Think up a list"

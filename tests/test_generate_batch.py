@@ -20,8 +20,8 @@ from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import EmptySyntheticError, GenerateError
 from ray_e5.generate.run import generate
-from ray_e5.generate.testing import generation_driver
-from ray_e5.generate.testserver import TestServer
+from ray_e5.testing.generate import generation_driver
+from ray_e5.testing.openai_server import TestServer
 
 FIELDS = ("id", "kind", "task", "language", "query", "positive", "negative", "prompt_id", "prompt_tokens",
           "completion_tokens")

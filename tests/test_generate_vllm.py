@@ -143,7 +143,7 @@ def test_one_served_writer_answers_both_steps_through_the_hosted_path(ray_cluste
     from ray_e5.config import RayE5Config
     from ray_e5.generate import vllm_server
     from ray_e5.generate.run import generate
-    from ray_e5.generate.testserver import TestServer
+    from ray_e5.testing.openai_server import TestServer
 
     with TestServer() as server:
         started = []

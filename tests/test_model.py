@@ -357,7 +357,7 @@ def test_long_context_settings_reach_the_model_and_survive_save_load_export(tiny
 def _tiny_gemma3(directory: Path) -> Path:
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
 
     if (directory / "config.json").is_file():
         return directory

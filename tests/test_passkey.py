@@ -19,7 +19,7 @@ from ray_e5.evaluate.passkey import (FILLER, PasskeyTask, build_documents, needl
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
 
     return build_tokenizer()
 
@@ -162,7 +162,7 @@ def test_query_names_the_person():
 # ---- the stage and the report ------------------------------------------------------------------------------------
 def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.evaluate.run import evaluate
-    from ray_e5.evaluate.testing import toy_tasks
+    from ray_e5.testing.tasks import toy_tasks
 
     toys = toy_tasks(tmp_path / "toys", ["toy_bitext", "toy_sts"])
     data = {"run_dir": str(tmp_path / "run"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ray_e5.train.loss import LossInputs, info_nce
-from ray_e5.train.testing import spawn, step_gradients
+from ray_e5.testing.train import spawn, step_gradients
 
 
 def _unit(rows, dim=8, seed=0):
@@ -122,7 +122,7 @@ def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
 def test_matryoshka_gradients_are_the_same_with_gradient_caching(tiny_decoder_dir):
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
-    from ray_e5.train.testing import lora_embedder, settings
+    from ray_e5.testing.train import lora_embedder, settings
 
     row = _global_batch(6)
     opts = settings(engine="torch", lr=0.0)

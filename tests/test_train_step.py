@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_e5.train.testing import spawn, step_gradients
+from ray_e5.testing.train import spawn, step_gradients
 
 ROW = {"query": [f"query number {i} about the fox" for i in range(8)],
        "positive": [f"positive document {i} quick brown" for i in range(8)],

@@ -3,6 +3,8 @@
 ``spawn(fn, world, ...)`` runs ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group (the
 CPU backend Ray Train and DeepSpeed use here) and returns each rank's result. ``step_gradients`` is such an ``fn``:
 one training step on a tiny decoder with LoRA, returning the loss and the worker-averaged gradients.
+``settings(...)`` and ``lora_embedder(...)`` build what an engine takes; ``PeakSampler``, ``model_bytes`` and
+``zero3_load_memory`` measure the memory a ZeRO-3 load needs (``tests/test_train_zero3.py``).
 """
 
 from __future__ import annotations
