@@ -93,10 +93,10 @@ def contamination_uris(config, settings) -> tuple[list[str], bool]:
     data_dir = getattr(config, "data_dir", None) or "."
     if settings.contamination_paths:
         return [runs.data_uri(data_dir, p) for p in settings.contamination_paths], False
-    tasks = (getattr(config, "evaluate", None) or {}).get("tasks") or []
+    tasks = getattr(getattr(config, "evaluate", None), "tasks", None) or []
     paths = []
-    for t in tasks:
-        path = t.get("path") if isinstance(t, dict) else (t if isinstance(t, str) and "/" in t else None)
+    for t in tasks:  # a task entry (its path), or a string: a folder when it holds a "/"
+        path = (t if "/" in t else None) if isinstance(t, str) else getattr(t, "path", None)
         if isinstance(path, str):
             paths.append(runs.data_uri(data_dir, path))
     return paths, True
