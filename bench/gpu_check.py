@@ -194,6 +194,7 @@ def check_train_step(embedder: Embedder, shape: dict, device: torch.device, seq:
     from types import SimpleNamespace
 
     from ray_e5.train.engines import TorchEngine
+    from ray_e5.train.loss import InfoNCE
     from ray_e5.train.step import prepare, train_step
 
     model = embedder.backbone
@@ -213,7 +214,8 @@ def check_train_step(embedder: Embedder, shape: dict, device: torch.device, seq:
     for i in range(steps + 1):  # the first step warms up (kernels, allocator) and is not timed
         sync(device)
         began = time.perf_counter()
-        result = train_step(engine, embedder, step_texts, temperature=0.02, chunk_size=chunk, gradient_cache=True)
+        result = train_step(engine, embedder, step_texts, InfoNCE(temperature=0.02), chunk_size=chunk,
+                            gradient_cache=True)
         engine.step()
         sync(device)
         if i:
