@@ -77,7 +77,7 @@ def ours(entries: list[dict], workers: int, cpus: int, seed: int, out: Path) -> 
                "batch_size": 32, "seed": seed, "overwrite": True, "output": str(out)}
     config = load_config(None, [f"evaluate={json.dumps(section)}", f"run_dir={out}"])
     start = time.perf_counter()
-    report = evaluate(config)
+    report = evaluate(config).report
     seconds = time.perf_counter() - start
     if report["errors"]:
         raise SystemExit(f"ray-e5 evaluation failed: {report['errors']}")

@@ -124,7 +124,7 @@ def main() -> None:
                                      if read_task_json(data_dir / t["path"], t["path"]).get("language", "en") == "en"]
     apply_overrides(data, [f"run_dir={out}", f"data_dir={(ROOT / recipe.get('data_dir', '../shared/data')).resolve()}"])
     began = time.perf_counter()
-    report = evaluate(check_config(data, RayE5Config))
+    report = evaluate(check_config(data, RayE5Config)).report
     eval_s = time.perf_counter() - began
     tasks = [t["name"] for t in report["tasks"]]
     avg = report.get("english_average") or report["average"]

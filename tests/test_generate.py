@@ -267,7 +267,7 @@ def test_faults_are_dropped_and_counted_and_no_valid_row_is_lost(ray_cluster, tm
     faults = ["ok", "ok", *FAULTS, "ok", "bad_body", "cut", "ok"]
     with TestServer(faults=faults, hang_s=3, retry_after_s=0.05) as server:
         manifest = generate(_config(tmp_path, server.base_url, num_examples=30, request_timeout_s=1.0,
-                                    mix={"short-long": 1, "sts": 1, "long-short": 1}))
+                                    mix={"short-long": 1, "sts": 1, "long-short": 1})).manifest
         calls = list(server.calls)
     rows = _rows(tmp_path)
     assert manifest["examples"] == len(rows) == len({r["id"] for r in rows}) > 0
@@ -325,7 +325,7 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
         assert 0 < len(first) < 40, "the run was not caught mid-way"
         assert (out / "brainstorm.json").exists()
         calls_before = len(server.calls)
-        manifest = generate(config)
+        manifest = generate(config).manifest
         calls = list(server.calls)
         rerun = calls[calls_before:]
     rows = _rows(tmp_path)
@@ -378,7 +378,7 @@ def test_an_actor_killed_mid_batch_is_restarted_and_pays_for_nothing_twice(ray_c
         killer = threading.Thread(target=kill_an_actor_once_it_answered, daemon=True)
         killer.start()
         manifest = generate(_config(tmp_path, server.base_url, num_examples=24, mix={"sts": 1}, concurrency=4,
-                                    request_timeout_s=60.0))
+                                    request_timeout_s=60.0)).manifest
         killer.join(5)
         calls = list(server.calls)
     assert killed, "no generation actor was caught mid-run"
@@ -391,7 +391,7 @@ def test_an_actor_killed_mid_batch_is_restarted_and_pays_for_nothing_twice(ray_c
 def test_time_budget_stops_cleanly(ray_cluster, tmp_path):
     with TestServer(latency_s=0.5, slots=1) as server:  # 60 requests need 30 s; the budget is 15 s
         manifest = generate(_config(tmp_path, server.base_url, mix={"sts": 1}, num_examples=60, time_budget_s=15,
-                                    concurrency=2))
+                                    concurrency=2)).manifest
     assert 0 < manifest["examples"] < 60 and len(_rows(tmp_path)) == manifest["examples"]
     assert manifest["drops_this_run"] == {"skipped_time_budget": 60 - manifest["examples"]}
     assert manifest["wall_seconds_this_run"] < 15 + 10  # stopped at the budget, not after the 30 s of work
@@ -402,9 +402,9 @@ def test_budget_cap_and_rate_limit_hold_across_resumes(ray_cluster, tmp_path):
     kw = dict(mix={"sts": 1}, num_examples=30, max_tokens=100, prices={"test-model": [1000, 1000]}, budget_usd=2.0,
               requests_per_minute=240, concurrency=4)
     with TestServer() as server:
-        manifest = generate(_config(tmp_path, server.base_url, **kw))
+        manifest = generate(_config(tmp_path, server.base_url, **kw)).manifest
         first_calls = list(server.calls)
-        again = generate(_config(tmp_path, server.base_url, **kw))
+        again = generate(_config(tmp_path, server.base_url, **kw)).manifest
         second_calls = server.calls[len(first_calls):]
     assert 0 < manifest["examples"] < 30 and manifest["drops_this_run"]["skipped_budget"] == 30 - manifest["examples"]
     assert manifest["cost_usd"] <= 2.0 and len(first_calls) == manifest["examples"]
@@ -471,7 +471,7 @@ def test_end_to_end_llama_cpp_gemma(ray_cluster, tmp_path):
     config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": {
         "backend": "llamacpp", "num_examples": 16, "mix": kinds, "languages": ["en"], "max_tokens": 128,
         "brainstorm_max_tokens": 200, "temperature": 0.8, "concurrency": 2, "progress": False}})
-    manifest = generate(config)
+    manifest = generate(config).manifest
     assert manifest["tokens"]["completion"] > 0 and manifest["model"] == "gemma3-270m"
     assert "AVX2 = 1" in manifest["llamacpp_system_info"]
     rows = _rows(tmp_path)

@@ -70,9 +70,9 @@ def test_batch_rows_equal_the_synchronous_rows_in_parts_under_the_limits(ray_clu
     limits = {"batch_max_requests": 5, "batch_max_bytes": 5000}
     mix = {"short-short": 1, "sts": 1}  # a brainstorm phase, then examples
     with TestServer(deterministic=True, batch_polls=2) as server:
-        sync = generate(_config(tmp_path, server.base_url, "sync", mix=mix, batch_api=False))
+        sync = generate(_config(tmp_path, server.base_url, "sync", mix=mix, batch_api=False)).manifest
         sync_calls = len(server.calls)
-        batch = generate(_config(tmp_path, server.base_url, "batch", mix=mix, **limits))
+        batch = generate(_config(tmp_path, server.base_url, "batch", mix=mix, **limits)).manifest
         lines = list(server.batch_lines)
         uploads = _uploads(server)
         parts = _registry(tmp_path, "batch")
@@ -124,7 +124,7 @@ def test_sigkill_while_polling_then_resume_submits_no_line_twice(ray_cluster, tm
         for part in before:
             assert part["batch_id"] in printed
         server.app.state.batch_polls = 2
-        manifest = generate(config)  # the rerun re-attaches
+        manifest = generate(config).manifest  # the rerun re-attaches
         lines = list(server.batch_lines)
         answered = [c.request_id for c in server.calls if c.answered]
     rows = _rows(tmp_path)
@@ -168,7 +168,7 @@ def test_a_driver_killed_between_upload_and_batch_id_finds_its_batch(tmp_path):
 ])
 def test_failed_expired_and_error_lines_are_resubmitted_once(ray_cluster, tmp_path, faults, parts):
     with TestServer(batch_faults=faults, batch_polls=1) as server:
-        manifest = generate(_config(tmp_path, server.base_url, batch_max_requests=24 // parts))
+        manifest = generate(_config(tmp_path, server.base_url, batch_max_requests=24 // parts)).manifest
         lines = list(server.batch_lines)
         results = {b: server.batch_results(b) for b in server.batches}
         status = {b: v["status"] for b, v in server.batches.items()}
@@ -202,7 +202,7 @@ def test_budget_refuses_lines_before_they_are_uploaded(ray_cluster, tmp_path):
             generate(_config(tmp_path, server.base_url, "none", budget_usd=0.01, **kw))
         assert not _uploads(server) and not server.batch_lines
         config = _config(tmp_path, server.base_url, budget_usd=2.0, **kw)
-        manifest = generate(config)
+        manifest = generate(config).manifest
         sent = {rid for _, rid in server.batch_lines}
     settings = config.section("generate", GenerateSettings)
     items, _ = expand(settings, plan_slots(settings), {})
@@ -223,7 +223,7 @@ def test_an_upload_refused_for_size_says_which_setting_and_loses_nothing(ray_clu
             generate(_config(tmp_path, server.base_url, num_examples=12))
         assert "sk-batch-test" not in str(err.value)
         assert [p["status"] for p in _registry(tmp_path)] == ["refused"] and not server.batch_lines
-        manifest = generate(_config(tmp_path, server.base_url, num_examples=12, batch_max_bytes=6000))
+        manifest = generate(_config(tmp_path, server.base_url, num_examples=12, batch_max_bytes=6000)).manifest
         sizes = [f["bytes"] for f in _uploads(server)]
     assert manifest["examples"] == 12 and len(sizes) >= 2 and max(sizes) <= 6000
 
@@ -283,7 +283,7 @@ def test_a_brainstorm_batch_that_fails_twice_leaves_its_examples_for_a_rerun(ray
         assert manifest["brainstorm"]["drops_this_run"] == {"skipped_batch_failed": 1}
         assert manifest["drops_this_run"] == {"skipped_batch_failed": 24}  # waiting on it, named for why
     with TestServer(batch_polls=1) as server:  # the provider is back: the rerun sends what never ran
-        manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1}))
+        manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1})).manifest
         again = [rid for _, rid in server.batch_lines]
     assert manifest["examples"] == 24 and again.count(lines[0]) == 1 and len(again) == len(set(again)) == 25
 
@@ -293,7 +293,7 @@ def test_azure_batch_api_through_the_azure_client(ray_cluster, tmp_path, monkeyp
     with TestServer(batch_polls=1) as server:
         root = server.base_url.rsplit("/v1", 1)[0]  # Azure's resource endpoint; the client adds /openai/...
         manifest = generate(_config(tmp_path, root, backend="azure", model="my-gpt-4o-mini-batch", num_examples=8,
-                                    prices={"my-gpt-4o-mini-batch": [0.15, 0.6]}))
+                                    prices={"my-gpt-4o-mini-batch": [0.15, 0.6]})).manifest
         endpoints = {b["endpoint"] for b in server.batches.values()}
         auth = {c.authorization for c in server.calls}
     assert manifest["examples"] == 8 and endpoints == {"/chat/completions"} and manifest["cost_usd"] > 0

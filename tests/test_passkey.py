@@ -172,7 +172,7 @@ def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_di
                          "tasks": [str(toys["toy_bitext"]), str(toys["toy_sts"]),
                                    {"type": "passkey", "lengths": [160, 320], "max_samples": 4, "depth": 0.95}],
                          "dimensions": [16, 32], "cpus_per_worker": 1, "torch_threads": 1}}
-    report = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()]))
+    report = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])).report
     out = tmp_path / "run" / "eval"
     assert not report["errors"]
     labels = [m["label"] for m in report["models"]]
@@ -212,7 +212,7 @@ def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_di
     assert saved["passkey"]["Passkey"]["accuracy"] == pk["accuracy"]
 
     # a rerun reuses every record, passkey included; the worker loaded each model once for all its widths
-    again = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()]))
+    again = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])).report
     assert again["ran"] == [] and len(again["cached"]) == 18
     pids = {json.loads(p.read_text())["pid"] for p in (out / "results").rglob("*.json")}
     assert len(pids) == 1

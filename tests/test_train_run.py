@@ -112,7 +112,7 @@ def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decod
     graded.write_text("\n".join(lines) + "\n")
     config = _config(tmp_path, tiny_decoder_dir, num_workers=2, checkpoint_every=100)
     config["train"]["sources"].append({"path": str(graded), "name": "graded", "loss": "cosent"})
-    path = train(RayE5Config.model_validate(config))
+    path = train(RayE5Config.model_validate(config)).local_dir
     run_dir = tmp_path / "run"
     data = json.loads((run_dir / "train" / "data.json").read_text())
     assert data["sources"]["graded"]["valid"] == 16 and data["sources"]["graded"]["used"] == 16
@@ -147,7 +147,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
 
     def run():
         try:
-            outcome["path"] = train(config)
+            outcome["path"] = train(config).local_dir
         except BaseException as err:  # surfaced by the assertion below
             outcome["error"] = err
 
@@ -189,7 +189,7 @@ def test_time_limit_stops_cleanly_with_what_is_trained(ray_cluster, tiny_decoder
     from ray_e5.train.run import train
 
     config = RayE5Config.model_validate(_config(tmp_path, tiny_decoder_dir, epochs=50, max_time_s=1.0))
-    path = train(config)
+    path = train(config).local_dir
     summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] < summary["planned_steps"]
     assert Embedder.load(path).encode(["question"]).shape == (1, 64)

@@ -23,6 +23,7 @@ from ray_e5 import runs
 from ray_e5.config import RayE5Config
 from ray_e5.evaluate.config import EvaluateSettings
 from ray_e5.evaluate.models import ModelSpec, resolve_models, slug
+from ray_e5.evaluate.result import EvaluateResult, TaskError
 from ray_e5.evaluate.tasks import TaskSpec, largest_first, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,10 @@ def _cause(err: Exception) -> str:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
-def evaluate(config: RayE5Config) -> dict[str, Any]:
+def evaluate(config: RayE5Config) -> EvaluateResult:
     """Evaluate the configured models on the configured tasks; write results and the report under
-    ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
+    ``<run_dir>/eval`` (or ``evaluate.output``); return the scores, the failed pairs, where the report went and the
+    report itself (with ``paths`` and ``ran``/``cached``)."""
     settings = config.section("evaluate", EvaluateSettings)
     out_dir = settings.output or RunDir.of(config.run_dir).eval
     runs.check_access(out_dir, "evaluate.output" if settings.output else "run_dir", must_exist=False)
@@ -235,7 +237,9 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     report.update(ran=ran, cached=cached, wall_seconds=round(time.perf_counter() - started, 3), output=out_dir)
     if settings.report:
         report["paths"] = write_report(out_dir, report)
-    return report
+    return EvaluateResult(report_paths=dict(report.get("paths") or {}), scores=report["scores"],
+                          errors=[TaskError(e["model"], e["task"], str(e["error"] or "")) for e in report["errors"]],
+                          output=out_dir, report=report)
 
 
 def _english_only(task: TaskSpec) -> bool | None:

@@ -31,7 +31,7 @@ def _generate(args) -> int:
 
         status(config_from_args(args))
         return 0
-    manifest = generate(config_from_args(args))
+    manifest = generate(config_from_args(args)).manifest
     keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "tokens_this_run", "cost_usd",
             "wall_seconds_this_run")
     print(json.dumps({k: manifest[k] for k in keys}))

@@ -32,9 +32,10 @@ from ray_e5.generate.journal import JournalWriter, load_state
 from ray_e5.generate.llamacpp import LlamaCppServer, private_log
 from ray_e5.generate.plan import brainstorm_requests, expand, plan_slots
 from ray_e5.generate.completions import completions, model_name
+from ray_e5.generate.result import GenerateResult
 from ray_e5.generate.store import Store, Tally
 
-__all__ = ["generate", "GenerateError", "BackendError", "EmptySyntheticError"]
+__all__ = ["generate", "GenerateResult", "GenerateError", "BackendError", "EmptySyntheticError"]
 # The first requests of a phase that all failing to get any answer (connection errors, 5xx) stops the stage.
 FIRST_REQUESTS = 8
 
@@ -341,8 +342,9 @@ def _empty(manifest: dict) -> str:
             "stronger generator, or pass --allow-empty-synthetic to train without synthetic data")
 
 
-def generate(config: RayE5Config) -> dict[str, Any]:
-    """Generate ``generate.num_examples`` planned examples into ``<run_dir>/synthetic``; return the manifest.
+def generate(config: RayE5Config) -> GenerateResult:
+    """Generate ``generate.num_examples`` planned examples into ``<run_dir>/synthetic``; return the manifest it
+    wrote, with the rows on disk per kind.
 
     Raises :class:`EmptySyntheticError` when the plan is not empty and no valid row is on disk at the end, and
     :class:`BackendError` when the backend is gone (after writing every valid row received). One driver at a time
@@ -353,7 +355,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
         return _generate(config)
 
 
-def _generate(config: RayE5Config) -> dict[str, Any]:
+def _generate(config: RayE5Config) -> GenerateResult:
     run = _Run(config)  # validates the section and the eval paths, reads what earlier runs wrote
     s = run.settings
     slots = plan_slots(s)
@@ -400,5 +402,6 @@ def _generate(config: RayE5Config) -> dict[str, Any]:
     manifest = run.manifest()
     run.store.save_manifest(manifest)
     if manifest["examples"] == 0 and s.num_examples > 0:
-        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, "manifest.json")}), manifest)
-    return manifest
+        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, "manifest.json")}), manifest,
+                                  run.out_dir)
+    return GenerateResult.from_manifest(manifest, run.out_dir)

@@ -13,12 +13,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_e5 import runs
 from ray_e5.config import BudgetShares, RayE5Config, apply_overrides, check_config, read_yaml, validate
 from ray_e5.recipes import recipe_path
-from ray_e5.stages import STAGES, GenerateResult, TrainResult
+from ray_e5.stages import STAGES
+
+if TYPE_CHECKING:  # the stages' typed results, named for the annotations only
+    from ray_e5.generate.result import GenerateResult
+    from ray_e5.train.result import TrainResult
 
 
 #: budgets of at least this many minutes run the one-hour recipe (the best found for a 2-core CPU hour)

@@ -21,6 +21,7 @@ from ray_e5 import runs
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
 from ray_e5.rundir import EMBEDDER_FILE, RunDir
 from ray_e5.train.config import TrainSettings
+from ray_e5.train.result import TrainResult
 
 log = logging.getLogger("ray_e5.train")
 RUN_FILE = "run.json"
@@ -123,8 +124,9 @@ def _storage_path(uri: str) -> str:
     return runs.resolve(uri)[1] if runs.is_local(uri) else uri
 
 
-def train(config: RayE5Config) -> Path:
-    """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``).
+def train(config: RayE5Config) -> TrainResult:
+    """Train a LoRA embedder as ``config`` says; returns where the embedder is (``<run_dir>/embedder`` and a local
+    copy), the steps trained, and the summary and batch plan written under ``train/``.
 
     One driver at a time per run directory (:mod:`ray_e5.lease`): two would resume one checkpoint path."""
     from ray_e5.lease import hold_lease
@@ -133,7 +135,7 @@ def train(config: RayE5Config) -> Path:
         return _train(config)
 
 
-def _train(config: RayE5Config) -> Path:
+def _train(config: RayE5Config) -> TrainResult:
     settings = config.section("train", TrainSettings)
     started = time.time()
     deadline = started + settings.max_time_s if settings.max_time_s else None
@@ -166,7 +168,8 @@ def _train(config: RayE5Config) -> Path:
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
     runs.makedirs(train_dir)
-    runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
+    data = plan.summary()
+    runs.write_json(runs.join(train_dir, "data.json"), data)
     for name, s in plan.sources.items():
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
@@ -223,4 +226,5 @@ def _train(config: RayE5Config) -> Path:
     runs.write_json(runs.join(train_dir, "summary.json"), summary)
     print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
           + (f"; loss curve {curve}" if curve else ""))
-    return Path(run.local_embedder())
+    return TrainResult(embedder_uri=embedder_uri, steps=int(state["step"]), local_dir=Path(run.local_embedder()),
+                       summary=summary, data=data)
