@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from ray_e5.embed.config import EmbedSettings
 from ray_e5.evaluate.config import EvaluateSettings
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.serve.config import ServeSettings
@@ -57,6 +58,8 @@ class RayE5Config(Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    # not a stage: `ray-e5 embed --input ... --output ...` (a corpus embedded offline), validated with the others
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> "RayE5Config":
