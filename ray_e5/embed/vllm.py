@@ -94,5 +94,10 @@ def embed_with_vllm(config, model: str, output: str, todo: list, log=print) -> d
     done = processor(rows).groupby(BLOCK_COLUMN).map_groups(write, batch_format="numpy")
     for row in done.iter_rows():
         counts["written"] += int(row["written"])
+    from ray_e5.embed.run import shard_rows
+
+    for block in todo:  # the rejects were written by the read tasks: counted from their files
+        uri = runs.join(output, REJECTS, block.name + ".parquet")
+        counts["rejected"] += shard_rows(uri) if runs.exists(uri) else 0
     log(f"[ray-e5 embed] vLLM wrote {counts['written']} rows in {len(todo)} block(s)")
     return counts
