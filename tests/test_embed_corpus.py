@@ -47,7 +47,7 @@ def _write_jsonl(path: Path, n: int, bad: bool = True) -> dict[str, str]:
     return {f"d{i}": t for i, t in enumerate(texts)}
 
 
-def _config(tmp_path: Path, model: str, **embed) -> RayE5Config:
+def _config(tmp_path: Path, **embed) -> RayE5Config:
     return load_config(None, [f"run_dir={tmp_path / 'run'}"] + [f"embed.{k}={v}" for k, v in embed.items()])
 
 
@@ -75,12 +75,13 @@ def tiny(tiny_decoder_dir) -> Embedder:
     return Embedder.load(str(tiny_decoder_dir))
 
 
+@pytest.mark.slow
 def test_jsonl_is_embedded_exactly_with_rejects_counted_and_a_rerun_skips(ray_cluster, tiny_decoder_dir, tiny, tmp_path):
     from ray_e5.embed.run import embed_corpus
 
     expected = _write_jsonl(tmp_path / "corpus.jsonl", 400)
     out = tmp_path / "out"
-    config = _config(tmp_path, str(tiny_decoder_dir), input=tmp_path / "corpus.jsonl", output=out,
+    config = _config(tmp_path, input=tmp_path / "corpus.jsonl", output=out,
                      model=tiny_decoder_dir, block_bytes=4000, max_actors=2)
     summary = embed_corpus(config)
     assert summary["rows_written"] == 400 and summary["rows_rejected"] == 5 and summary["rows_skipped"] == 0
@@ -109,7 +110,7 @@ def test_parquet_with_custom_columns_and_matryoshka_dimensions(ray_cluster, tiny
     table = pa.table({"doc_id": list(range(300)), "body": texts, "other": ["x"] * 300})
     pq.write_table(table, tmp_path / "corpus.parquet", row_group_size=70)  # blocks cross row groups
     out = tmp_path / "out"
-    config = _config(tmp_path, "", input=tmp_path / "corpus.parquet", output=out, model=tiny_decoder_dir,
+    config = _config(tmp_path, input=tmp_path / "corpus.parquet", output=out, model=tiny_decoder_dir,
                      text_column="body", id_column="doc_id", dimensions=16, block_rows=128)
     summary = embed_corpus(config)
     assert summary["rows_written"] == 300 and summary["rows_rejected"] == 0 and summary["blocks"] == 3
@@ -140,7 +141,7 @@ def test_rerun_with_other_settings_into_the_same_output_is_refused(ray_cluster, 
     from ray_e5.embed.run import embed_corpus
 
     _write_jsonl(tmp_path / "c.jsonl", 20, bad=False)
-    config = _config(tmp_path, "", input=tmp_path / "c.jsonl", output=tmp_path / "out", model=tiny_decoder_dir)
+    config = _config(tmp_path, input=tmp_path / "c.jsonl", output=tmp_path / "out", model=tiny_decoder_dir)
     assert embed_corpus(config)["rows_written"] == 20
     config.embed.dimensions = 8
     with pytest.raises(ConfigError, match=r"dimensions: None there, 8 now"):
@@ -156,6 +157,7 @@ def test_the_embed_section_is_validated_with_the_config():
     assert load_config(None, ["embed.input=s3://b/c.parquet", "embed.dimensions=256"]).embed.dimensions == 256
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates_or_recomputation(ray_cluster, tiny_decoder_dir, tiny, tmp_path):
     """SIGKILL the driver once some shards are written; the rerun embeds only the rest; every id exactly once."""
     from ray_e5.embed.run import embed_corpus
@@ -178,7 +180,7 @@ def test_killed_driver_resumes_without_duplicates_or_recomputation(ray_cluster, 
     time.sleep(1.0)  # a shard being renamed as the driver died is whole either way
     before = len(list(out.glob("part-*.parquet")))
     assert before >= 3
-    summary = embed_corpus(_config(tmp_path, "", input=tmp_path / "corpus.jsonl", output=out,
+    summary = embed_corpus(_config(tmp_path, input=tmp_path / "corpus.jsonl", output=out,
                                    model=tiny_decoder_dir, max_actors=1, block_bytes=3000))
     assert summary["blocks_done_before"] >= 3 and summary["rows_skipped"] > 0
     assert summary["rows_written"] + summary["rows_skipped"] == 3000
