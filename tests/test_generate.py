@@ -295,10 +295,9 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
     # A generous client timeout: a call that times out while the server is still answering is retried, and the
     # server then answers it twice (a real double charge that only a longer timeout avoids), which a loaded
     # 2-core machine would otherwise provoke here.
-    config = _config(tmp_path, "", num_examples=40, concurrency=2, shard_size=3, flush_every_s=0.5,
-                     mix={"short-short": 1, "sts": 1}, request_timeout_s=60.0)
     with TestServer(latency_s=0.15, slots=2) as server:
-        config.generate["base_url"] = server.base_url
+        config = _config(tmp_path, server.base_url, num_examples=40, concurrency=2, shard_size=3,
+                         flush_every_s=0.5, mix={"short-short": 1, "sts": 1}, request_timeout_s=60.0)
         proc = generation_driver(config, address)
         out = tmp_path / "run" / "synthetic"
         deadline = time.monotonic() + 120

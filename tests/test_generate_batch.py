@@ -99,9 +99,8 @@ def test_sigkill_while_polling_then_resume_submits_no_line_twice(ray_cluster, tm
     from ray_e5.generate.batch_api import status
 
     address = ray_cluster.get_runtime_context().gcs_address
-    config = _config(tmp_path, "", num_examples=30, batch_max_requests=8, batch_poll_s=0.1)
     with TestServer(deterministic=True, batch_polls=10**6) as server:  # batches stay in flight until we say so
-        config.generate["base_url"] = server.base_url
+        config = _config(tmp_path, server.base_url, num_examples=30, batch_max_requests=8, batch_poll_s=0.1)
         proc = generation_driver(config, address)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:  # kill once every part has been polled
