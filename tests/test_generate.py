@@ -408,8 +408,10 @@ def test_budget_cap_and_rate_limit_hold_across_resumes(ray_cluster, tmp_path):
     assert 0 < manifest["examples"] < 30 and manifest["drops_this_run"]["skipped_budget"] == 30 - manifest["examples"]
     assert manifest["cost_usd"] <= 2.0 and len(first_calls) == manifest["examples"]
     assert again["cost_usd"] <= 2.0 and len(second_calls) + len(first_calls) == again["examples"]
-    span = first_calls[-1].at - first_calls[0].at  # 4 requests per second, about one second of burst
-    assert span >= (len(first_calls) - 4) / 4 * 0.9
+    # 4 requests per second after about one second of burst (4 calls); the first call's arrival may lag its
+    # permit on a loaded machine, so one more call is allowed for that jitter
+    span = first_calls[-1].at - first_calls[0].at
+    assert span >= (len(first_calls) - 5) / 4 * 0.9, (span, len(first_calls))
 
 
 def test_hosted_backend_through_the_cli_keeps_the_key_out_of_everything(ray_cluster, tmp_path):
