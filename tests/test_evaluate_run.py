@@ -29,6 +29,7 @@ def _config(tmp_path, models, tasks, **evaluate_kwargs):
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
 
 
+@pytest.mark.slow  # the evaluate stage end to end, several times (about 55 s)
 def test_fan_out_cache_failures_and_report(ray_cluster, tiny_decoder_dir, toys, tmp_path):
     models = [{"label": "tiny", "ref": str(tiny_decoder_dir)},
               {"label": "tiny-plain", "ref": str(tiny_decoder_dir), "instructions": False},
@@ -105,6 +106,7 @@ def test_a_dying_worker_loses_only_its_task(ray_cluster, tiny_decoder_dir, toys)
     assert records["toy_sts"]["status"] == "ok"
 
 
+@pytest.mark.slow  # the evaluate stage end to end against a Serve deployment (about 45 s)
 def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_path):
     """Vectors from the ray-e5 Serve deployment over HTTP give the scores of the same model in-process, with the
     instruction applied by the server (its `instruction` parameter) or by the client (plain OpenAI text)."""
@@ -162,6 +164,7 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
         evaluate(load_config(cfg, ["evaluate.tasks=[]"]))
 
 
+@pytest.mark.slow  # the evaluate stage end to end, twice (about 20 s)
 def test_a_dominant_corpus_is_embedded_in_shards_by_every_worker(ray_cluster, tiny_decoder_dir, toys, tmp_path):
     models = [{"label": "tiny", "ref": str(tiny_decoder_dir)}]
     tasks = [str(toys["toy_retrieval"])]  # one task: without shards, one of the two workers would idle

@@ -16,6 +16,8 @@ from ray_e5.serve.config import ServeSettings
 
 KEY = "test-secret-key"
 TEXTS = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.", ""]
+# Every test shares `server`: the real packaged MiniLM on four Serve replicas (about 45 s to start on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 

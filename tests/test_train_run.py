@@ -100,6 +100,7 @@ def test_train_cli_deepspeed_two_workers_end_to_end(ray_cluster, tiny_decoder_di
     np.testing.assert_allclose(merged.encode(texts), trained.encode(texts), atol=1e-4)
 
 
+@pytest.mark.slow  # the train stage end to end on 2 workers (about 45 s)
 def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decoder_dir, tmp_path):
     """A ``loss: cosent`` source through the whole path (rows with scores, plan, Ray Data, two workers): its batches
     train with a finite loss, and a record that is not a scored pair is counted, not trained."""
@@ -185,6 +186,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
     Embedder.load(run_dir / "embedder")
 
 
+@pytest.mark.slow  # the train stage end to end (about 40 s)
 def test_time_limit_stops_cleanly_with_what_is_trained(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.train.run import train
 
@@ -215,6 +217,7 @@ def test_config_errors_name_the_key(ray_cluster, tiny_decoder_dir, tmp_path, cap
     assert "train.temperature: Input should be greater than 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the train stage end to end, twice (about 100 s)
 def test_a_run_with_other_settings_starts_fresh_with_a_printed_reason(ray_cluster, tiny_decoder_dir, tmp_path,
                                                                          capsys):
     from ray_e5.train.run import train
