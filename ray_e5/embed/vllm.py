@@ -57,7 +57,7 @@ def embed_with_vllm(config, model: str, output: str, todo: list, log=print) -> d
 
     from ray_e5 import runs
     from ray_e5.cluster import connect
-    from ray_e5.embed.run import REJECTS, block_rows, max_actors, truncate, write_whole
+    from ray_e5.embed.shards import REJECTS, block_rows, max_actors, shard_rows, truncate, write_whole
     from ray_e5.serve.vllm_backend import MergedModelText
 
     s = config.embed
@@ -94,8 +94,6 @@ def embed_with_vllm(config, model: str, output: str, todo: list, log=print) -> d
     done = processor(rows).groupby(BLOCK_COLUMN).map_groups(write, batch_format="numpy")
     for row in done.iter_rows():
         counts["written"] += int(row["written"])
-    from ray_e5.embed.run import shard_rows
-
     for block in todo:  # the rejects were written by the read tasks: counted from their files
         uri = runs.join(output, REJECTS, block.name + ".parquet")
         counts["rejected"] += shard_rows(uri) if runs.exists(uri) else 0
