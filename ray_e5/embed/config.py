@@ -31,8 +31,8 @@ class EmbedSettings(Section):
     max_actors: int | None = Field(None, gt=0)  # the actor pool scales between 1 and this; None: what the cluster fits
     batch_tokens: int = Field(8192, gt=0)  # padded tokens per forward (length-sorted within a block)
     max_batch_size: int = Field(128, gt=0)  # texts per forward at most
-    block_rows: int = Field(20000, gt=0)  # Parquet: rows per block (the unit of resume)
-    block_bytes: int = Field(16 * 1024 * 1024, gt=0)  # JSONL: bytes per block (the unit of resume)
+    block_rows: int = Field(10000, gt=0)  # Parquet: rows per block (the unit of resume)
+    block_bytes: int = Field(4 * 1024 * 1024, gt=0)  # JSONL: bytes per block (the unit of resume)
 
     @model_validator(mode="after")
     def _vllm_fits(self) -> "EmbedSettings":
