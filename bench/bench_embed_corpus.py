@@ -35,12 +35,14 @@ WORDS = ("cell protein gene binding tumour receptor signal pathway mouse human d
          "increase reduced levels expression risk").split()
 
 
-def corpus(name: str, synthetic: int, tmp: Path) -> tuple[Path, list[str], list[str]]:
+def corpus(name: str, synthetic: int, tmp: Path, limit: int | None = None) -> tuple[Path, list[str], list[str]]:
     """A JSONL file of id, text for the corpus, with its ids and texts."""
     if name == "scifact":
         rows = [json.loads(line) for line in open(SCIFACT)]
         ids = [str(r["_id"]) for r in rows]
         texts = [f"{r.get('title', '')} {r.get('text', '')}".strip() for r in rows]
+        if limit:
+            ids, texts = ids[:limit], texts[:limit]
     else:
         rng = np.random.default_rng(0)
         ids = [f"s{i}" for i in range(synthetic)]
@@ -52,7 +54,7 @@ def corpus(name: str, synthetic: int, tmp: Path) -> tuple[Path, list[str], list[
     return path, ids, texts
 
 
-def ours(path: Path, model: str, cpus: int, out: Path, address: str | None = None) -> tuple[float, dict]:
+def ours(path: Path, model: str, cpus: int, out: Path, block_bytes: int = 65536, address: str | None = None) -> tuple[float, dict]:
     import ray
 
     from ray_e5.cluster import connect
@@ -62,7 +64,7 @@ def ours(path: Path, model: str, cpus: int, out: Path, address: str | None = Non
     if not ray.is_initialized():
         connect(address, num_cpus=cpus)
     config = load_config(None, [f"embed.input={path}", f"embed.output={out}", f"embed.model={model}",
-                                f"embed.max_actors={cpus}", "embed.block_bytes=262144"])
+                                f"embed.max_actors={cpus}", f"embed.block_bytes={block_bytes}"])
     began = time.time()
     summary = embed_corpus(config, log=lambda *_: None)
     return time.time() - began, summary
@@ -90,10 +92,10 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.corpora:
-            path, ids, texts = corpus(name, args.synthetic, tmp)
+            path, ids, texts = corpus(name, args.synthetic, tmp, args.limit)
             for model in args.models:
                 load = os.getloadavg()[0]
-                t_ours, summary = ours(path, model, args.cpus, tmp / f"out-{name}-{model}")
+                t_ours, summary = ours(path, model, args.cpus, tmp / f"out-{name}-{model}", args.block_bytes)
                 t_st, st_vectors = theirs(texts, model, args.cpus)
                 table = pq.read_table(str(tmp / f"out-{name}-{model}"))
                 got = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
@@ -123,7 +125,7 @@ def node_scaling(args) -> None:
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path, ids, texts = corpus(args.corpora[0], args.synthetic, tmp)
+        path, ids, texts = corpus(args.corpora[0], args.synthetic, tmp, args.limit)
         for n in args.nodes:
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
             for _ in range(n):
@@ -131,7 +133,7 @@ def node_scaling(args) -> None:
             cluster.wait_for_nodes()
             ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
             try:
-                times[n], summary = ours(path, args.models[0], n * args.cpus_per_node, tmp / f"nodes{n}")
+                times[n], summary = ours(path, args.models[0], n * args.cpus_per_node, tmp / f"nodes{n}", args.block_bytes)
                 print(f"{n} node(s): {times[n]:.1f} s, {summary['rows_written']} rows, "
                       f"{summary['rows_written'] / times[n]:.1f} rows/s (load {os.getloadavg()[0]:.1f})", flush=True)
             finally:
@@ -148,6 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["scifact", "synthetic"], choices=["scifact", "synthetic"])
     parser.add_argument("--synthetic", type=int, default=100_000, help="rows of the synthetic short-text corpus")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="SciFact: its first N abstracts only (a 2-core machine embeds some 10 abstracts/s)")
+    parser.add_argument("--block-bytes", type=int, default=65536, help="ray-e5's JSONL block size")
     parser.add_argument("--models", nargs="+", default=["minilm-l6"], help="minilm-l6, gemma3-270m, ...")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--nodes", type=int, nargs="*", default=None, help="ray-e5 on 1..N simulated worker nodes")
