@@ -7,7 +7,7 @@ embedded by
   1..``--cpus`` one-CPU actors, token-budgeted length-sorted batches, Parquet shards written), wall time from the
   call to the last shard, actor start-up and model load included;
 - sentence-transformers: ``model.encode(texts, pool=model.start_multi_process_pool(["cpu"] * cpus))`` on the same
-  local model directory (pool start-up included, as ours includes the actors'), one torch thread per process.
+  local model directory, truncating where the Embedder does (pool start-up included, as ours includes the actors'), one torch thread per process.
 
 Prints rows/s for each and the ratio, and checks that the vectors agree (mean cosine). ``--nodes 1 2`` runs ray-e5
 alone on a simulated cluster (``ray.cluster_utils.Cluster``: a head with no CPU and N worker nodes of
@@ -75,7 +75,12 @@ def theirs(texts: list[str], model: str, cpus: int) -> tuple[float, np.ndarray]:
 
     from ray_e5.model.sources import resolve_backbone
 
+    from ray_e5.model import Embedder
+
     st = SentenceTransformer(resolve_backbone(model).path, device="cpu")
+    # the same truncation as ours (MiniLM's sentence-transformers config says 256; the Embedder takes its 512):
+    # else the two sides neither do the same work nor give the same vectors
+    st.max_seq_length = Embedder.load(model).settings.max_length
     began = time.time()
     pool = st.start_multi_process_pool(["cpu"] * cpus)
     try:
