@@ -232,7 +232,7 @@ def test_status_command_prints_batches_and_submits_nothing(ray_cluster, tmp_path
         generate(_config(tmp_path, server.base_url, num_examples=8, batch_max_requests=4))
         config_file = tmp_path / "gen.yaml"
         config_file.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "generate": _config(
-            tmp_path, server.base_url).generate}))
+            tmp_path, server.base_url).generate.model_dump(mode="json", exclude_unset=True)}))
         before = (len(server.batches), len(server.files), len(server.batch_lines))
         proc = subprocess.run([sys.executable, "-m", "ray_e5.cli", "generate", "--status", "--config",
                                str(config_file)], capture_output=True, text=True, timeout=120,

@@ -317,10 +317,12 @@ class _Run:
 
 
 def _demands(s: GenerateSettings) -> list[Demand]:
-    """What the stage asks Ray for: vLLM engines of tensor_parallel_size GPUs, or at least one generation actor."""
-    if s.backend == "vllm":
-        return [Demand("generate.vllm.tensor_parallel_size / generate.vllm.concurrency", "vLLM engine",
-                       {"GPU": s.vllm.tensor_parallel_size}, s.vllm.concurrency)]
+    """What the stage asks Ray for before it starts: at least one generation actor, or vLLM's batch engines (the
+    Batch API needs neither; the served engines are checked where they are deployed, in ``VllmServer``)."""
+    if s.backend == "vllm" and s.vllm.engine == "batch":  # ray.data.llm starts the engines per phase
+        from ray_e5.generate.vllm_server import engine_demand
+
+        return [engine_demand(s)]
     if s.batch_api:
         return []
     return [Demand("generate.actor_cpus", "generation actor", {"CPU": s.actor_cpus}, 1)]
