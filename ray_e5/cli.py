@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None, console: bool | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    from ray_e5.cluster import VERBOSE_ENV, verbose
+    from ray_e5.console import VERBOSE_ENV, verbose
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"

@@ -179,7 +179,7 @@ def test_validate_command_from_a_shell():
 def test_worker_warning_filter_silences_only_the_known_noise():
     """The PYTHONWARNINGS value given to every worker: is_gradient_checkpointing's FutureWarning is silenced, any
     other FutureWarning still shows."""
-    from ray_e5.cluster import _worker_pythonwarnings
+    from ray_e5.console import _worker_pythonwarnings
 
     code = ("import warnings\n"
             "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
@@ -195,7 +195,7 @@ def test_worker_warning_filter_silences_only_the_known_noise():
 
 
 def test_forwarded_worker_lines_lose_only_the_known_noise():
-    from ray_e5.cluster import drop_noise
+    from ray_e5.console import drop_noise
 
     batch = {"pid": 1, "is_err": True, "lines": [
         "train:  40%|####      | 8/20 [00:10<00:15, 1.2s/step]",

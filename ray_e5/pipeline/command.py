@@ -56,7 +56,7 @@ def _verbose(args) -> None:
     if getattr(args, "verbose", False):
         import os
 
-        from ray_e5.cluster import VERBOSE_ENV
+        from ray_e5.console import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
 
