@@ -73,7 +73,7 @@ def ours(path: Path, model: str, cpus: int, out: Path, block_bytes: int = 65536,
 def theirs(texts: list[str], model: str, cpus: int) -> tuple[float, np.ndarray]:
     from sentence_transformers import SentenceTransformer
 
-    from ray_e5.model.sources import resolve_backbone
+    from ray_e5.model.references import resolve_backbone
 
     from ray_e5.model import Embedder
 

@@ -63,7 +63,7 @@ def peer(args, workdir: Path) -> dict:
 
     from ray_e5.model import Embedder
     from ray_e5.model.export import export_sentence_transformers
-    from ray_e5.model.instructions import format_query
+    from ray_e5.model.template import format_query
 
     torch.set_num_threads(args.threads)
     base = Embedder.load("gemma3-270m", max_length=args.max_length)

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _loaded_error_types() -> tuple[type, ...]:
     """UnknownModelError, when its module is loaded (raising one loads it): importing it up front would load torch
     for every command, `ray-e5 validate` included."""
-    sources = sys.modules.get("ray_e5.model.sources")
-    return (sources.UnknownModelError,) if sources is not None else ()
+    references = sys.modules.get("ray_e5.model.references")
+    return (references.UnknownModelError,) if references is not None else ()
 
 
 def job_main(command: str) -> int:

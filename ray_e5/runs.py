@@ -217,7 +217,7 @@ def local_copy(uri: str) -> str:
     import shutil
     from pathlib import Path
 
-    from ray_e5.model.sources import cache_root
+    from ray_e5.model.references import cache_root
 
     fs, path = resolve(uri)
     files = listing(uri)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ray_e5.config import LoraSettings
 from ray_e5.model import ACCEPTED_FORMS, Embedder, UnknownModelError
-from ray_e5.model.instructions import format_query
+from ray_e5.model.template import format_query
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -213,7 +213,7 @@ def test_bad_items_and_empty_inputs(tiny_decoder_dir):
 
 
 def test_hub_id_is_accepted_form_but_fails_offline_clearly(monkeypatch):
-    from ray_e5.model.sources import resolve_backbone
+    from ray_e5.model.references import resolve_backbone
 
     assert resolve_backbone("mistralai/Mistral-7B-v0.1").path == "mistralai/Mistral-7B-v0.1"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

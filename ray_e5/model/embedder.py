@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ray_e5.settings import ModelSettings, validate
-from ray_e5.model.instructions import format_query
+from ray_e5.model.template import format_query
 from ray_e5.model.pooling import pool
-from ray_e5.model.sources import Backbone, UnknownModelError, resolve_backbone
+from ray_e5.model.references import Backbone, UnknownModelError, resolve_backbone
 from ray_e5.model.tokenize import check_texts, pad, token_ids
 
 EMBEDDER_FILE = "ray_e5.json"

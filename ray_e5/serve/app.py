@@ -1,6 +1,6 @@
 """The Ray Serve application: OpenAI-compatible /v1/embeddings with dynamic, token-budgeted batching.
 
-Concurrent requests share forward passes through a continuous batcher (``batching.py``): whenever the model thread
+Concurrent requests share forward passes through a continuous batcher (``batcher.py``): whenever the model thread
 is free it takes every queued request, up to a token budget. Inside a batch, texts are sorted by length and cut
 into sub-batches whose padded size stays under ``max_batch_tokens``, as TEI's max-batch-tokens does. The forward
 runs in its own thread, so the replica keeps accepting requests (and queueing the next batch) while it computes.
@@ -41,7 +41,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_e5 import runs
-from ray_e5.serve.batching import ContinuousBatcher, Overloaded
+from ray_e5.serve.batcher import ContinuousBatcher, Overloaded
 from ray_e5.serve.config import ServeSettings
 from ray_e5.serve.protocol import (ApiError, check_headers, embedding_response, openapi_responses,
                                    openapi_request_body, parse_request, shape_vectors)
