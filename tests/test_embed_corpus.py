@@ -251,3 +251,39 @@ def test_vllm_processor_is_built_against_the_installed_ray_data_llm(ray_cluster,
     source = inspect.getsource(vllm_engine_stage)
     assert '"override_pooler_config" in kwargs' in source and 'kwargs["convert"] = "embed"' in source
     assert "embeddings" in vllm_engine_stage.vLLMOutputData.model_fields
+
+
+def test_shards_on_an_s3_output_are_written_whole_and_found_by_a_rerun(tiny_decoder_dir, tiny, tmp_path, monkeypatch):
+    """An s3:// output on moto's S3 server: the manifest, the shards, the rejects and the listing a rerun skips by.
+    The actor's code runs in this process (the session's Ray workers were started without the moto variables)."""
+    from ray_e5.embed.config import EmbedSettings
+    from ray_e5.embed.run import BlockEmbedder
+    from ray_e5.embed.shards import check_manifest, done_shards
+    from ray_e5.embed.units import plan
+    from ray_e5.testing.cluster import require_moto, start_moto
+
+    require_moto()
+    moto = start_moto(tmp_path)
+    try:
+        for key, value in moto.env.items():
+            monkeypatch.setenv(key, value)
+        moto.create_bucket("vectors")
+        expected = _write_jsonl(tmp_path / "c.jsonl", 60)
+        output = "s3://vectors/run1"
+        check_manifest(output, {"model": str(tiny_decoder_dir)})
+        with pytest.raises(ConfigError, match="other settings"):
+            check_manifest(output, {"model": "minilm-l6"})
+        blocks = plan(str(tmp_path / "c.jsonl"), "auto", 10, 1500)
+        assert len(blocks) > 1 and done_shards(output) == set()
+        actor = BlockEmbedder(EmbedSettings().model_dump(), str(tiny_decoder_dir), output)
+        results = [actor.run_block(b) for b in blocks]
+        assert sum(r["written"] for r in results) == 60 and sum(r["rejected"] for r in results) == 5
+        assert done_shards(output) == {b.name for b in blocks}
+        again = actor.run_block(blocks[0])  # a retried block whose shard is there: skipped, counted
+        assert again["written"] == 0 and again["skipped"] == results[0]["written"]
+        fs = moto.filesystem()
+        table = pa.concat_tables(pq.read_table(f"vectors/run1/{b.name}.parquet", filesystem=fs) for b in blocks)
+        _check_vectors(table, expected, tiny)
+        assert pq.read_table("vectors/run1/_rejects", filesystem=fs).num_rows == 5
+    finally:
+        moto.stop()
