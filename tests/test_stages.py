@@ -104,8 +104,9 @@ def test_unknown_stage_names_are_all_listed():
 
 
 def test_jobs_cover_the_pipeline_too():
+    """A job per stage, the pipeline's, and those of the commands beside the pipeline (embed: a corpus to vectors)."""
     assert (ROOT / "jobs" / "pipeline.py").is_file()
-    assert {p.stem for p in (ROOT / "jobs").glob("*.py")} == {*STAGES, "pipeline"}
+    assert {p.stem for p in (ROOT / "jobs").glob("*.py")} == {*STAGES, "pipeline", "embed"}
 
 
 # ---- import structure ----------------------------------------------------------------------------------------
