@@ -41,7 +41,6 @@ from ray_e5.settings import ConfigError
 
 TTL_ENV = "RAY_E5_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
-LEASE_DIR = "leases"
 # `ray job submit` runs the entry point with this JSON set; its metadata holds the submission id (what `ray job stop`
 # takes). Read from the environment, so the lease is taken before the driver joins Ray.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -232,8 +231,9 @@ class _GCSStore:
 
 def lease_uri(run_dir: str, stage: str) -> str:
     from ray_e5 import runs
+    from ray_e5.rundir import RunDir
 
-    return runs.join(runs.absolute(run_dir), LEASE_DIR, f"{stage}.json")
+    return RunDir(runs.absolute(run_dir)).lease(stage)
 
 
 def _store(uri: str):

@@ -1,11 +1,6 @@
-"""The run directory: one place (a local path or a cloud URI such as s3:// or gs://) for every stage's outputs.
-
-Layout under a run directory:
-    synthetic/   Parquet shards and manifest.json from `generate`
-    train/       metrics.jsonl, loss curve, Ray Train checkpoints
-    embedder/    the trained embedder directory (ray_e5.json + adapter/)
-    eval/        per-task results, report.md, report.json, scores.png
-Paths go through pyarrow's filesystems, so the same code writes locally and to object stores.
+"""Storage under run directories and inputs: files over pyarrow filesystems, one place (a local path or a cloud URI
+such as s3:// or gs://) read and written by the same code. What lives where under a run directory is
+:mod:`ray_e5.rundir`'s concern; this module only moves bytes.
 
 Inputs are named relative to the config's ``data_dir`` (:func:`data_uri`); a local path is made absolute on the
 driver, a URI is kept as it is. Object stores take their endpoint and credentials from the standard variables

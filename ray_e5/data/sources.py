@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ray_e5 import runs
 from ray_e5.data.schema import RowDefaults, normalize_record, rows_table
+from ray_e5.rundir import RunDir
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -94,7 +95,7 @@ def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, t
 
 def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
     """The synthetic stage's Parquet shards under ``<run_dir>/synthetic``, or None when there are none."""
-    uri = runs.join(run_dir, "synthetic")
+    uri = RunDir(run_dir).synthetic
     fs, path = runs.resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None

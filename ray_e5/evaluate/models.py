@@ -93,8 +93,10 @@ def slug(text: str) -> str:
 
 def default_label(ref: str) -> str:
     """``runs/x/embedder`` -> ``x-embedder``; ``org/name`` or a path -> its last part."""
+    from ray_e5.rundir import EMBEDDER_DIR
+
     path = Path(ref.rstrip("/"))
-    if path.name == "embedder" and path.parent.name:
+    if path.name == EMBEDDER_DIR and path.parent.name:
         return f"{path.parent.name}-embedder"
     return path.name or ref
 

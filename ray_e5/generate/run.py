@@ -22,7 +22,7 @@ from typing import Any
 
 from ray_e5 import runs
 from ray_e5.config import RayE5Config
-from ray_e5.rundir import RunDir
+from ray_e5.rundir import MANIFEST_FILE, SYNTHETIC_DIR, RunDir
 from ray_e5.generate.backends import FATAL_STATUSES, is_transient
 from ray_e5.capacity import Demand, check_fits
 from ray_e5.generate.config import GenerateSettings
@@ -340,7 +340,7 @@ def _empty(manifest: dict) -> str:
     drops = ", ".join(f"{k} x{v}" for k, v in sorted(manifest["drops_this_run"].items(), key=lambda kv: -kv[1]))
     return (f"generate: no valid synthetic row was written for a plan of {manifest['planned']} examples "
             f"(this run: {manifest['requests_this_run']} requests; drops: {drops or 'none'}); see "
-            f"{manifest.get('where', 'synthetic/manifest.json')}. Raise generate.time_budget_s or max_tokens, use a "
+            f"{manifest.get('where', f'{SYNTHETIC_DIR}/{MANIFEST_FILE}')}. Raise generate.time_budget_s or max_tokens, use a "
             "stronger generator, or pass --allow-empty-synthetic to train without synthetic data")
 
 
@@ -404,6 +404,6 @@ def _generate(config: RayE5Config) -> GenerateResult:
     manifest = run.manifest()
     run.store.save_manifest(manifest)
     if manifest["examples"] == 0 and s.num_examples > 0:
-        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, "manifest.json")}), manifest,
+        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, MANIFEST_FILE)}), manifest,
                                   run.out_dir)
     return GenerateResult.from_manifest(manifest, run.out_dir)

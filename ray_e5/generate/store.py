@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_e5 import runs
+from ray_e5.rundir import MANIFEST_FILE
 from ray_e5.generate.backends import token_count
 
 SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("kind", pa.string()), ("language", pa.string()),
@@ -71,10 +72,10 @@ class Store:
         runs.write_json(runs.join(self.out_dir, "brainstorm.json"), state)
 
     def load_manifest(self) -> dict:
-        return self._json("manifest.json") or {}
+        return self._json(MANIFEST_FILE) or {}
 
     def save_manifest(self, manifest: dict) -> None:
-        runs.write_json(runs.join(self.out_dir, "manifest.json"), manifest)
+        runs.write_json(runs.join(self.out_dir, MANIFEST_FILE), manifest)
 
 
 class Tally:

@@ -26,8 +26,8 @@ from ray_e5.model.template import format_query
 from ray_e5.model.pooling import pool
 from ray_e5.model.references import Backbone, UnknownModelError, resolve_backbone
 from ray_e5.model.tokenize import check_texts, pad, token_ids
+from ray_e5.rundir import EMBEDDER_FILE  # the manifest's name, with the rest of the run directory's layout
 
-EMBEDDER_FILE = "ray_e5.json"
 ADAPTER_DIR = "adapter"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,9 +13,7 @@ import json
 from pathlib import Path
 
 from ray_e5 import runs
-
-METRICS_FILE = "metrics.jsonl"
-CURVE_FILE = "loss.png"
+from ray_e5.rundir import CURVE_FILE, METRICS_FILE  # train/'s files are named with the rest of the layout
 
 
 def read_metrics(train_dir: str) -> list[dict]:

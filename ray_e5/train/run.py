@@ -19,12 +19,11 @@ from pathlib import Path
 from ray_e5.digest import digest as _digest
 from ray_e5 import runs
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
-from ray_e5.rundir import EMBEDDER_FILE, RunDir
+from ray_e5.rundir import EMBEDDER_FILE, RUN_FILE, RunDir
 from ray_e5.train.config import TrainSettings
 from ray_e5.train.result import TrainResult
 
 log = logging.getLogger("ray_e5.train")
-RUN_FILE = "run.json"
 
 
 def model_settings(config: RayE5Config):
@@ -169,7 +168,7 @@ def _train(config: RayE5Config) -> TrainResult:
         raise ConfigError(f"train.sources: {err}") from None
     runs.makedirs(train_dir)
     data = plan.summary()
-    runs.write_json(runs.join(train_dir, "data.json"), data)
+    runs.write_json(run.train_data, data)
     for name, s in plan.sources.items():
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
@@ -223,7 +222,7 @@ def _train(config: RayE5Config) -> TrainResult:
     summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
                "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
                "run_name": name, "checkpoint": result.checkpoint.path}
-    runs.write_json(runs.join(train_dir, "summary.json"), summary)
+    runs.write_json(run.train_summary, summary)
     print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
           + (f"; loss curve {curve}" if curve else ""))
     return TrainResult(embedder_uri=embedder_uri, steps=int(state["step"]), local_dir=Path(run.local_embedder()),
