@@ -108,14 +108,14 @@ def main() -> None:
             train(config)
             walls[name] = round(time.perf_counter() - began, 1)
     recipe = read_yaml(Path(args.config))
-    models = [{"label": n, "ref": str(out / n / "embedder"), "max_length": 128,
+    models = [{"label": n, "model": str(out / n / "embedder"), "max_length": 128,
                "instructions": n != "no-instruction"} for n in names]
     if not args.no_baselines:
-        models += ([{"label": "gemma3-270m-last", "ref": "gemma3-270m", "pooling": "last", "max_length": 128}]
+        models += ([{"label": "gemma3-270m-last", "model": "gemma3-270m", "pooling": "last", "max_length": 128}]
                    if args.base_last else [])
         models += ([] if args.no_base else
-                   [{"label": "gemma3-270m-mean", "ref": "gemma3-270m", "pooling": "mean", "max_length": 128}])
-        models += [{"label": "minilm-l6", "ref": "minilm-l6", "max_length": 256}]
+                   [{"label": "gemma3-270m-mean", "model": "gemma3-270m", "pooling": "mean", "max_length": 128}])
+        models += [{"label": "minilm-l6", "model": "minilm-l6", "max_length": 256}]
     data = dict(recipe)
     data["evaluate"] = {**recipe["evaluate"], "models": models}
     if args.english_only:

@@ -65,7 +65,11 @@ class LoraSettings(Section):
 
 
 class ModelSettings(Section):
-    """How to build the Embedder: which backbone, how to pool, which template for queries."""
+    """How to build the Embedder: which backbone, how to pool, which template for queries.
+
+    ``name`` is this section's model reference (``model.name``: the base model), what the other sections spell
+    ``model`` (``generate.model``, ``serve.model``, ``train.mine.model``, ``evaluate.models[].model``); it keeps
+    its name because ``model.model`` would say nothing more."""
 
     name: str = "gemma3-270m"
     pooling: Literal["last", "mean", "cls"] | None = None  # None: the backbone's natural pooling

@@ -136,3 +136,14 @@ def test_validate_command(tmp_path, capsys):
     assert [line.split(":")[0] for line in out] == ["train.lr", "serve.prot"]
     assert main(["validate", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_the_old_evaluate_models_ref_key_still_loads_with_a_notice_naming_the_new_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluate:\n  models:\n    - {label: base, ref: minilm-l6, max_length: 64}\n")
+    with pytest.warns(FutureWarning, match=re.escape("evaluate.models[].model")):
+        cfg = load_config(path)
+    (entry,) = cfg.evaluate.models
+    assert entry.model == "minilm-l6" and entry.label == "base" and entry.max_length == 64
+    with pytest.raises(ConfigError, match=r"evaluate\.models"):
+        load_config(path, ["evaluate.models=[{ref: minilm-l6, model: gemma3-270m}]"])

@@ -31,9 +31,9 @@ def _config(tmp_path, models, tasks, **evaluate_kwargs):
 
 @pytest.mark.slow  # the evaluate stage end to end, several times (about 55 s)
 def test_fan_out_cache_failures_and_report(ray_cluster, tiny_decoder_dir, toys, tmp_path):
-    models = [{"label": "tiny", "ref": str(tiny_decoder_dir)},
-              {"label": "tiny-plain", "ref": str(tiny_decoder_dir), "instructions": False},
-              {"label": "broken", "ref": str(tmp_path / "no-such-model")}]
+    models = [{"label": "tiny", "model": str(tiny_decoder_dir)},
+              {"label": "tiny-plain", "model": str(tiny_decoder_dir), "instructions": False},
+              {"label": "broken", "model": str(tmp_path / "no-such-model")}]
     tasks = [str(toys[name]) for name in TOYS] + ["STS12"]  # STS12 needs the hub, which is offline here
     config = _config(tmp_path, models, tasks, num_workers=2)
     report = evaluate(config).report
@@ -128,8 +128,8 @@ def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_
         serve.run(build_app(settings, str(tiny_decoder_dir)),
                   name="eval-tiny", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        models = [{"label": "served", "ref": "tiny", "endpoint": url},
-                  {"label": "served-client", "ref": "tiny", "endpoint": url + "/v1", "instruction_mode": "client"}]
+        models = [{"label": "served", "model": "tiny", "endpoint": url},
+                  {"label": "served-client", "model": "tiny", "endpoint": url + "/v1", "instruction_mode": "client"}]
         report = evaluate(_config(tmp_path, models, [str(toys["toy_retrieval"]), str(toys["toy_sts"])],
                                   num_workers=2)).report
     finally:
@@ -147,7 +147,7 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
 
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "evaluate": {
-        "models": [{"label": "tiny", "ref": str(tiny_decoder_dir), "instructions": False}],
+        "models": [{"label": "tiny", "model": str(tiny_decoder_dir), "instructions": False}],
         "tasks": [str(toys["toy_bitext"])], "cpus_per_worker": 1}}))
     assert main(["evaluate", "--config", str(cfg), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -166,7 +166,7 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
 
 @pytest.mark.slow  # the evaluate stage end to end, twice (about 20 s)
 def test_a_dominant_corpus_is_embedded_in_shards_by_every_worker(ray_cluster, tiny_decoder_dir, toys, tmp_path):
-    models = [{"label": "tiny", "ref": str(tiny_decoder_dir)}]
+    models = [{"label": "tiny", "model": str(tiny_decoder_dir)}]
     tasks = [str(toys["toy_retrieval"])]  # one task: without shards, one of the two workers would idle
     whole = evaluate(_config(tmp_path / "whole", models, tasks, num_workers=2, shard_min_chars=0)).report
     sharded = evaluate(_config(tmp_path / "sharded", models, tasks, num_workers=2, shard_min_chars=1)).report

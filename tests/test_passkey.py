@@ -166,8 +166,8 @@ def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_di
 
     toys = toy_tasks(tmp_path / "toys", ["toy_bitext", "toy_sts"])
     data = {"run_dir": str(tmp_path / "run"),
-            "evaluate": {"models": [{"label": "tiny", "ref": str(tiny_decoder_dir), "instructions": False},
-                                    {"label": "tiny-short", "ref": str(tiny_decoder_dir), "max_length": 48,
+            "evaluate": {"models": [{"label": "tiny", "model": str(tiny_decoder_dir), "instructions": False},
+                                    {"label": "tiny-short", "model": str(tiny_decoder_dir), "max_length": 48,
                                      "instructions": False}],
                          "tasks": [str(toys["toy_bitext"]), str(toys["toy_sts"]),
                                    {"type": "passkey", "lengths": [160, 320], "max_samples": 4, "depth": 0.95}],

@@ -108,15 +108,15 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
 
         embedder = RunDir.of(config.run_dir).trained_embedder()  # wherever it lives (local or a URI)
         if embedder is not None:
-            entries = [ModelEntry(ref=embedder, label="trained")]
+            entries = [ModelEntry(model=embedder, label="trained")]
         else:
             m = config.model
-            entries = [ModelEntry(ref=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
+            entries = [ModelEntry(model=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
                                   dtype=m.dtype, normalize=m.normalize, rope_theta=m.rope_theta,
                                   sliding_window=m.sliding_window)]
     specs = []
     for i, entry in enumerate(entries):
-        ref = entry.ref.replace("{run_dir}", config.run_dir.rstrip("/"))
+        ref = entry.model.replace("{run_dir}", config.run_dir.rstrip("/"))
         overrides = {k: getattr(entry, k) for k in _OVERRIDES if getattr(entry, k) is not None}
         specs.append(ModelSpec(label=entry.label or default_label(ref), ref=ref, overrides=overrides,
                                instructions=None if entry.instructions == "auto" else entry.instructions,

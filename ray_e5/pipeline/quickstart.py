@@ -69,7 +69,8 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
         apply_overrides(data, ["generate.num_examples=16", "generate.mix={sts: 3, short-short: 1}",
                                "generate.time_budget_s=150", "train.max_steps=20",
                                "train.batch_size=8", "train.checkpoint_every=10", "model.max_length=64"])
-        evaluate["models"] = [m for m in evaluate.get("models", []) if not str(m.get("ref", "")).startswith("minilm")]
+        evaluate["models"] = [m for m in evaluate.get("models", [])
+                             if not str(m.get("model", m.get("ref", ""))).startswith("minilm")]  # `ref`: the old key
         for m in evaluate["models"]:
             if "max_length" in m:
                 m["max_length"] = 64

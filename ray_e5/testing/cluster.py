@@ -400,7 +400,7 @@ def smoke_args(run_dir: str, data_dir: str, base_url: str, serve_port: int, trai
               if train_workers > 1 else []),
             "train.max_steps=6", "train.checkpoint_every=3",
             "evaluate.tasks=[{path: stsbenchmark, max_samples: 100}]",
-            "evaluate.models=[{label: trained, ref: '{run_dir}/embedder'}]", "evaluate.cpus_per_worker=1",
+            "evaluate.models=[{label: trained, model: '{run_dir}/embedder'}]", "evaluate.cpus_per_worker=1",
             f"serve.port={serve_port}", *(extra or [])]
     return ["--config", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)]]
 
