@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import RayE5Config
 from ray_e5.data.hub import hub_split, hub_status
 from ray_e5.settings import ConfigError
@@ -51,7 +51,7 @@ def mteb_dataset(name: str) -> str:
 
 def _mirror_present(uri: str) -> bool:
     try:
-        return runs.exists(uri)
+        return storage.exists(uri)
     except Exception:  # noqa: BLE001 - an unreachable store is an absent mirror here
         return False
 
@@ -71,7 +71,7 @@ def locate(key: str, entry: Any, data_dir: str | None, default_split: str, ask_h
     label = getattr(entry, "name", None) or path or hf or mteb or key
     mirror = None
     if path:
-        mirror = runs.data_uri(data_dir, path) if data_dir is not None else runs.absolute(path)
+        mirror = storage.data_uri(data_dir, path) if data_dir is not None else storage.absolute(path)
         if _mirror_present(mirror):
             return Lookup(key, label, mirror, None, "mirror")
     if not ask_hub:

@@ -1,5 +1,5 @@
 """The run directory's layout, in one place: every path under a run directory is named here, and every stage reads
-and writes through :class:`RunDir` (the storage underneath, local or object store, is :mod:`ray_e5.runs`).
+and writes through :class:`RunDir` (the storage underneath, local or object store, is :mod:`ray_e5.storage`).
 
     <run_dir>/synthetic/   generate: Parquet shards, manifest.json, brainstorm.json, journal/, llamacpp.log
     <run_dir>/train/       train: data.json, run.json, metrics.jsonl, loss.png, summary.json, Ray Train checkpoints
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ray_e5 import runs
+from ray_e5 import storage
 
 SYNTHETIC_DIR = "synthetic"
 TRAIN_DIR = "train"
@@ -37,10 +37,10 @@ class RunDir:
 
     @classmethod
     def of(cls, run_dir: str) -> "RunDir":
-        return cls(runs.resolve(run_dir)[1] if runs.is_local(run_dir) else run_dir.rstrip("/"))
+        return cls(storage.resolve(run_dir)[1] if storage.is_local(run_dir) else run_dir.rstrip("/"))
 
     def join(self, *parts: str) -> str:
-        return runs.join(self.uri, *parts)
+        return storage.join(self.uri, *parts)
 
     @property
     def synthetic(self) -> str:
@@ -88,19 +88,19 @@ class RunDir:
     def trained_embedder(self) -> str | None:
         """The trained embedder's URI when training has published one, else None. An interrupted publish (files
         under ``embedder/`` but no manifest, as an object store holds it mid-publish, or a local publish's hidden
-        leftovers with no ``embedder/``) raises :class:`runs.StorageError`: falling back to the base model there
+        leftovers with no ``embedder/``) raises :class:`storage.StorageError`: falling back to the base model there
         would serve or score the untrained model under the trained one's name."""
-        if runs.exists(runs.join(self.embedder, EMBEDDER_FILE)):
+        if storage.exists(storage.join(self.embedder, EMBEDDER_FILE)):
             return self.embedder
-        files = runs.listing(self.embedder)
+        files = storage.listing(self.embedder)
         leftovers = []
-        if runs.is_local(self.uri) and runs.exists(self.uri):
+        if storage.is_local(self.uri) and storage.exists(self.uri):
             import os
 
-            root = runs.resolve(self.uri)[1]
+            root = storage.resolve(self.uri)[1]
             leftovers = [n for n in os.listdir(root) if n.startswith((f".{EMBEDDER_DIR}.publish-", f".{EMBEDDER_DIR}.old-"))]
-        if files or (leftovers and not runs.exists(self.embedder)):
-            raise runs.StorageError(
+        if files or (leftovers and not storage.exists(self.embedder)):
+            raise storage.StorageError(
                 f"{self.embedder}: the trained embedder is incomplete (no {EMBEDDER_FILE}"
                 f"{'; ' + str(len(files)) + ' other files' if files else ''}"
                 f"{'; leftovers ' + ', '.join(sorted(leftovers)) if leftovers else ''}): its publish was interrupted "
@@ -110,4 +110,4 @@ class RunDir:
 
     def local_embedder(self) -> str:
         """A local directory holding the trained embedder (a cached copy when the run dir is remote)."""
-        return runs.local_copy(self.embedder)
+        return storage.local_copy(self.embedder)

@@ -84,15 +84,15 @@ def test_missing_dataset_bucket_and_store_are_named_before_any_work(aws, monkeyp
 
 
 def test_refused_credentials_are_named(tmp_path, monkeypatch):
-    from ray_e5 import runs
+    from ray_e5 import storage
 
     server = cs.start_moto(tmp_path, auth=True)  # refuses every key it did not issue
     try:
         for k, v in server.env.items():
             monkeypatch.setenv(k, v)
-        with pytest.raises(runs.StorageError, match=r"data: 's3://data/x': the object store at http://127.0.0.1:\d+ "
+        with pytest.raises(storage.StorageError, match=r"data: 's3://data/x': the object store at http://127.0.0.1:\d+ "
                                                     r"refused the credentials"):
-            runs.check_access("s3://data/x", "data")
+            storage.check_access("s3://data/x", "data")
     finally:
         server.stop()
 

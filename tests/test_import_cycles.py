@@ -3,7 +3,7 @@
 A cycle is counted from every import statement (at module level and inside functions: a function-level import
 only postpones the cycle to the first call) and from the registry's ``"ray_e5.x.y:Name"`` strings, which are
 imports written down. The layers that keep the graph acyclic, lowest first: ``ray_e5.settings`` (nothing of
-ray_e5) <- ``runs``, ``lease``, the readers and the stage settings modules <- ``ray_e5.config`` <- the stages' code
+ray_e5) <- ``storage``, ``rundir``, ``lease``, the readers and the stage settings modules <- ``ray_e5.config`` <- the stages' code
 <- ``ray_e5.stages`` and the commands.
 """
 

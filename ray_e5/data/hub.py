@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.settings import ConfigError
 
 #: the columns a training row or an evaluation row may carry (ray_e5/data/schema.py, ray_e5/evaluate/local_tasks.py)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ray_e5 import runs
+from ray_e5 import storage as runs
 from ray_e5.embed.config import EmbedSettings
 from ray_e5.embed.shards import (META_DIMENSION, META_MODEL, REJECTS, SUMMARY, block_rows, check_columns,
                                   check_manifest, done_shards, max_actors, shard_rows, truncate, write_whole)

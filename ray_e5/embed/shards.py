@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ray_e5 import runs
+from ray_e5 import storage as runs
 from ray_e5.embed.config import EmbedSettings
 from ray_e5.embed.units import Block, MissingColumnError, jsonl_lines, jsonl_records, parquet_rows
 from ray_e5.settings import ConfigError

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ray_e5 import runs
+from ray_e5 import storage as runs
 from ray_e5.digest import digest
 from ray_e5.settings import ConfigError
 

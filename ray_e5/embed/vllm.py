@@ -55,7 +55,7 @@ def embed_with_vllm(config, model: str, output: str, todo: list, log=print) -> d
     import ray.data
     from ray.data.llm import build_processor
 
-    from ray_e5 import runs
+    from ray_e5 import storage as runs
     from ray_e5.cluster import connect
     from ray_e5.embed.shards import REJECTS, block_rows, max_actors, shard_rows, truncate, write_whole
     from ray_e5.serve.vllm_backend import MergedModelText

@@ -164,9 +164,9 @@ class EvaluateSettings(Section):
         def is_folder(item: str) -> bool:
             if data_dir is None or "://" in data_dir:
                 return Path(item).is_dir()
-            from ray_e5 import runs
+            from ray_e5 import storage
 
-            return Path(runs.data_uri(data_dir, item)).is_dir()
+            return Path(storage.data_uri(data_dir, item)).is_dir()
 
         out = []
         for item in self.tasks:

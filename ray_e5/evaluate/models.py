@@ -59,7 +59,7 @@ class ModelSpec:
             return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template, self.instruction_mode)
         from ray_e5.model import Embedder
 
-        from ray_e5 import runs
+        from ray_e5 import storage
         from ray_e5.model.precision import inference_dtype
 
         overrides = dict(self.overrides)
@@ -67,17 +67,17 @@ class ModelSpec:
             overrides["dtype"] = inference_dtype(overrides["dtype"])
         # A LoRA adapter is merged into the weights it adapts: the same vectors (within fp32 rounding), 1.2x faster
         # (the one-hour recipe's trained model: 357 s unmerged, 303 s merged)
-        return Embedder.load(runs.local_copy(self.ref), merge_lora=True, **overrides)
+        return Embedder.load(storage.local_copy(self.ref), merge_lora=True, **overrides)
 
 
 def _dir_stats(ref: str) -> list | None:
     """The files of a model directory (names, sizes, modification times): local, or the listing of a URI (an
     ``s3://`` embedder rewritten by a new training run lists differently, so its cached scores are not reused)."""
     if "://" in ref:
-        from ray_e5 import runs
+        from ray_e5 import storage
 
         try:
-            return runs.listing(ref)
+            return storage.listing(ref)
         except OSError:
             return None
     path = Path(ref)

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from collections import Counter
 from typing import Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import RayE5Config
 from ray_e5.rundir import MANIFEST_FILE, SYNTHETIC_DIR, RunDir
 from ray_e5.generate.backends import FATAL_STATUSES, is_transient
@@ -331,9 +331,9 @@ def _demands(s: GenerateSettings) -> list[Demand]:
 def _llamacpp_log(out_dir: str) -> tuple[str, str | None]:
     """Where the llama.cpp server logs: ``<run_dir>/synthetic/llamacpp.log`` itself for a local run dir; else a
     local file that is copied there when the stage ends (an object store has no append)."""
-    if runs.is_local(out_dir):
-        return runs.resolve(runs.join(out_dir, "llamacpp.log"))[1], None
-    return private_log(), runs.join(out_dir, "llamacpp.log")
+    if storage.is_local(out_dir):
+        return storage.resolve(storage.join(out_dir, "llamacpp.log"))[1], None
+    return private_log(), storage.join(out_dir, "llamacpp.log")
 
 
 def _empty(manifest: dict) -> str:
@@ -378,7 +378,7 @@ def _generate(config: RayE5Config) -> GenerateResult:
             if s.backend == "llamacpp":
                 log_path, upload_log = _llamacpp_log(run.out_dir)
                 if upload_log:
-                    stack.callback(lambda: runs.write_text(upload_log, open(log_path, errors="replace").read()))
+                    stack.callback(lambda: storage.write_text(upload_log, open(log_path, errors="replace").read()))
                 run.server = stack.enter_context(LlamaCppServer(s.gguf, n_ctx=s.llamacpp_ctx, log_path=log_path))
                 print(f"[ray-e5 generate] llama.cpp {run.server.info} (log: {upload_log or log_path})", flush=True)
                 kwargs["base_url"] = run.url = run.server.base_url
@@ -404,6 +404,6 @@ def _generate(config: RayE5Config) -> GenerateResult:
     manifest = run.manifest()
     run.store.save_manifest(manifest)
     if manifest["examples"] == 0 and s.num_examples > 0:
-        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, MANIFEST_FILE)}), manifest,
+        raise EmptySyntheticError(_empty({**manifest, "where": storage.join(run.out_dir, MANIFEST_FILE)}), manifest,
                                   run.out_dir)
     return GenerateResult.from_manifest(manifest, run.out_dir)

@@ -42,10 +42,10 @@ def export_sentence_transformers(source: str | Path | Embedder, output: str | Pa
     else:
         ref = str(source)
         if "://" in ref:
-            from ray_e5 import runs
+            from ray_e5 import storage
 
-            runs.check_access(ref, "embedder")
-            ref = runs.local_copy(ref)
+            storage.check_access(ref, "embedder")
+            ref = storage.local_copy(ref)
         embedder = Embedder.load(ref, merge_lora=True)
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):  # merge a copy: the caller's Embedder stays as it was

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import BudgetShares, RayE5Config, apply_overrides, check_config, read_yaml, validate
 from ray_e5.recipes import recipe_path
 from ray_e5.stages import STAGES
@@ -149,12 +149,12 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
     for stage in STAGES.values():
         for out in stage.outputs:
             if out.path is not None:
-                log(f"  {runs.join(run_dir, out.path):40s} {out.what}")
+                log(f"  {storage.join(run_dir, out.path):40s} {out.what}")
     log(synthetic_summary(results.get("generate"), results.get("train")))
     report = results.get("evaluate")
     if report is not None and report.report_paths.get("markdown"):
         log("")
-        log(runs.read_text(report.report_paths["markdown"]))
+        log(storage.read_text(report.report_paths["markdown"]))
     log("")
     log(f"[ray-e5] the embedder is served at {served.url}; with the openai client:")
     log(snippet)

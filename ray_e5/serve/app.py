@@ -40,7 +40,7 @@ from pydantic import SecretStr
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.serve.batcher import ContinuousBatcher, Overloaded
 from ray_e5.serve.config import ServeSettings
 from ray_e5.serve.protocol import (ApiError, check_headers, embedding_response, openapi_responses,
@@ -170,7 +170,7 @@ class EmbeddingServer:
         from ray_e5.model import Embedder
 
         self.settings = ServeSettings.model_validate(settings)
-        local = runs.local_copy(model_ref)  # a model directory on object storage is copied to this node once
+        local = storage.local_copy(model_ref)  # a model directory on object storage is copied to this node once
         if self.settings.backend == "vllm":
             from ray_e5.serve.vllm_backend import MergedModelText, VllmForward
 

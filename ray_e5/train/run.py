@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ray_e5.digest import digest as _digest
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
 from ray_e5.rundir import EMBEDDER_FILE, RUN_FILE, RunDir
 from ray_e5.train.config import TrainSettings
@@ -36,7 +36,7 @@ def _sources(config: RayE5Config, settings: TrainSettings) -> list:
     from ray_e5.data.sources import SourceError, source_from_settings, synthetic_source
 
     # Preflight: the run directory's store answers and its bucket exists, before any source is read.
-    runs.check_access(config.run_dir, "run_dir", must_exist=False)
+    storage.check_access(config.run_dir, "run_dir", must_exist=False)
     sources = []
     if settings.synthetic:
         synthetic = synthetic_source(config.run_dir, settings.synthetic_weight)
@@ -84,7 +84,7 @@ def _mine(config: RayE5Config, settings: TrainSettings, sources: list, names: li
                                             "cpus_per_worker": settings.mine.cpus_per_worker or settings.cpus_per_worker})
     try:
         return mine_sources(tables, mining_model(config, mine.model), mine,
-                            runs.join(train_dir, "mined"), seed=settings.seed)
+                            storage.join(train_dir, "mined"), seed=settings.seed)
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
 
@@ -104,8 +104,8 @@ def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, to
 
 def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
     """The Ray Train run name: the previous one to resume it, or a fresh one."""
-    uri = runs.join(train_dir, RUN_FILE)
-    previous = runs.read_json(uri) if runs.exists(uri) else None
+    uri = storage.join(train_dir, RUN_FILE)
+    previous = storage.read_json(uri) if storage.exists(uri) else None
     if settings.resume and previous:
         if previous["fingerprint"] == _digest(fingerprint):
             return previous["name"]
@@ -115,12 +115,12 @@ def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str
         print(f"[ray-e5 train] starting a fresh run: {train_dir} holds run {previous['name']} with other settings "
               f"(changed: {', '.join(changed) or 'unknown'}); its checkpoints are kept", flush=True)
     name = "ray_train-" + time.strftime("%Y%m%d-%H%M%S")
-    runs.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
+    storage.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
     return name
 
 
 def _storage_path(uri: str) -> str:
-    return runs.resolve(uri)[1] if runs.is_local(uri) else uri
+    return storage.resolve(uri)[1] if storage.is_local(uri) else uri
 
 
 def train(config: RayE5Config) -> TrainResult:
@@ -166,9 +166,9 @@ def _train(config: RayE5Config) -> TrainResult:
                           batch_by=settings.batch_by, rows=mined)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
-    runs.makedirs(train_dir)
+    storage.makedirs(train_dir)
     data = plan.summary()
-    runs.write_json(run.train_data, data)
+    storage.write_json(run.train_data, data)
     for name, s in plan.sources.items():
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
@@ -214,7 +214,7 @@ def _train(config: RayE5Config) -> TrainResult:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
     embedder_uri = run.embedder
     # whole or absent: a training killed here leaves the previous embedder or none, never a half one
-    runs.publish_dir(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri,
+    storage.publish_dir(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri,
                      EMBEDDER_FILE)
     curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
@@ -222,7 +222,7 @@ def _train(config: RayE5Config) -> TrainResult:
     summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
                "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
                "run_name": name, "checkpoint": result.checkpoint.path}
-    runs.write_json(run.train_summary, summary)
+    storage.write_json(run.train_summary, summary)
     print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
           + (f"; loss curve {curve}" if curve else ""))
     return TrainResult(embedder_uri=embedder_uri, steps=int(state["step"]), local_dir=Path(run.local_embedder()),

@@ -1,6 +1,6 @@
-"""Storage under run directories and inputs: files over pyarrow filesystems, one place (a local path or a cloud URI
-such as s3:// or gs://) read and written by the same code. What lives where under a run directory is
-:mod:`ray_e5.rundir`'s concern; this module only moves bytes.
+"""Storage: files over pyarrow filesystems for run directories and inputs, a local path or a cloud URI (s3://,
+gs://) read and written by the same code. What lives where under a run directory is :mod:`ray_e5.rundir`'s
+concern (hence two names: storage moves bytes, the run directory names them).
 
 Inputs are named relative to the config's ``data_dir`` (:func:`data_uri`); a local path is made absolute on the
 driver, a URI is kept as it is. Object stores take their endpoint and credentials from the standard variables
