@@ -54,7 +54,8 @@ def corpus(name: str, synthetic: int, tmp: Path, limit: int | None = None) -> tu
     return path, ids, texts
 
 
-def ours(path: Path, model: str, cpus: int, out: Path, block_bytes: int = 65536, address: str | None = None) -> tuple[float, dict]:
+def ours(path: Path, model: str, cpus: int, out: Path, block_bytes: int = 65536, address: str | None = None,
+         dtype: str | None = None) -> tuple[float, dict]:
     import ray
 
     from ray_e5.cluster import connect
@@ -64,7 +65,8 @@ def ours(path: Path, model: str, cpus: int, out: Path, block_bytes: int = 65536,
     if not ray.is_initialized():
         connect(address, num_cpus=cpus)
     config = load_config(None, [f"embed.input={path}", f"embed.output={out}", f"embed.model={model}",
-                                f"embed.max_actors={cpus}", f"embed.block_bytes={block_bytes}"])
+                                f"embed.max_actors={cpus}", f"embed.block_bytes={block_bytes}",
+                                *([f"embed.dtype={dtype}"] if dtype else [])])
     began = time.time()
     summary = embed_corpus(config, log=lambda *_: None)
     return time.time() - began, summary
@@ -100,7 +102,8 @@ def compare(args) -> None:
             path, ids, texts = corpus(name, args.synthetic, tmp, args.limit)
             for model in args.models:
                 load = os.getloadavg()[0]
-                t_ours, summary = ours(path, model, args.cpus, tmp / f"out-{name}-{model}", args.block_bytes)
+                t_ours, summary = ours(path, model, args.cpus, tmp / f"out-{name}-{model}", args.block_bytes,
+                                       dtype=args.dtype)
                 t_st, st_vectors = theirs(texts, model, args.cpus)
                 table = pq.read_table(str(tmp / f"out-{name}-{model}"))
                 got = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
@@ -110,7 +113,7 @@ def compare(args) -> None:
                 row = {"corpus": name, "model": model, "rows": len(texts), "ray_e5_s": round(t_ours, 1),
                        "ray_e5_rows_s": round(len(texts) / t_ours, 1), "st_s": round(t_st, 1),
                        "st_rows_s": round(len(texts) / t_st, 1), "ratio": round(t_st / t_ours, 2),
-                       "mean_cosine": round(cos, 5), "load_before": round(load, 1),
+                       "mean_cosine": round(cos, 5), "dtype": args.dtype or "fp32", "load_before": round(load, 1),
                        "load_after": round(os.getloadavg()[0], 1)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--block-bytes", type=int, default=65536, help="ray-e5's JSONL block size")
     parser.add_argument("--models", nargs="+", default=["minilm-l6"], help="minilm-l6, gemma3-270m, ...")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                        help="ray-e5's weights (embed.dtype); sentence-transformers stays in fp32, its default")
     parser.add_argument("--nodes", type=int, nargs="*", default=None, help="ray-e5 on 1..N simulated worker nodes")
     parser.add_argument("--cpus-per-node", type=int, default=1)
     args = parser.parse_args()

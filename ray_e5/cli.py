@@ -24,7 +24,7 @@ COMMAND_MODULES = (*(stage.command_module for stage in STAGES.values()), "ray_e5
 EMBED_FLAGS = {"input": "input", "output": "output", "model": "model", "text_column": "text_column",
                "id_column": "id_column", "dimensions": "dimensions", "instruction": "instruction",
                "pooling": "pooling", "num_gpus": "num_gpus", "engine": "engine", "max_actors": "max_actors",
-               "batch_tokens": "batch_tokens", "input_format": "format"}
+               "batch_tokens": "batch_tokens", "input_format": "format", "dtype": "dtype"}
 
 
 def _embed(args) -> int:
@@ -75,8 +75,13 @@ def _cosine(vectors):
 def _export(args) -> int:
     from ray_e5.model.export import export_sentence_transformers
 
-    out = export_sentence_transformers(args.embedder, args.output)
-    print(f"merged sentence-transformers model written to {out}")
+    out = export_sentence_transformers(args.embedder, args.output, model_id=args.push_to_hub, run_dir=args.run_dir)
+    print(f"merged sentence-transformers model and its card (README.md) written to {out}")
+    if args.push_to_hub:
+        from ray_e5.hub import push_folder
+
+        url = push_folder(out, args.push_to_hub, repo_type="model", private=args.private or None)
+        print(f"uploaded to {url}")
     return 0
 
 
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="corpus: keep the first N coordinates, re-normalised (Matryoshka)")
     embed.add_argument("--num-gpus", dest="num_gpus", type=float, metavar="G",
                        help="corpus: GPUs per actor (bf16 weights, float32 pooling)")
+    embed.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="corpus: the weights' dtype (default fp32 on CPUs, bf16 on GPUs; auto: bf16 where native)")
     embed.add_argument("--engine", choices=["embedder", "vllm"],
                        help="corpus: the Embedder in Ray Data actors, or vLLM through ray.data.llm (a merged export)")
     embed.add_argument("--max-actors", dest="max_actors", type=int, metavar="N",
@@ -142,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("embedder", help="embedder directory, its URI (s3://.../embedder, gs://...) or any model "
                         "reference")
     export.add_argument("--output", "-o", required=True)
+    export.add_argument("--run-dir", dest="run_dir", default=None,
+                        help="the run whose eval/report.json and train/ records the model card reports (default: "
+                        "the embedder's own run when it is <run_dir>/embedder)")
+    export.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", default=None,
+                        help="upload the exported folder (weights and README.md) to this Hugging Face model repo, "
+                        "created when absent; token from HF_TOKEN or `huggingface-cli login`")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     export.set_defaults(func=_export)
 
     for name in COMMAND_MODULES:

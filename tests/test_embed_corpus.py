@@ -205,6 +205,23 @@ def test_gpu_path_loads_bf16_weights_and_gives_float32_unit_vectors(tiny_decoder
     assert cos.min() > 0.98  # bf16 weights: close to the fp32 vectors, not equal
 
 
+def test_dtype_auto_follows_the_node_and_an_explicit_dtype_wins(tiny_decoder_dir, tmp_path):
+    """``embed.dtype: auto`` loads bf16 weights only where this node runs bf16 natively; fp32 stays fp32 on a GPU
+    actor when asked for."""
+    import torch
+
+    from ray_e5.embed.config import EmbedSettings
+    from ray_e5.embed.run import BlockEmbedder
+    from ray_e5.model.precision import inference_dtype
+
+    auto = BlockEmbedder(EmbedSettings(dtype="auto").model_dump(), str(tiny_decoder_dir), str(tmp_path / "a"))
+    expected = {"bf16": torch.bfloat16, "fp32": torch.float32}[inference_dtype("auto")]
+    assert auto.embedder.dtype == expected
+    fp32 = BlockEmbedder(EmbedSettings(dtype="fp32", num_gpus=1).model_dump(), str(tiny_decoder_dir),
+                         str(tmp_path / "b"))
+    assert fp32.embedder.dtype == torch.float32
+
+
 def test_token_batches_respect_the_budget_and_sort_by_length():
     from ray_e5.embed.run import token_batches
 

@@ -72,9 +72,10 @@ class BlockEmbedder:
 
         self.s = EmbedSettings.model_validate(settings)
         torch.set_num_threads(max(1, threads))
+        from ray_e5.model.precision import inference_dtype
+
         overrides: dict[str, Any] = {"pooling": self.s.pooling} if self.s.pooling else {}
-        if self.s.num_gpus > 0:
-            overrides["dtype"] = "bf16"
+        overrides["dtype"] = inference_dtype(self.s.dtype or ("bf16" if self.s.num_gpus > 0 else "fp32"))
         self.embedder = Embedder.load(runs.local_copy(model) if "://" in model else model, **overrides)
         if self.s.num_gpus > 0 and torch.cuda.is_available():
             self.embedder.to("cuda")
