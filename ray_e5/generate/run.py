@@ -336,6 +336,17 @@ def _llamacpp_log(out_dir: str) -> tuple[str, str | None]:
     return private_log(), storage.join(out_dir, "llamacpp.log")
 
 
+def _write_card(out_dir: str, manifest: dict) -> None:
+    """The dataset card (synthetic/README.md), rewritten from the manifest at each run's end; a card that cannot be
+    written (a library missing) is reported, never a reason to lose the stage's result."""
+    from ray_e5.generate.card import write_dataset_card
+
+    try:
+        write_dataset_card(out_dir, manifest)
+    except Exception as err:  # noqa: BLE001 - documentation, not data
+        print(f"[ray-e5 generate] the dataset card could not be written: {err}", flush=True)
+
+
 def _empty(manifest: dict) -> str:
     drops = ", ".join(f"{k} x{v}" for k, v in sorted(manifest["drops_this_run"].items(), key=lambda kv: -kv[1]))
     return (f"generate: no valid synthetic row was written for a plan of {manifest['planned']} examples "
@@ -403,6 +414,7 @@ def _generate(config: RayE5Config) -> GenerateResult:
         run.examples(slots, tasks, kwargs)
     manifest = run.manifest()
     run.store.save_manifest(manifest)
+    _write_card(run.out_dir, manifest)
     if manifest["examples"] == 0 and s.num_examples > 0:
         raise EmptySyntheticError(_empty({**manifest, "where": storage.join(run.out_dir, MANIFEST_FILE)}), manifest,
                                   run.out_dir)

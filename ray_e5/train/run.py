@@ -6,7 +6,9 @@ Outputs under the run directory:
     train/metrics.jsonl   per-step loss, lr, examples/s, tokens/s
     train/loss.png        the loss curve
     train/<name>/         Ray Train's checkpoints (adapter + optimizer state)
-    embedder/             the trained embedder (ray_e5.json + adapter/), what ``Embedder.load`` reads
+    embedder/             the trained embedder (ray_e5.json + adapter/ + README.md, its model card), what
+                          ``Embedder.load`` reads; ray_e5.json's ``inference`` block holds the settings the recipe
+                          scores it with (evaluate.models' entry for {run_dir}/embedder), which serve and export use
 """
 
 from __future__ import annotations
@@ -30,6 +32,60 @@ def model_settings(config: RayE5Config):
     """The model section with LoRA on (the paper's r=16 defaults when the config names none)."""
     model = config.model
     return model if model.lora is not None else model.model_copy(update={"lora": LoraSettings()})
+
+
+def scored_inference(config: RayE5Config) -> dict | None:
+    """The inference settings the config scores this run's embedder with: its ``evaluate.models`` entry for
+    ``{run_dir}/embedder`` (max length, dtype, pooling, normalisation, instructions), so that serving and exporting
+    the embedder use what was scored, not the training length. None when no entry names it (evaluate then scores
+    it at its training settings, which a plain load uses anyway)."""
+    run = RunDir.of(config.run_dir)
+    for i, entry in enumerate(getattr(config.evaluate, "models", None) or []):
+        ref = getattr(entry, "model", None) or getattr(entry, "ref", None) or ""
+        if getattr(entry, "endpoint", None):
+            continue
+        ref = ref.replace("{run_dir}", config.run_dir.rstrip("/")).rstrip("/")
+        if ref != run.embedder and RunDir.of(ref).uri != run.embedder:
+            continue
+        block = {k: getattr(entry, k) for k in ("max_length", "dtype", "pooling", "normalize")
+                 if getattr(entry, k, None) is not None}
+        if isinstance(getattr(entry, "instructions", None), bool):
+            block["instructions"] = entry.instructions
+        block["trained_max_length"] = config.model.max_length
+        block["source"] = f"evaluate.models[{i}]" + (f" ({entry.label})" if getattr(entry, "label", None) else "")
+        return block
+    return None
+
+
+def _stage_embedder(config: RayE5Config, settings: TrainSettings, checkpoint, data: dict, steps: dict) -> str:
+    """A local copy of the checkpoint's embedder with what the run adds before it is published: the inference block
+    (:func:`scored_inference`) and the model card, both listed in its manifest (rewritten last)."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from ray_e5.model import Embedder
+    from ray_e5.model.card import build_model_card, run_records
+    from ray_e5.model.embedder import INFERENCE_KEY, rewrite_manifest
+    from ray_e5.train.loop import EMBEDDER_DIR
+
+    staging = tempfile.mkdtemp(prefix="ray-e5-publish-")
+    pafs.copy_files(f"{checkpoint.path}/{EMBEDDER_DIR}", staging, source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    inference = scored_inference(config)
+    if inference:
+        rewrite_manifest(staging, **{INFERENCE_KEY: inference})
+    try:
+        run = RunDir.of(config.run_dir)
+        records = {**run_records(run.uri), "data": data, "summary": steps}
+        embedder = Embedder.load(staging)  # the card describes what a user loads: the scored settings
+        card = build_model_card(embedder, run.embedder, records,
+                                training=settings.model_dump(mode="json", exclude={"sources"}))
+        card.save(Path(staging) / "README.md")
+    except Exception as err:  # noqa: BLE001 - a card is documentation: the trained embedder is published anyway
+        log.warning("train: the model card could not be written (%s); publishing the embedder without it", err)
+    rewrite_manifest(staging)  # lists README.md: a publish cut off before it is not a whole embedder
+    return staging
 
 
 def _sources(config: RayE5Config, settings: TrainSettings) -> list:
@@ -213,12 +269,21 @@ def _train(config: RayE5Config) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
     embedder_uri = run.embedder
-    # whole or absent: a training killed here leaves the previous embedder or none, never a half one
-    storage.publish_dir(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri,
-                     EMBEDDER_FILE)
-    curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
         state = json.loads(src.read().decode())
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    staged = _stage_embedder(config, settings, result.checkpoint, data,
+                             {"steps": state["step"], "planned_steps": total_steps,
+                              "stopped_early": state.get("stopped_early")})
+    try:
+        # whole or absent: a training killed here leaves the previous embedder or none, never a half one
+        storage.publish_dir(pafs.LocalFileSystem(), staged, embedder_uri, EMBEDDER_FILE)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
                "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
                "run_name": name, "checkpoint": result.checkpoint.path}
