@@ -30,8 +30,9 @@ def ray_cluster():
     if not ray.is_initialized():
         from ray_e5.cluster import loopback_only
 
-        loopback_only()  # the tests' traffic stays on 127.0.0.1, as a quickstart's does
-        ray.init(num_cpus=int(os.environ.get("RAY_E5_TEST_CPUS", "4")), include_dashboard=False,
+        loopback_only()  # the tests' traffic stays on 127.0.0.1, as a quickstart's does; address "local": a new
+        # cluster of its own, never one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=int(os.environ.get("RAY_E5_TEST_CPUS", "4")), include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
