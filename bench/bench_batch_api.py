@@ -69,7 +69,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.generate.testserver", "--port", str(port), "--batch-polls",
+    proc = subprocess.Popen([sys.executable, "-m", "ray_e5.testing.openai_server", "--port", str(port), "--batch-polls",
                              "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     if "test server on" not in line:

@@ -72,12 +72,12 @@ def ours(entries: list[dict], workers: int, cpus: int, seed: int, out: Path) -> 
     from ray_e5.config import load_config
     from ray_e5.evaluate.run import evaluate
 
-    section = {"models": [{"label": "minilm", "ref": "minilm-l6", "max_length": 256, "instructions": False}],
+    section = {"models": [{"label": "minilm", "model": "minilm-l6", "max_length": 256, "instructions": False}],
                "tasks": entries, "num_workers": workers, "cpus_per_worker": cpus // workers,
                "batch_size": 32, "seed": seed, "overwrite": True, "output": str(out)}
     config = load_config(None, [f"evaluate={json.dumps(section)}", f"run_dir={out}"])
     start = time.perf_counter()
-    report = evaluate(config)
+    report = evaluate(config).report
     seconds = time.perf_counter() - start
     if report["errors"]:
         raise SystemExit(f"ray-e5 evaluation failed: {report['errors']}")

@@ -78,7 +78,7 @@ def llamacpp_pipeline(seconds: float) -> dict:
     config = RayE5Config.model_validate({"run_dir": run_dir, "generate": {
         **section, "time_budget_s": seconds, "progress": False}})
     start = time.perf_counter()
-    manifest = generate(config)
+    manifest = generate(config).manifest
     wall = time.perf_counter() - start
     ours = {"rows_per_min": manifest["examples"] * 60 / wall,
             "tokens_per_s": manifest["tokens_this_run"]["completion"] / wall, "rows": manifest["examples"],
@@ -120,7 +120,7 @@ def main() -> None:
     from ray_e5.cluster import connect
     from ray_e5.config import RayE5Config
     from ray_e5.generate.run import generate
-    from ray_e5.generate.testserver import TestServer
+    from ray_e5.testing.openai_server import TestServer
 
     connect(None)
     limit = args.slots / args.latency
@@ -132,7 +132,7 @@ def main() -> None:
             "backend": "endpoint", "base_url": server.base_url, "model": "test-model", "num_examples": args.examples,
             "mix": {"sts": 1}, "concurrency": args.slots, "progress": False}})
         start = time.perf_counter()
-        manifest = generate(config)
+        manifest = generate(config).manifest
         wall = time.perf_counter() - start
         calls = server.calls[before:]
     requests = manifest["requests_this_run"]

@@ -63,7 +63,7 @@ def peer(args, workdir: Path) -> dict:
 
     from ray_e5.model import Embedder
     from ray_e5.model.export import export_sentence_transformers
-    from ray_e5.model.instructions import format_query
+    from ray_e5.model.template import format_query
 
     torch.set_num_threads(args.threads)
     base = Embedder.load("gemma3-270m", max_length=args.max_length)
@@ -102,10 +102,11 @@ def mfu(args) -> None:
     import torch
     from transformers import MistralConfig, MistralModel
 
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
     from ray_e5.train.engines import make_engine
+    from ray_e5.train.loss import InfoNCE
     from ray_e5.train.step import prepare, train_step
-    from ray_e5.train.testing import settings as engine_settings
+    from ray_e5.testing.train import settings as engine_settings
 
     import torch.distributed as dist
 
@@ -142,12 +143,13 @@ def mfu(args) -> None:
     row = {"query": [text] * args.batch_size, "positive": [text] * args.batch_size,
            "negative": [text] * args.batch_size, "task": ["Retrieve"] * args.batch_size}
     texts = prepare(row, 0, 1, embedder.settings.instruction_template, mask_false_negatives=False)
+    loss = InfoNCE(temperature=0.02)
     times, tokens = [], 0
     for step in range(args.steps):
         if gpu:
             torch.cuda.synchronize()
         began = time.perf_counter()
-        result = train_step(engine, engine.module, texts, 0.02, chunk_size=args.chunk_size,
+        result = train_step(engine, engine.module, texts, loss, chunk_size=args.chunk_size,
                             gradient_cache=bool(args.chunk_size))
         engine.step()
         if gpu:

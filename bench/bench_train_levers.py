@@ -34,6 +34,7 @@ def examples_per_s(rows, top_layers, autocast: str, negatives: bool, steps: int,
     from ray_e5.config import ModelSettings
     from ray_e5.train.config import TrainSettings
     from ray_e5.train.engines import build_embedder, make_engine
+    from ray_e5.train.loss import InfoNCE
     from ray_e5.train.step import prepare, train_step
 
     model = ModelSettings.model_validate({"name": "gemma3-270m", "pooling": "mean", "max_length": 64,
@@ -51,7 +52,7 @@ def examples_per_s(rows, top_layers, autocast: str, negatives: bool, steps: int,
                "negative": [r["negative"] for r in part], "task": ["Retrieve semantically similar text."] * batch}
         began = time.perf_counter()
         texts = prepare(row, 0, 1, model.instruction_template, negatives, True, True)
-        train_step(engine, embedder, texts, 0.05, True, 16, False, ())
+        train_step(engine, embedder, texts, InfoNCE(temperature=0.05), 16, False)
         engine.step()
         times.append(time.perf_counter() - began)
     return batch / min(times[1:] or times)

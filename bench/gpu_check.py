@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from ray_e5.config import LoraSettings, ModelSettings  # noqa: E402
 from ray_e5.model import Embedder  # noqa: E402
 from ray_e5.model.lora import add_lora  # noqa: E402
-from ray_e5.model.testing import build_tokenizer, tiny_decoder  # noqa: E402
+from ray_e5.testing.models import build_tokenizer, tiny_decoder  # noqa: E402
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=10000.0,
@@ -194,6 +194,7 @@ def check_train_step(embedder: Embedder, shape: dict, device: torch.device, seq:
     from types import SimpleNamespace
 
     from ray_e5.train.engines import TorchEngine
+    from ray_e5.train.loss import InfoNCE
     from ray_e5.train.step import prepare, train_step
 
     model = embedder.backbone
@@ -213,7 +214,8 @@ def check_train_step(embedder: Embedder, shape: dict, device: torch.device, seq:
     for i in range(steps + 1):  # the first step warms up (kernels, allocator) and is not timed
         sync(device)
         began = time.perf_counter()
-        result = train_step(engine, embedder, step_texts, temperature=0.02, chunk_size=chunk, gradient_cache=True)
+        result = train_step(engine, embedder, step_texts, InfoNCE(temperature=0.02), chunk_size=chunk,
+                            gradient_cache=True)
         engine.step()
         sync(device)
         if i:

@@ -108,14 +108,14 @@ def main() -> None:
             train(config)
             walls[name] = round(time.perf_counter() - began, 1)
     recipe = read_yaml(Path(args.config))
-    models = [{"label": n, "ref": str(out / n / "embedder"), "max_length": 128,
+    models = [{"label": n, "model": str(out / n / "embedder"), "max_length": 128,
                "instructions": n != "no-instruction"} for n in names]
     if not args.no_baselines:
-        models += ([{"label": "gemma3-270m-last", "ref": "gemma3-270m", "pooling": "last", "max_length": 128}]
+        models += ([{"label": "gemma3-270m-last", "model": "gemma3-270m", "pooling": "last", "max_length": 128}]
                    if args.base_last else [])
         models += ([] if args.no_base else
-                   [{"label": "gemma3-270m-mean", "ref": "gemma3-270m", "pooling": "mean", "max_length": 128}])
-        models += [{"label": "minilm-l6", "ref": "minilm-l6", "max_length": 256}]
+                   [{"label": "gemma3-270m-mean", "model": "gemma3-270m", "pooling": "mean", "max_length": 128}])
+        models += [{"label": "minilm-l6", "model": "minilm-l6", "max_length": 256}]
     data = dict(recipe)
     data["evaluate"] = {**recipe["evaluate"], "models": models}
     if args.english_only:
@@ -124,7 +124,7 @@ def main() -> None:
                                      if read_task_json(data_dir / t["path"], t["path"]).get("language", "en") == "en"]
     apply_overrides(data, [f"run_dir={out}", f"data_dir={(ROOT / recipe.get('data_dir', '../shared/data')).resolve()}"])
     began = time.perf_counter()
-    report = evaluate(check_config(data, RayE5Config))
+    report = evaluate(check_config(data, RayE5Config)).report
     eval_s = time.perf_counter() - began
     tasks = [t["name"] for t in report["tasks"]]
     avg = report.get("english_average") or report["average"]

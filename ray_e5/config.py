@@ -1,95 +1,49 @@
-"""Typed configuration shared by every stage.
+"""The whole config of a run: :class:`RayE5Config`, composed here from the section every stage owns.
 
-Each stage owns a section model (a :class:`Section` subclass) in its own package; :class:`RayE5Config` collects
-them. A config is loaded from YAML and then overridden from the command line with dotted ``key=value`` pairs
-(``train.lr=2e-4``). Unknown keys are refused, and every error names the dotted key that was wrong.
+Each stage owns its section model (``ray_e5/<stage>/config.py``, a :class:`~ray_e5.settings.Section`); this module
+puts them together as typed fields, so validating a config validates every section with it and pydantic reports
+every error of every section at once, each named by its dotted key (``train.lr: ...``, ``serve.port: ...``),
+before any stage runs or Ray starts: a typo in the last stage must not cost the hours of the first. A config is
+loaded from YAML and then overridden from the command line with dotted ``key=value`` pairs (``train.lr=2e-4``).
 
-:func:`load_config` validates the whole config, every stage section included (the sections the stage registry,
-:mod:`ray_e5.stages`, declares), and reports every error at once, before any stage runs or Ray starts: a typo in
-the last stage must not cost the hours of the first.
+The layers, lowest first: :mod:`ray_e5.settings` (imports nothing of ray_e5) <- the stage settings modules <- this
+module <- the stages' code <- the stage registry (:mod:`ray_e5.stages`) and the commands. This module imports
+neither the registry nor any stage's code, and the commands find here what they need (the base's names are
+re-exported).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, TypeVar
+from typing import Any, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from ray_e5.embed.config import EmbedSettings
+from ray_e5.evaluate.config import EvaluateSettings
+from ray_e5.generate.config import GenerateSettings
+from ray_e5.serve.config import ServeSettings
+from ray_e5.settings import (BudgetShares, ConfigError, LoraSettings, ModelSettings, Section, apply_overrides,
+                             error_lines, read_yaml, validate)
+from ray_e5.train.config import TrainSettings
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key and what is accepted.
+__all__ = ["RayE5Config", "SECTIONS", "load_config", "check_config", "check_sections", "ConfigError", "Section",
+           "ModelSettings", "LoraSettings", "BudgetShares", "apply_overrides", "read_yaml", "validate"]
 
-    ``errors`` holds one line per problem (``train.lr: Input should be a valid number (got 'abc')``); a config
-    with several problems raises one ConfigError listing all of them, as torchtune's ConfigError collects them.
-    """
+C = TypeVar("C", bound=BaseModel)
 
-    def __init__(self, message: "str | Iterable[str]"):
-        self.errors: list[str] = [message] if isinstance(message, str) else list(message)
-        if len(self.errors) == 1:
-            text = self.errors[0]
-        else:
-            text = f"{len(self.errors)} errors in the config:\n" + "\n".join(f"  {e}" for e in self.errors)
-        super().__init__(text)
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class LoraSettings(Section):
-    """LoRA through peft. Defaults follow the paper: r=16, alpha=32, dropout 0.1, every linear projection."""
-
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # Adapt only the last N transformer layers (None: all). Autograd then stops at the lowest adapted layer, so a
-    # step costs a full forward but only N layers of backward: more steps in a CPU hour (measured in the README).
-    top_layers: int | None = Field(None, gt=0)
-
-
-class ModelSettings(Section):
-    """How to build the Embedder: which backbone, how to pool, which template for queries."""
-
-    name: str = "gemma3-270m"
-    pooling: Literal["last", "mean", "cls"] | None = None  # None: the backbone's natural pooling
-    normalize: bool = True
-    max_length: int = Field(512, gt=1)  # refused at load above the backbone's limit (max_position_embeddings)
-    # Long context (E5-mistral section 5.2), set on the backbone's HF config before the weights load, saved in
-    # ray_e5.json and in an export's config.json. None keeps the checkpoint's own value.
-    rope_theta: float | None = Field(None, gt=0)  # RoPE base; Gemma 3: its global (full-attention) layers
-    sliding_window: int | None = Field(None, gt=0)  # attention window: Mistral's; Gemma 3's local layers
-    instruction_template: str = "Instruct: {task}\nQuery: {text}"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # Keep only the first N decoder layers (ray_e5/model/depth.py); None keeps them all
-    num_layers: int | None = Field(None, gt=0)
-    gradient_checkpointing: bool = False
-    lora: LoraSettings | None = None
-
-
-class BudgetShares(Section):
-    """How ``ray-e5 quickstart --budget-min M`` shares its time out: the fractions of M given to generation
-    (``generate.time_budget_s``) and to training (``train.max_time_s``), each a cap on what the section says. The
-    rest goes to starting up, evaluation (sized by the evaluate section's task limits) and serving."""
-
-    generate: float = Field(0.3, ge=0.0, le=1.0)
-    train: float = Field(0.4, gt=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _fits(self) -> "BudgetShares":
-        if self.generate + self.train > 0.95:
-            raise ValueError(f"generate ({self.generate}) + train ({self.train}) leave no time to evaluate and "
-                             "serve; their sum must be at most 0.95")
-        return self
+#: the stage sections, in pipeline order (the registry, ray_e5/stages.py, names the same stages in the same order)
+SECTIONS: dict[str, type[Section]] = {"generate": GenerateSettings, "train": TrainSettings,
+                                      "evaluate": EvaluateSettings, "serve": ServeSettings}
 
 
 class RayE5Config(Section):
-    """The whole run: one run directory, one data directory, one Ray address, one section per stage."""
+    """The whole run: one run directory, one data directory, one Ray address, one section per stage.
+
+    A stage section left out (or written empty, ``train:``) takes its settings' defaults; whether the user wrote it
+    is :meth:`has_section`. Building one from data (``model_validate``, as :func:`load_config` does) raises a
+    :class:`ConfigError` listing every error with its dotted key.
+    """
 
     run_dir: str = "runs/default"
     # Inputs (labeled sources, evaluation task folders, contamination sets) are named relative to data_dir; it,
@@ -99,139 +53,71 @@ class RayE5Config(Section):
     ray_address: str | None = None  # None: start or join a local cluster
     budget: BudgetShares = Field(default_factory=BudgetShares)  # the quickstart's time shares
     model: ModelSettings = Field(default_factory=ModelSettings)
-    generate: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    serve: dict[str, Any] | None = None
-    evaluate: dict[str, Any] | None = None
+    # the stage sections, in pipeline order (the order their errors are listed in)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    # not a stage: `ray-e5 embed --input ... --output ...` (a corpus embedded offline), validated with the others
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> "RayE5Config":
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as err:
+            raise ConfigError(error_lines(err)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_absent(cls, data: Any) -> Any:
+        # `train:` with nothing under it is YAML's null: the section's defaults, as when it is left out
+        if isinstance(data, dict) and any(data.get(name, {}) is None for name in SECTIONS):
+            data = {k: v for k, v in data.items() if not (k in SECTIONS and v is None)}
+        return data
+
+    def has_section(self, name: str) -> bool:
+        """Whether the config gave the stage section ``name`` (else it holds the stage's defaults)."""
+        return name in self.model_fields_set
 
     def section(self, name: str, cls: type[C]) -> C:
-        """The stage section ``name`` validated as ``cls``; errors name keys as ``name.key``.
+        """The section ``name`` as ``cls`` (a copy: what the caller changes stays out of the config).
 
-        Stages own their section models (``ray_e5/<stage>/config.py``), so the top level keeps them as raw
-        mappings and each stage validates its own when it runs; ``check_sections`` validates all of them up front.
-        """
-        return validate(cls, getattr(self, name) or {}, prefix=f"{name}.")
-
-
-C = TypeVar("C", bound=BaseModel)
-
-
-# Keys whose values are secrets: an error about one names the key and what is accepted, never the value given.
-_SECRET_KEY = re.compile(r"api_?key|token|secret|password|passwd|credential", re.IGNORECASE)
-
-
-def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        elif _SECRET_KEY.search(key):
-            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (the value given is a secret: not shown)")
-        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
-            # a check across a whole (sub)section: its message says what is wrong; the input is the section itself
-            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            got = repr(e.get("input"))
-            lines.append(f"{key}: {e['msg']} (got {got if len(got) <= 120 else got[:117] + '...'})")
-    return lines
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c``; a number steps into a list (``train.sources.3.weight``: the fourth source's weight)."""
-    parts = dotted.split(".")
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise ConfigError(f"{dotted}: {part!r} is not an index of {'.'.join(parts[:depth])}, a list of "
-                                  f"{len(node)} (0 to {len(node) - 1})")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: cannot set a key under {parts[depth - 1]!r}, which holds {node!r}")
-        if last:
-            node[part] = value
-            return
-        child = node[part] if isinstance(node, list) else node.get(part)
-        if child is None:
-            child = node[part] = {}
-        node = child
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``[a, b]``)."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r}: empty key")
-        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
-    return data
-
-
-def validate(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
-    """Build ``cls`` from ``data``; a validation error becomes a ConfigError naming each bad key."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_error_lines(err, prefix)) from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return data
-
-
-def _section_errors(sections: dict[str, Any]) -> list[str]:
-    """Errors of every registered stage section present in ``sections`` (raw mappings), in stage order."""
-    from ray_e5.stages import STAGES  # a leaf module: it imports nothing of ray_e5 at import time
-
-    errors = []
-    for stage in STAGES.values():
-        raw = sections.get(stage.name)
-        if not isinstance(raw, dict):  # absent (defaults apply when the stage runs) or not a mapping (the top
-            continue                   # level reports that)
-        try:
-            validate(stage.settings_class(), raw, prefix=f"{stage.name}.")
-        except ConfigError as err:
-            errors.extend(err.errors)
-    return errors
+        The stage sections are validated with the config; asked as another class, the section's keys are validated
+        as that class, errors named ``name.key``."""
+        value = getattr(self, name)
+        if isinstance(value, cls):
+            return value.model_copy(deep=True)
+        data = value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else dict(value or {})
+        return validate(cls, data, prefix=f"{name}.")
 
 
 def check_sections(config: RayE5Config) -> RayE5Config:
-    """Validate every stage section of ``config`` with its stage's settings class; raise one ConfigError that
-    lists every error of every section. Returns ``config`` unchanged."""
-    errors = _section_errors({name: getattr(config, name, None) for name in type(config).model_fields})
+    """Validate every stage section of ``config`` again from the keys it holds (a config assembled without
+    validation, ``model_construct``, or changed since); raise one ConfigError that lists every error of every
+    section. Returns ``config`` unchanged."""
+    errors: list[str] = []
+    for name, cls in SECTIONS.items():
+        value = getattr(config, name, None)
+        data = value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
+        if not isinstance(data, dict):  # absent (the defaults apply)
+            continue
+        try:
+            validate(cls, data, prefix=f"{name}.")
+        except ConfigError as err:
+            errors.extend(err.errors)
     if errors:
         raise ConfigError(errors)
     return config
 
 
 def check_config(data: dict[str, Any], cls: type[C] = RayE5Config) -> C:
-    """Build ``cls`` from ``data`` and validate every stage section; every error of the top level and of every
-    section is reported in one ConfigError."""
-    errors: list[str] = []
-    config = None
+    """Build ``cls`` from ``data``, every stage section with it; every error of the top level and of every section
+    is reported in one ConfigError."""
     try:
-        config = cls.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
-        errors.extend(_error_lines(err))
-    errors.extend(_section_errors(data))
-    if errors:
-        raise ConfigError(errors)
-    return config
+        raise ConfigError(error_lines(err)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type[C] = RayE5Config) -> C:

@@ -37,11 +37,10 @@ from contextlib import contextmanager
 from hashlib import sha256
 from typing import Any, Iterator
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 TTL_ENV = "RAY_E5_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
-LEASE_DIR = "leases"
 # `ray job submit` runs the entry point with this JSON set; its metadata holds the submission id (what `ray job stop`
 # takes). Read from the environment, so the lease is taken before the driver joins Ray.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -90,7 +89,7 @@ def holder_identity() -> dict[str, Any]:
 def _holder_dead(record: dict) -> bool:
     """The holder ran on this host (same hostname and pid namespace) and its process is gone: a driver killed here
     (SIGKILL, a closed terminal) need not be waited for until its lease expires."""
-    from ray_e5.runs import _pid_alive
+    from ray_e5.storage import _pid_alive
 
     h = record.get("holder", {})
     mine = holder_identity()
@@ -231,9 +230,10 @@ class _GCSStore:
 
 
 def lease_uri(run_dir: str, stage: str) -> str:
-    from ray_e5 import runs
+    from ray_e5 import storage
+    from ray_e5.rundir import RunDir
 
-    return runs.join(runs.absolute(run_dir), LEASE_DIR, f"{stage}.json")
+    return RunDir(storage.absolute(run_dir)).lease(stage)
 
 
 def _store(uri: str):
@@ -261,9 +261,9 @@ class Lease:
             raise LeaseError(f"{TTL_ENV}: {self.ttl_s!r}: the lease's time to live must be a positive number of "
                              "seconds")
         if "://" in self.uri and not self.uri.startswith("file://"):
-            from ray_e5 import runs
+            from ray_e5 import storage
 
-            runs.check_access(run_dir, "run_dir", must_exist=False)  # a missing bucket or refused key, named
+            storage.check_access(run_dir, "run_dir", must_exist=False)  # a missing bucket or refused key, named
         self.store = _store(self.uri)
         self.token = secrets.token_hex(8)
         self.version: str | None = None

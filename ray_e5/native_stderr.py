@@ -19,7 +19,7 @@ import re
 import sys
 import threading
 
-from ray_e5.cluster import NOISY_LINES
+from ray_e5.console import NOISY_LINES
 
 # A line of Ray's C++ logger: "[2026-12-06 04:56:06,487 E 2213 2213] core_worker.cc:2465: ..."
 NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] ")

@@ -2,78 +2,34 @@
 
 A stage's name is its command (``ray-e5 <name>``), its config section (``<name>:`` in the YAML), its job entry
 point (``jobs/<name>.py``) and its key in ``pipeline`` results, as torchtune's recipe registry gives one name to a
-recipe's file, CLI command and config. The CLI subcommands, ``ray-e5 pipeline``, ``ray-e5 quickstart`` and config
-validation (:func:`ray_e5.config.check_sections`) are all derived from :data:`STAGES`.
+recipe's file, CLI command and config. The CLI subcommands, ``ray-e5 pipeline``, ``ray-e5 quickstart`` and
+the job entry points are all derived from :data:`STAGES`.
 
 The stage contract: a stage takes the whole validated :class:`~ray_e5.config.RayE5Config` (it reads its own
 section and ``run_dir``, and joins the cluster at ``ray_address``), writes its outputs under ``run_dir`` (the
-``outputs`` each entry declares, relative to the run directory), and returns a small typed result. The run
-functions here are adapters: they call each stage package's own entry point and wrap what it returns.
+``outputs`` each entry declares, relative to the run directory), and returns a small typed result, built from
+what it has in memory. Each entry names the stage package's own entry point and result class, nothing between.
+A stage that ends with nothing the next ones can use raises :class:`~ray_e5.outcome.EmptyOutputError`.
 
-This module is a leaf: it imports nothing of ray_e5 at import time (settings classes and run functions are
-imported when used), so ``ray_e5.config`` can read it without a cycle and ``ray-e5 --help`` stays fast.
+The registry sits at the top, below only the commands: it imports nothing of ray_e5 at import time (settings
+classes, run functions and result classes are imported when used), so ``ray-e5 --help`` loads no stage's code,
+and nothing it imports imports it back (the config composes the sections itself, :mod:`ray_e5.config`).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from ray_e5.config import RayE5Config
 
 
-# ---- typed results -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GenerateResult:
-    """``manifest``: ``<run_dir>/synthetic/manifest.json`` as written; ``rows``: valid examples on disk (this run
-    and the runs it continued); ``by_kind``: those rows per kind."""
-
-    manifest: dict[str, Any]
-    rows: int
-    by_kind: dict[str, int]
-    uri: str
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any] | None, uri: str) -> "GenerateResult":
-        manifest = dict(manifest or {})
-        return cls(manifest, int(manifest.get("examples", 0)), dict(manifest.get("by_kind", {})), uri)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """``embedder_uri``: ``<run_dir>/embedder`` (may be remote); ``local_dir``: a local copy of it; ``steps``:
-    optimiser steps trained; ``summary``: ``train/summary.json``; ``data``: ``train/data.json`` (the batch plan,
-    rows read and used per source)."""
-
-    embedder_uri: str
-    steps: int
-    local_dir: Path
-    summary: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EvaluateResult:
-    """``report_paths``: ``{"json", "markdown", "png"}`` (empty when ``evaluate.report`` is off); ``scores``:
-    model label -> task -> main score (x100); ``errors``: the tasks that failed; ``report``: the whole report."""
-
-    report_paths: dict[str, str]
-    scores: dict[str, Any]
-    errors: Any
-    output: str
-    report: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServeResult:
-    """``url``: the base URL for the openai client (``http://host:port/v1``); ``model_name``: the name clients
-    send as ``model``."""
-
-    url: str
-    model_name: str
+def _load(ref: str) -> Any:
+    """The object a ``"module:attr"`` string names, imported now."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 # ---- the registry --------------------------------------------------------------------------------------------
@@ -88,17 +44,26 @@ class Output:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage. ``settings``, ``run`` and ``result`` are ``"module:attr"`` strings, imported when used, so the
+    registry loads no stage's code; none of the modules they name imports the registry back."""
+
     name: str  # the command, the config section, jobs/<name>.py
     package: str  # where the stage's code lives; its command is <package>.command (register(subparsers))
-    settings: str  # "module:Class" of the section's settings (a ray_e5.config.Section), imported when needed
-    run: Callable[["RayE5Config"], Any]  # adapter returning ``result``
-    result: type
+    settings: str  # "module:Class" of the section's settings (a ray_e5.settings.Section)
+    run: str  # "module:function" of the stage's entry point, ``def <name>(config: RayE5Config) -> <result>``
+    result: str  # "module:Class" of the typed result the entry point returns (a dataclass)
     outputs: tuple[Output, ...]
     help: str
 
     def settings_class(self) -> type:
-        module, _, attr = self.settings.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _load(self.settings)
+
+    def run_function(self) -> Callable[["RayE5Config"], Any]:
+        """The stage's entry point: takes the whole config, returns an instance of :meth:`result_class`."""
+        return _load(self.run)
+
+    def result_class(self) -> type:
+        return _load(self.result)
 
     @property
     def command_module(self) -> str:
@@ -114,61 +79,24 @@ class UnknownStageError(ValueError):
     """A stage name that is not registered; the message lists the accepted ones."""
 
 
-def _run_generate(config: "RayE5Config") -> GenerateResult:
-    from ray_e5.rundir import RunDir
-    from ray_e5.generate.run import generate
-
-    manifest = generate(config)
-    return GenerateResult.from_manifest(manifest, RunDir.of(config.run_dir).synthetic)
-
-
-def _run_train(config: "RayE5Config") -> TrainResult:
-    from ray_e5.rundir import RunDir
-    from ray_e5.train.run import train
-
-    local_dir = Path(train(config))
-    run = RunDir.of(config.run_dir)
-    summary = _read_json(run.join("train", "summary.json"))
-    return TrainResult(embedder_uri=summary.get("embedder", run.embedder), steps=int(summary.get("steps", 0)),
-                       local_dir=local_dir, summary=summary, data=_read_json(run.join("train", "data.json")))
-
-
-def _run_evaluate(config: "RayE5Config") -> EvaluateResult:
-    from ray_e5.evaluate.run import evaluate
-
-    report = evaluate(config)
-    return EvaluateResult(report_paths=dict(report.get("paths") or {}), scores=dict(report.get("scores") or {}),
-                          errors=report.get("errors"), output=str(report.get("output", "")), report=report)
-
-
-def _run_serve(config: "RayE5Config") -> ServeResult:
-    from ray_e5.serve.config import ServeSettings
-    from ray_e5.serve.run import serve
-
-    settings = config.section("serve", ServeSettings)
-    return ServeResult(url=serve(config, blocking=False), model_name=settings.model_name)
-
-
-def _read_json(uri: str) -> dict[str, Any]:
-    from ray_e5 import runs
-
-    return runs.read_json(uri) if runs.exists(uri) else {}
-
-
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("generate", "ray_e5.generate", "ray_e5.generate.config:GenerateSettings", _run_generate, GenerateResult,
+    Stage("generate", "ray_e5.generate", "ray_e5.generate.config:GenerateSettings", "ray_e5.generate.run:generate",
+          "ray_e5.generate.result:GenerateResult",
           (Output("synthetic/", "part-*.parquet shards (the training-example rows + provenance), brainstorm.json "
                                 "(task definitions), manifest.json (examples, by_kind, drops, tokens, cost)"),),
           "LLM-written training examples (the paper's two-step prompting) on Ray Data"),
-    Stage("train", "ray_e5.train", "ray_e5.train.config:TrainSettings", _run_train, TrainResult,
+    Stage("train", "ray_e5.train", "ray_e5.train.config:TrainSettings", "ray_e5.train.run:train",
+          "ray_e5.train.result:TrainResult",
           (Output("train/", "data.json (batch plan: rows read/used per source), run.json, metrics.jsonl, loss.png, "
                             "summary.json, Ray Train checkpoints"),
            Output("embedder/", "the trained embedder: ray_e5.json + adapter/ (LoRA)")),
           "contrastive LoRA fine-tuning of a decoder into an embedder on Ray Train"),
-    Stage("evaluate", "ray_e5.evaluate", "ray_e5.evaluate.config:EvaluateSettings", _run_evaluate, EvaluateResult,
+    Stage("evaluate", "ray_e5.evaluate", "ray_e5.evaluate.config:EvaluateSettings", "ray_e5.evaluate.run:evaluate",
+          "ray_e5.evaluate.result:EvaluateResult",
           (Output("eval/", "results/<model>/<task>.json (per-task cache), report.json, report.md, scores.png"),),
           "MTEB evaluation with the paper's instructions, fanned out over Ray"),
-    Stage("serve", "ray_e5.serve", "ray_e5.serve.config:ServeSettings", _run_serve, ServeResult,
+    Stage("serve", "ray_e5.serve", "ray_e5.serve.config:ServeSettings", "ray_e5.serve.run:serve",
+          "ray_e5.serve.result:ServeResult",
           (Output(None, "an OpenAI-compatible /v1/embeddings endpoint at http://<serve.host>:<serve.port>/v1 "
                         "serving <run_dir>/embedder (nothing written to the run directory)"),),
           "the embedder behind an OpenAI-compatible /v1/embeddings on Ray Serve"),

@@ -30,8 +30,9 @@ def ray_cluster():
     if not ray.is_initialized():
         from ray_e5.cluster import loopback_only
 
-        loopback_only()  # the tests' traffic stays on 127.0.0.1, as a quickstart's does
-        ray.init(num_cpus=int(os.environ.get("RAY_E5_TEST_CPUS", "4")), include_dashboard=False,
+        loopback_only()  # the tests' traffic stays on 127.0.0.1, as a quickstart's does; address "local": a new
+        # cluster of its own, never one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=int(os.environ.get("RAY_E5_TEST_CPUS", "4")), include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
@@ -40,7 +41,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_decoder_dir(tmp_path_factory) -> Path:
     """A random Mistral-shaped decoder with a tokenizer trained on the spot (milliseconds to build)."""
-    from ray_e5.model.testing import tiny_decoder
+    from ray_e5.testing.models import tiny_decoder
 
     return tiny_decoder(tmp_path_factory.mktemp("tiny") / "decoder")
 

@@ -3,7 +3,7 @@ types of ``cluster.yaml`` (its head and its CPU pool), a generation job submitte
 the autoscaler adds CPU-pool nodes for the generation actors, and removes them once they are idle.
 
 The head is started with ``ray start --head --autoscaling-config=<fake config>`` (ports and temp dir of its own,
-as ``bench/cluster_smoke.py``'s ``Cluster`` does; Ray's ``AutoscalingCluster`` runs ``ray stop --force``, which
+as :class:`ray_e5.testing.cluster.Cluster` does; Ray's ``AutoscalingCluster`` runs ``ray stop --force``, which
 would end every Ray on the machine). Its monitor launches fake nodes as local raylets. The generation actors ask
 for more CPUs than the head offers (``generate.actor_cpus`` = a whole CPU-pool node), so they can only run on nodes
 the autoscaler adds; the idle timeout is 0.1 minute. (Ray Data's actor pool starts with one actor and grows into
@@ -13,7 +13,6 @@ max_workers, and none left after idle".)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -23,12 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-cs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cs)
+import ray_e5.testing.cluster as cs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(900)]
 
 POOL = "cpu_pool"
 MAX_NODES = 3  # of the pool's max_workers: bounded for one machine
@@ -77,7 +75,7 @@ def test_generation_job_scales_the_cpu_pool_up_from_zero_and_back(shared_data, t
     temp = Path(tempfile.mkdtemp(prefix="re5a_", dir="/tmp"))
     server = cluster = job = None
     try:
-        server, base_url = cs.test_server(tmp_path, latency=0.5)
+        server, base_url = cs.start_openai_server(tmp_path, latency=0.5)
         port = cs.free_port()
         config_path = tmp_path / "fake-cluster.json"
         config_path.write_text(json.dumps(fake_config(f"127.0.0.1:{port}")))
@@ -126,11 +124,11 @@ def test_generation_job_scales_the_cpu_pool_up_from_zero_and_back(shared_data, t
         assert len(after) == 1 and after[0]["is_head_node"], after
     finally:
         if job is not None and job.poll() is None:
-            cs._kill_tree(job.pid)
+            cs.kill_tree(job.pid)
         if cluster is not None:
             cluster.stop()
         if server is not None:
-            cs._kill_tree(server.pid)
+            cs.kill_tree(server.pid)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ray_e5.capacity import Demand, Offer, unfit
+import ray_e5.testing.cluster as cs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,19 +33,11 @@ def test_a_bundle_no_node_holds_names_the_key_and_the_largest_node():
     assert unfit([Demand("k", "worker", {"CPU": 64.0}, 1)], nodes, types_known=False) == []
 
 
-def _cluster_smoke():
-    spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(600)
 def test_training_that_cannot_fit_a_cluster_of_one_cpu_nodes_stops_at_once(shared_data, tmp_path):
     """configs/smoke.yaml as shipped (a training worker of 2 CPUs) on a head and a worker node of 1 CPU each, the
     cluster a new user may have: the stage stops before starting workers, naming the key, instead of waiting."""
-    cs = _cluster_smoke()
     temp = Path(tempfile.mkdtemp(prefix="re5cap_", dir="/tmp"))
     cluster = cs.Cluster(1, {}, temp, head_cpus=1, worker_cpus=1)
     try:

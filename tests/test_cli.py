@@ -6,7 +6,6 @@ registry is the one place the pipeline reaches stages through), so these tests n
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +16,9 @@ import pytest
 from ray_e5 import stages
 from ray_e5.cli import main
 from ray_e5.config import ConfigError
-from ray_e5.stages import GenerateResult, ServeResult, TrainResult
+from ray_e5.generate.result import GenerateResult
+from ray_e5.serve.result import ServeResult
+from ray_e5.train.result import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -39,8 +40,7 @@ def recorded(monkeypatch, tmp_path):
             return action
         return run
 
-    for name, stage in list(stages.STAGES.items()):
-        monkeypatch.setitem(stages.STAGES, name, dataclasses.replace(stage, run=fake(name)))
+    monkeypatch.setattr(stages.Stage, "run_function", lambda stage: fake(stage.name))
     connected: list = []
     monkeypatch.setattr("ray_e5.cluster.connect", lambda *a, **k: connected.append(a))
     behaviour["train"] = TrainResult(str(tmp_path / "run" / "embedder"), 3, tmp_path / "run" / "embedder")
@@ -179,7 +179,7 @@ def test_validate_command_from_a_shell():
 def test_worker_warning_filter_silences_only_the_known_noise():
     """The PYTHONWARNINGS value given to every worker: is_gradient_checkpointing's FutureWarning is silenced, any
     other FutureWarning still shows."""
-    from ray_e5.cluster import _worker_pythonwarnings
+    from ray_e5.console import _worker_pythonwarnings
 
     code = ("import warnings\n"
             "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
@@ -195,7 +195,7 @@ def test_worker_warning_filter_silences_only_the_known_noise():
 
 
 def test_forwarded_worker_lines_lose_only_the_known_noise():
-    from ray_e5.cluster import drop_noise
+    from ray_e5.console import drop_noise
 
     batch = {"pid": 1, "is_err": True, "lines": [
         "train:  40%|####      | 8/20 [00:10<00:15, 1.2s/step]",

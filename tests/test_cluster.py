@@ -1,7 +1,7 @@
 """A simulated multi-node cluster, as users run it: a head and 2 worker nodes (``ray start``, ports and temp dirs
 of their own, in subprocesses: the session's ``ray_cluster`` is untouched), moto's S3 server on loopback holding
 the run directory and the labeled data, and ``ray job submit --working-dir . -- python jobs/pipeline.py --config
-configs/smoke.yaml --set run_dir=s3://... --set data_dir=s3://...``. Helpers: ``bench/cluster_smoke.py``.
+configs/smoke.yaml --set run_dir=s3://... --set data_dir=s3://...``. Helpers: :mod:`ray_e5.testing.cluster`.
 
 Slow (a few minutes on 2 cores): generation through the OpenAI-compatible test server on up to 4 actors, 6
 training steps of Gemma 3 270M on 2 DeepSpeed ZeRO-2 workers (gloo, cross-device negatives), 100 STS-B pairs.
@@ -9,7 +9,6 @@ training steps of Gemma 3 270M on 2 DeepSpeed ZeRO-2 workers (gloo, cross-device
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -17,12 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-cs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cs)
+import ray_e5.testing.cluster as cs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def cluster(shared_data, tmp_path_factory):
     try:
         moto.create_bucket("ray-e5")
         data_uri = cs.upload_smoke_data(moto, "ray-e5")
-        server, base_url = cs.test_server(base)
+        server, base_url = cs.start_openai_server(base)
         ray = cs.Cluster(2, moto.env, temp)
         yield {"moto": moto, "ray": ray, "data": data_uri, "base_url": base_url, "logs": base,
                "run": "s3://ray-e5/runs/cluster", "serve_port": cs.free_port()}
@@ -43,7 +39,7 @@ def cluster(shared_data, tmp_path_factory):
         if ray is not None:
             ray.stop()
         if server is not None:
-            cs._kill_tree(server.pid)
+            cs.kill_tree(server.pid)
         moto.stop()
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -14,12 +14,11 @@ lasts long enough to lose a node in the middle of it) as the generator, ``ray jo
 and checks: the job succeeded; every synthetic row is there once (ids unique, as many as the manifest says, the
 rows written before the kill all kept); training resumed from its checkpoint in the bucket (a ``resumed`` event in
 ``metrics.jsonl``, steps continuing from it to the end, the learning-rate schedule continuing, not restarting).
-Helpers: ``bench/cluster_smoke.py``.
+Helpers: :mod:`ray_e5.testing.cluster`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -30,12 +29,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-cs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cs)
+import ray_e5.testing.cluster as cs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 RUN = "s3://ray-e5/runs/failures"
 MAX_STEPS = 9
@@ -91,7 +87,7 @@ def failures(shared_data, tmp_path_factory):
         moto.create_bucket("ray-e5")
         data_uri = cs.upload_smoke_data(moto, "ray-e5")
         # 1.5 s an answer, 8 in flight: generation lasts tens of seconds, shards flushed every 2 s
-        server, base_url = cs.test_server(base, latency=1.5)
+        server, base_url = cs.start_openai_server(base, latency=1.5)
         # a head with no CPUs (as cluster.yaml's was): the generation actors and the training workers can only run
         # on worker nodes, so that a killed node always holds some (the driver and Ray Train's controller take 0)
         cluster = cs.Cluster(2, moto.env, temp, head_cpus=0)
@@ -152,11 +148,11 @@ def failures(shared_data, tmp_path_factory):
         yield {"moto": moto, "cluster": cluster, **events}
     finally:
         if job is not None and job.poll() is None:
-            cs._kill_tree(job.pid)
+            cs.kill_tree(job.pid)
         if cluster is not None:
             cluster.stop()
         if server is not None:
-            cs._kill_tree(server.pid)
+            cs.kill_tree(server.pid)
         moto.stop()
         shutil.rmtree(temp, ignore_errors=True)
 

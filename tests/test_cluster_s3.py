@@ -4,24 +4,13 @@ keyed by a remote listing, ``ray-e5 export s3://...``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _smoke_module():
-    spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cs = _smoke_module()
+import ray_e5.testing.cluster as cs
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +84,15 @@ def test_missing_dataset_bucket_and_store_are_named_before_any_work(aws, monkeyp
 
 
 def test_refused_credentials_are_named(tmp_path, monkeypatch):
-    from ray_e5 import runs
+    from ray_e5 import storage
 
     server = cs.start_moto(tmp_path, auth=True)  # refuses every key it did not issue
     try:
         for k, v in server.env.items():
             monkeypatch.setenv(k, v)
-        with pytest.raises(runs.StorageError, match=r"data: 's3://data/x': the object store at http://127.0.0.1:\d+ "
+        with pytest.raises(storage.StorageError, match=r"data: 's3://data/x': the object store at http://127.0.0.1:\d+ "
                                                     r"refused the credentials"):
-            runs.check_access("s3://data/x", "data")
+            storage.check_access("s3://data/x", "data")
     finally:
         server.stop()
 
@@ -111,7 +100,7 @@ def test_refused_credentials_are_named(tmp_path, monkeypatch):
 def test_eval_tasks_and_contamination_sets_from_s3(aws):
     from ray_e5.evaluate.config import EvaluateSettings
     from ray_e5.evaluate.tasks import resolve_tasks
-    from ray_e5.evaluate.testing import toy_tasks
+    from ray_e5.testing.tasks import toy_tasks
     from ray_e5.generate.config import GenerateSettings
     from ray_e5.generate.filters import ContaminationFilter
 

@@ -52,9 +52,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_stage_sections_name_their_keys():
-    cfg = RayE5Config.model_validate({"train": {"bogus": 1}})
     with pytest.raises(ConfigError, match=r"train\.bogus: unknown key"):
-        cfg.section("train", ModelSettings)
+        RayE5Config.model_validate({"train": {"bogus": 1}}).section("train", ModelSettings)
 
 
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "serve.yaml")  # serve.yaml: Ray's deploy schema
@@ -113,9 +112,8 @@ def test_section_that_is_not_a_mapping_is_named():
 
 
 def test_check_sections_validates_a_config_built_without_load_config():
-    cfg = RayE5Config.model_validate({"serve": {"port": 0}, "evaluate": {"num_workers": 0}})
     with pytest.raises(ConfigError) as info:
-        check_sections(cfg)
+        check_sections(RayE5Config.model_validate({"serve": {"port": 0}, "evaluate": {"num_workers": 0}}))
     assert [e.split(":")[0] for e in info.value.errors] == ["evaluate.num_workers", "serve.port"]
     assert check_sections(RayE5Config()) == RayE5Config()  # no sections: the stages' defaults apply
 
@@ -138,3 +136,14 @@ def test_validate_command(tmp_path, capsys):
     assert [line.split(":")[0] for line in out] == ["train.lr", "serve.prot"]
     assert main(["validate", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_the_old_evaluate_models_ref_key_still_loads_with_a_notice_naming_the_new_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluate:\n  models:\n    - {label: base, ref: minilm-l6, max_length: 64}\n")
+    with pytest.warns(FutureWarning, match=re.escape("evaluate.models[].model")):
+        cfg = load_config(path)
+    (entry,) = cfg.evaluate.models
+    assert entry.model == "minilm-l6" and entry.label == "base" and entry.max_length == 64
+    with pytest.raises(ConfigError, match=r"evaluate\.models"):
+        load_config(path, ["evaluate.models=[{ref: minilm-l6, model: gemma3-270m}]"])

@@ -75,6 +75,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cluster  # its driver starts a local Ray of its own
 def test_a_local_cluster_listens_on_loopback_and_joins_a_jobs_runtime_env(tmp_path):
     """A driver inside a job whose --runtime-env-json sets HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM (Ray puts the
     job's config in RAY_JOB_CONFIG_JSON_ENV_VAR): connect() must not name them again (Ray refuses the merge); and

@@ -54,6 +54,7 @@ def _sts_rows(shared_data, n=60):
     return rows_table(rows)
 
 
+@pytest.mark.slow  # the real MiniLM mines over Ray Data (about 110 s on 2 loaded cores)
 def test_minilm_mines_sts_pairs_over_ray_data_and_caches(ray_cluster, shared_data, tmp_path):
     rows = _sts_rows(shared_data)
     settings = MineSettings(num_workers=2, batch_size=16)
@@ -92,6 +93,7 @@ def test_minilm_mines_sts_pairs_over_ray_data_and_caches(ray_cluster, shared_dat
                      str(tmp_path / "strict"), log=logs.append)
 
 
+@pytest.mark.slow  # the train stage end to end (about 50 s)
 def test_train_mines_before_planning_and_names_bad_sources(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.train.run import train
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_e5.config import ConfigError, load_config
-from ray_e5.data.hub import check_datasets, lookups
+from ray_e5.datasets import check_datasets, lookups
 from ray_e5.data.sources import read_rows, source_from_settings
 from ray_e5.train.config import SourceSettings
 

@@ -10,7 +10,7 @@ from ray_e5.evaluate.instructions import (PAPER_INSTRUCTIONS, STS, TYPE_FALLBACK
                                       table_instruction, task_instruction)
 from ray_e5.evaluate.local_tasks import load_local_task
 from ray_e5.evaluate.worker import run_task
-from ray_e5.evaluate.testing import toy_tasks
+from ray_e5.testing.tasks import toy_tasks
 from ray_e5.model import Embedder
 
 

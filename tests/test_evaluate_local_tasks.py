@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from ray_e5.evaluate.encoder import E5Encoder
 from ray_e5.evaluate.local_tasks import LocalTaskError, load_local_task
 from ray_e5.evaluate.worker import run_task
-from ray_e5.evaluate.testing import toy_tasks, write_jsonl, write_task_json
+from ray_e5.testing.tasks import toy_tasks, write_jsonl, write_task_json
 from ray_e5.model import Embedder
 
 
@@ -136,7 +136,7 @@ def test_shared_data_layouts(shared_data):
 def test_largest_task_is_scheduled_first(toys):
     from ray_e5.evaluate.config import TaskEntry
     from ray_e5.evaluate.tasks import largest_first, resolve_tasks
-    from ray_e5.evaluate.testing import SENTENCES
+    from ray_e5.testing.tasks import SENTENCES
 
     entries = [TaskEntry(path=str(toys["toy_sts"])),
                TaskEntry(path=str(toys["toy_retrieval"]), name="toy_retrieval_small", max_samples=2, max_corpus=3),

@@ -12,7 +12,7 @@ import pytest
 from ray_e5.cli import main
 from ray_e5.config import ConfigError, load_config
 from ray_e5.evaluate.run import evaluate
-from ray_e5.evaluate.testing import toy_tasks
+from ray_e5.testing.tasks import toy_tasks
 
 TOYS = ["toy_retrieval", "toy_sts", "toy_bitext"]
 
@@ -29,13 +29,14 @@ def _config(tmp_path, models, tasks, **evaluate_kwargs):
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
 
 
+@pytest.mark.slow  # the evaluate stage end to end, several times (about 55 s)
 def test_fan_out_cache_failures_and_report(ray_cluster, tiny_decoder_dir, toys, tmp_path):
-    models = [{"label": "tiny", "ref": str(tiny_decoder_dir)},
-              {"label": "tiny-plain", "ref": str(tiny_decoder_dir), "instructions": False},
-              {"label": "broken", "ref": str(tmp_path / "no-such-model")}]
+    models = [{"label": "tiny", "model": str(tiny_decoder_dir)},
+              {"label": "tiny-plain", "model": str(tiny_decoder_dir), "instructions": False},
+              {"label": "broken", "model": str(tmp_path / "no-such-model")}]
     tasks = [str(toys[name]) for name in TOYS] + ["STS12"]  # STS12 needs the hub, which is offline here
     config = _config(tmp_path, models, tasks, num_workers=2)
-    report = evaluate(config)
+    report = evaluate(config).report
 
     out = tmp_path / "run" / "eval"
     scores = report["scores"]
@@ -66,12 +67,12 @@ def test_fan_out_cache_failures_and_report(ray_cluster, tiny_decoder_dir, toys, 
     assert saved["scores"] == scores and saved["categories"]["tiny-plain"]["Retrieval"] == pytest.approx(100.0)
 
     # a rerun skips what is finished and retries only what failed
-    again = evaluate(_config(tmp_path, models[:2], [str(toys[name]) for name in TOYS], num_workers=2))
+    again = evaluate(_config(tmp_path, models[:2], [str(toys[name]) for name in TOYS], num_workers=2)).report
     assert again["ran"] == [] and len(again["cached"]) == 6 and again["scores"] == {k: {t: scores[k][t] for t in TOYS}
                                                                                   for k in ("tiny", "tiny-plain")}
     # changing a task's instruction reruns that task only
     changed = evaluate(_config(tmp_path, models[:1], [str(toys[name]) for name in TOYS],
-                               instructions={"toy_sts": "Retrieve sentences with the same meaning"}))
+                               instructions={"toy_sts": "Retrieve sentences with the same meaning"})).report
     assert changed["ran"] == ["tiny/toy_sts"] and sorted(changed["cached"]) == ["tiny/toy_bitext", "tiny/toy_retrieval"]
     assert changed["instructions"]["toy_sts"] == {"all": "Retrieve sentences with the same meaning"}
 
@@ -105,6 +106,7 @@ def test_a_dying_worker_loses_only_its_task(ray_cluster, tiny_decoder_dir, toys)
     assert records["toy_sts"]["status"] == "ok"
 
 
+@pytest.mark.slow  # the evaluate stage end to end against a Serve deployment (about 45 s)
 def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_path):
     """Vectors from the ray-e5 Serve deployment over HTTP give the scores of the same model in-process, with the
     instruction applied by the server (its `instruction` parameter) or by the client (plain OpenAI text)."""
@@ -126,10 +128,10 @@ def test_serve_mode_matches_in_process(ray_cluster, tiny_decoder_dir, toys, tmp_
         serve.run(build_app(settings, str(tiny_decoder_dir)),
                   name="eval-tiny", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        models = [{"label": "served", "ref": "tiny", "endpoint": url},
-                  {"label": "served-client", "ref": "tiny", "endpoint": url + "/v1", "instruction_mode": "client"}]
+        models = [{"label": "served", "model": "tiny", "endpoint": url},
+                  {"label": "served-client", "model": "tiny", "endpoint": url + "/v1", "instruction_mode": "client"}]
         report = evaluate(_config(tmp_path, models, [str(toys["toy_retrieval"]), str(toys["toy_sts"])],
-                                  num_workers=2))
+                                  num_workers=2)).report
     finally:
         serve.shutdown()
     assert report["errors"] == []
@@ -145,7 +147,7 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
 
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "evaluate": {
-        "models": [{"label": "tiny", "ref": str(tiny_decoder_dir), "instructions": False}],
+        "models": [{"label": "tiny", "model": str(tiny_decoder_dir), "instructions": False}],
         "tasks": [str(toys["toy_bitext"])], "cpus_per_worker": 1}}))
     assert main(["evaluate", "--config", str(cfg), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -162,11 +164,12 @@ def test_cli_and_bad_config(ray_cluster, tiny_decoder_dir, toys, tmp_path, capsy
         evaluate(load_config(cfg, ["evaluate.tasks=[]"]))
 
 
+@pytest.mark.slow  # the evaluate stage end to end, twice (about 20 s)
 def test_a_dominant_corpus_is_embedded_in_shards_by_every_worker(ray_cluster, tiny_decoder_dir, toys, tmp_path):
-    models = [{"label": "tiny", "ref": str(tiny_decoder_dir)}]
+    models = [{"label": "tiny", "model": str(tiny_decoder_dir)}]
     tasks = [str(toys["toy_retrieval"])]  # one task: without shards, one of the two workers would idle
-    whole = evaluate(_config(tmp_path / "whole", models, tasks, num_workers=2, shard_min_chars=0))
-    sharded = evaluate(_config(tmp_path / "sharded", models, tasks, num_workers=2, shard_min_chars=1))
+    whole = evaluate(_config(tmp_path / "whole", models, tasks, num_workers=2, shard_min_chars=0)).report
+    sharded = evaluate(_config(tmp_path / "sharded", models, tasks, num_workers=2, shard_min_chars=1)).report
     record = json.loads((tmp_path / "sharded" / "run" / "eval" / "results" / "tiny" / "toy_retrieval.json").read_text())
     assert record["status"] == "ok" and record["corpus_shards"] == 2
     from ray_e5.evaluate.local_tasks import load_local_task

@@ -24,8 +24,8 @@ from ray_e5.generate.parse import Dropped, parse_json, validate_answer
 from ray_e5.generate.plan import brainstorm_requests, expand, per_brainstorm, plan_slots
 from ray_e5.generate.run import generate
 from ray_e5.generate.taxonomy import KINDS, LANGUAGE_NAMES, LANGUAGES, language_weights
-from ray_e5.generate.testing import generation_driver
-from ray_e5.generate.testserver import FAULTS, TestServer
+from ray_e5.testing.generate import generation_driver
+from ray_e5.testing.openai_server import FAULTS, TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
 BRAINSTORM_OPENING = "Think up a list"
@@ -267,7 +267,7 @@ def test_faults_are_dropped_and_counted_and_no_valid_row_is_lost(ray_cluster, tm
     faults = ["ok", "ok", *FAULTS, "ok", "bad_body", "cut", "ok"]
     with TestServer(faults=faults, hang_s=3, retry_after_s=0.05) as server:
         manifest = generate(_config(tmp_path, server.base_url, num_examples=30, request_timeout_s=1.0,
-                                    mix={"short-long": 1, "sts": 1, "long-short": 1}))
+                                    mix={"short-long": 1, "sts": 1, "long-short": 1})).manifest
         calls = list(server.calls)
     rows = _rows(tmp_path)
     assert manifest["examples"] == len(rows) == len({r["id"] for r in rows}) > 0
@@ -295,10 +295,9 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
     # A generous client timeout: a call that times out while the server is still answering is retried, and the
     # server then answers it twice (a real double charge that only a longer timeout avoids), which a loaded
     # 2-core machine would otherwise provoke here.
-    config = _config(tmp_path, "", num_examples=40, concurrency=2, shard_size=3, flush_every_s=0.5,
-                     mix={"short-short": 1, "sts": 1}, request_timeout_s=60.0)
     with TestServer(latency_s=0.15, slots=2) as server:
-        config.generate["base_url"] = server.base_url
+        config = _config(tmp_path, server.base_url, num_examples=40, concurrency=2, shard_size=3,
+                         flush_every_s=0.5, mix={"short-short": 1, "sts": 1}, request_timeout_s=60.0)
         proc = generation_driver(config, address)
         out = tmp_path / "run" / "synthetic"
         deadline = time.monotonic() + 120
@@ -325,7 +324,7 @@ def test_kill_and_resume_writes_no_duplicate_and_never_pays_twice(ray_cluster, t
         assert 0 < len(first) < 40, "the run was not caught mid-way"
         assert (out / "brainstorm.json").exists()
         calls_before = len(server.calls)
-        manifest = generate(config)
+        manifest = generate(config).manifest
         calls = list(server.calls)
         rerun = calls[calls_before:]
     rows = _rows(tmp_path)
@@ -378,7 +377,7 @@ def test_an_actor_killed_mid_batch_is_restarted_and_pays_for_nothing_twice(ray_c
         killer = threading.Thread(target=kill_an_actor_once_it_answered, daemon=True)
         killer.start()
         manifest = generate(_config(tmp_path, server.base_url, num_examples=24, mix={"sts": 1}, concurrency=4,
-                                    request_timeout_s=60.0))
+                                    request_timeout_s=60.0)).manifest
         killer.join(5)
         calls = list(server.calls)
     assert killed, "no generation actor was caught mid-run"
@@ -391,7 +390,7 @@ def test_an_actor_killed_mid_batch_is_restarted_and_pays_for_nothing_twice(ray_c
 def test_time_budget_stops_cleanly(ray_cluster, tmp_path):
     with TestServer(latency_s=0.5, slots=1) as server:  # 60 requests need 30 s; the budget is 15 s
         manifest = generate(_config(tmp_path, server.base_url, mix={"sts": 1}, num_examples=60, time_budget_s=15,
-                                    concurrency=2))
+                                    concurrency=2)).manifest
     assert 0 < manifest["examples"] < 60 and len(_rows(tmp_path)) == manifest["examples"]
     assert manifest["drops_this_run"] == {"skipped_time_budget": 60 - manifest["examples"]}
     assert manifest["wall_seconds_this_run"] < 15 + 10  # stopped at the budget, not after the 30 s of work
@@ -402,15 +401,17 @@ def test_budget_cap_and_rate_limit_hold_across_resumes(ray_cluster, tmp_path):
     kw = dict(mix={"sts": 1}, num_examples=30, max_tokens=100, prices={"test-model": [1000, 1000]}, budget_usd=2.0,
               requests_per_minute=240, concurrency=4)
     with TestServer() as server:
-        manifest = generate(_config(tmp_path, server.base_url, **kw))
+        manifest = generate(_config(tmp_path, server.base_url, **kw)).manifest
         first_calls = list(server.calls)
-        again = generate(_config(tmp_path, server.base_url, **kw))
+        again = generate(_config(tmp_path, server.base_url, **kw)).manifest
         second_calls = server.calls[len(first_calls):]
     assert 0 < manifest["examples"] < 30 and manifest["drops_this_run"]["skipped_budget"] == 30 - manifest["examples"]
     assert manifest["cost_usd"] <= 2.0 and len(first_calls) == manifest["examples"]
     assert again["cost_usd"] <= 2.0 and len(second_calls) + len(first_calls) == again["examples"]
-    span = first_calls[-1].at - first_calls[0].at  # 4 requests per second, about one second of burst
-    assert span >= (len(first_calls) - 4) / 4 * 0.9
+    # 4 requests per second after about one second of burst (4 calls); the first call's arrival may lag its
+    # permit on a loaded machine, so one more call is allowed for that jitter
+    span = first_calls[-1].at - first_calls[0].at
+    assert span >= (len(first_calls) - 5) / 4 * 0.9, (span, len(first_calls))
 
 
 def test_hosted_backend_through_the_cli_keeps_the_key_out_of_everything(ray_cluster, tmp_path):
@@ -471,7 +472,7 @@ def test_end_to_end_llama_cpp_gemma(ray_cluster, tmp_path):
     config = RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": {
         "backend": "llamacpp", "num_examples": 16, "mix": kinds, "languages": ["en"], "max_tokens": 128,
         "brainstorm_max_tokens": 200, "temperature": 0.8, "concurrency": 2, "progress": False}})
-    manifest = generate(config)
+    manifest = generate(config).manifest
     assert manifest["tokens"]["completion"] > 0 and manifest["model"] == "gemma3-270m"
     assert "AVX2 = 1" in manifest["llamacpp_system_info"]
     rows = _rows(tmp_path)

@@ -20,8 +20,8 @@ from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import EmptySyntheticError, GenerateError
 from ray_e5.generate.run import generate
-from ray_e5.generate.testing import generation_driver
-from ray_e5.generate.testserver import TestServer
+from ray_e5.testing.generate import generation_driver
+from ray_e5.testing.openai_server import TestServer
 
 FIELDS = ("id", "kind", "task", "language", "query", "positive", "negative", "prompt_id", "prompt_tokens",
           "completion_tokens")
@@ -70,9 +70,9 @@ def test_batch_rows_equal_the_synchronous_rows_in_parts_under_the_limits(ray_clu
     limits = {"batch_max_requests": 5, "batch_max_bytes": 5000}
     mix = {"short-short": 1, "sts": 1}  # a brainstorm phase, then examples
     with TestServer(deterministic=True, batch_polls=2) as server:
-        sync = generate(_config(tmp_path, server.base_url, "sync", mix=mix, batch_api=False))
+        sync = generate(_config(tmp_path, server.base_url, "sync", mix=mix, batch_api=False)).manifest
         sync_calls = len(server.calls)
-        batch = generate(_config(tmp_path, server.base_url, "batch", mix=mix, **limits))
+        batch = generate(_config(tmp_path, server.base_url, "batch", mix=mix, **limits)).manifest
         lines = list(server.batch_lines)
         uploads = _uploads(server)
         parts = _registry(tmp_path, "batch")
@@ -99,9 +99,8 @@ def test_sigkill_while_polling_then_resume_submits_no_line_twice(ray_cluster, tm
     from ray_e5.generate.batch_api import status
 
     address = ray_cluster.get_runtime_context().gcs_address
-    config = _config(tmp_path, "", num_examples=30, batch_max_requests=8, batch_poll_s=0.1)
     with TestServer(deterministic=True, batch_polls=10**6) as server:  # batches stay in flight until we say so
-        config.generate["base_url"] = server.base_url
+        config = _config(tmp_path, server.base_url, num_examples=30, batch_max_requests=8, batch_poll_s=0.1)
         proc = generation_driver(config, address)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:  # kill once every part has been polled
@@ -124,7 +123,7 @@ def test_sigkill_while_polling_then_resume_submits_no_line_twice(ray_cluster, tm
         for part in before:
             assert part["batch_id"] in printed
         server.app.state.batch_polls = 2
-        manifest = generate(config)  # the rerun re-attaches
+        manifest = generate(config).manifest  # the rerun re-attaches
         lines = list(server.batch_lines)
         answered = [c.request_id for c in server.calls if c.answered]
     rows = _rows(tmp_path)
@@ -168,7 +167,7 @@ def test_a_driver_killed_between_upload_and_batch_id_finds_its_batch(tmp_path):
 ])
 def test_failed_expired_and_error_lines_are_resubmitted_once(ray_cluster, tmp_path, faults, parts):
     with TestServer(batch_faults=faults, batch_polls=1) as server:
-        manifest = generate(_config(tmp_path, server.base_url, batch_max_requests=24 // parts))
+        manifest = generate(_config(tmp_path, server.base_url, batch_max_requests=24 // parts)).manifest
         lines = list(server.batch_lines)
         results = {b: server.batch_results(b) for b in server.batches}
         status = {b: v["status"] for b, v in server.batches.items()}
@@ -202,7 +201,7 @@ def test_budget_refuses_lines_before_they_are_uploaded(ray_cluster, tmp_path):
             generate(_config(tmp_path, server.base_url, "none", budget_usd=0.01, **kw))
         assert not _uploads(server) and not server.batch_lines
         config = _config(tmp_path, server.base_url, budget_usd=2.0, **kw)
-        manifest = generate(config)
+        manifest = generate(config).manifest
         sent = {rid for _, rid in server.batch_lines}
     settings = config.section("generate", GenerateSettings)
     items, _ = expand(settings, plan_slots(settings), {})
@@ -223,7 +222,7 @@ def test_an_upload_refused_for_size_says_which_setting_and_loses_nothing(ray_clu
             generate(_config(tmp_path, server.base_url, num_examples=12))
         assert "sk-batch-test" not in str(err.value)
         assert [p["status"] for p in _registry(tmp_path)] == ["refused"] and not server.batch_lines
-        manifest = generate(_config(tmp_path, server.base_url, num_examples=12, batch_max_bytes=6000))
+        manifest = generate(_config(tmp_path, server.base_url, num_examples=12, batch_max_bytes=6000)).manifest
         sizes = [f["bytes"] for f in _uploads(server)]
     assert manifest["examples"] == 12 and len(sizes) >= 2 and max(sizes) <= 6000
 
@@ -233,7 +232,7 @@ def test_status_command_prints_batches_and_submits_nothing(ray_cluster, tmp_path
         generate(_config(tmp_path, server.base_url, num_examples=8, batch_max_requests=4))
         config_file = tmp_path / "gen.yaml"
         config_file.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "generate": _config(
-            tmp_path, server.base_url).generate}))
+            tmp_path, server.base_url).generate.model_dump(mode="json", exclude_unset=True)}))
         before = (len(server.batches), len(server.files), len(server.batch_lines))
         proc = subprocess.run([sys.executable, "-m", "ray_e5.cli", "generate", "--status", "--config",
                                str(config_file)], capture_output=True, text=True, timeout=120,
@@ -283,7 +282,7 @@ def test_a_brainstorm_batch_that_fails_twice_leaves_its_examples_for_a_rerun(ray
         assert manifest["brainstorm"]["drops_this_run"] == {"skipped_batch_failed": 1}
         assert manifest["drops_this_run"] == {"skipped_batch_failed": 24}  # waiting on it, named for why
     with TestServer(batch_polls=1) as server:  # the provider is back: the rerun sends what never ran
-        manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1}))
+        manifest = generate(_config(tmp_path, server.base_url, mix={"short-short": 1})).manifest
         again = [rid for _, rid in server.batch_lines]
     assert manifest["examples"] == 24 and again.count(lines[0]) == 1 and len(again) == len(set(again)) == 25
 
@@ -293,7 +292,7 @@ def test_azure_batch_api_through_the_azure_client(ray_cluster, tmp_path, monkeyp
     with TestServer(batch_polls=1) as server:
         root = server.base_url.rsplit("/v1", 1)[0]  # Azure's resource endpoint; the client adds /openai/...
         manifest = generate(_config(tmp_path, root, backend="azure", model="my-gpt-4o-mini-batch", num_examples=8,
-                                    prices={"my-gpt-4o-mini-batch": [0.15, 0.6]}))
+                                    prices={"my-gpt-4o-mini-batch": [0.15, 0.6]})).manifest
         endpoints = {b["endpoint"] for b in server.batches.values()}
         auth = {c.authorization for c in server.calls}
     assert manifest["examples"] == 8 and endpoints == {"/chat/completions"} and manifest["cost_usd"] > 0

@@ -26,7 +26,7 @@ from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.journal import JournalState, JournalWriter, read_journal
 from ray_e5.generate.parse import Dropped, parse_tasks, text_problem
 from ray_e5.generate.store import COLUMNS, Store, Tally
-from ray_e5.generate.testserver import HOSTILE, TestServer
+from ray_e5.testing.openai_server import HOSTILE, TestServer
 
 SETTINGS = GenerateSettings(backend="openai", model="gpt-4o-mini")
 ITEM = {"id": "req-0", "kind": "sts", "task": "Retrieve semantically similar text.", "language": "en",

@@ -143,7 +143,7 @@ def test_one_served_writer_answers_both_steps_through_the_hosted_path(ray_cluste
     from ray_e5.config import RayE5Config
     from ray_e5.generate import vllm_server
     from ray_e5.generate.run import generate
-    from ray_e5.generate.testserver import TestServer
+    from ray_e5.testing.openai_server import TestServer
 
     with TestServer() as server:
         started = []
@@ -163,7 +163,7 @@ def test_one_served_writer_answers_both_steps_through_the_hosted_path(ray_cluste
         gen = {"backend": "vllm", "vllm": {"model": "test-model"}, "num_examples": 12, "mix": {"short-long": 1, "sts": 1},
                "tasks_per_brainstorm": 4, "examples_per_task": 2, "concurrency": 4, "progress": False,
                "request_timeout_s": 5.0}
-        manifest = generate(RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": gen}))
+        manifest = generate(RayE5Config.model_validate({"run_dir": str(tmp_path / "run"), "generate": gen})).manifest
         calls = list(server.calls)
     assert started == ["test-model"]  # one engine set for the whole run
     brainstorms = [c for c in calls if c.prompt.startswith("Think up a list")]  # the brainstorm prompt

@@ -4,7 +4,6 @@ let only one of two racing drivers win, and two real `generate` drivers never se
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from ray_e5.lease import Lease, LeaseHeldError, _Conflict, hold_lease
+import ray_e5.testing.cluster as cs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smoke_module():
-    spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "bench" / "cluster_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    cs = _smoke_module()
     cs.require_moto()
     server = cs.start_moto(tmp_path_factory.mktemp("moto"))
     try:
@@ -117,10 +109,11 @@ _DRIVER = ("import json, sys; from ray_e5.config import RayE5Config; from ray_e5
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # the s3 variant's first driver starts a local Ray of its own
 def test_two_generate_drivers_never_send_one_request_twice(run_dir, ray_cluster, tmp_path, monkeypatch):
     from ray_e5.config import RayE5Config
     from ray_e5.generate.run import generate
-    from ray_e5.generate.testserver import TestServer
+    from ray_e5.testing.openai_server import TestServer
 
     remote = run_dir.startswith("s3://")
     # A remote run dir: the first driver starts its own Ray, whose workers inherit the S3 variables set here.

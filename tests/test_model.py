@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ray_e5.config import LoraSettings
 from ray_e5.model import ACCEPTED_FORMS, Embedder, UnknownModelError
-from ray_e5.model.instructions import format_query
+from ray_e5.model.template import format_query
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -213,7 +213,7 @@ def test_bad_items_and_empty_inputs(tiny_decoder_dir):
 
 
 def test_hub_id_is_accepted_form_but_fails_offline_clearly(monkeypatch):
-    from ray_e5.model.sources import resolve_backbone
+    from ray_e5.model.references import resolve_backbone
 
     assert resolve_backbone("mistralai/Mistral-7B-v0.1").path == "mistralai/Mistral-7B-v0.1"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -224,22 +224,22 @@ def test_hub_id_is_accepted_form_but_fails_offline_clearly(monkeypatch):
 def test_a_model_directory_given_as_a_uri_is_copied_once_and_loads(tiny_decoder_dir, tmp_path, monkeypatch):
     import shutil
 
-    from ray_e5 import runs
+    from ray_e5 import storage
 
     monkeypatch.setenv("RAY_E5_CACHE", str(tmp_path / "cache"))
     source = Path(shutil.copytree(tiny_decoder_dir, tmp_path / "stored"))
     uri = source.as_uri()  # file://: the same pyarrow path as s3:// or gs://
-    local = runs.local_copy(uri)
+    local = storage.local_copy(uri)
     (Path(local) / "marker").touch()
-    assert Path(local).is_relative_to(tmp_path / "cache") and runs.local_copy(uri + "/") == local
+    assert Path(local).is_relative_to(tmp_path / "cache") and storage.local_copy(uri + "/") == local
     assert (Path(local) / "marker").exists()  # the second call found the copy and fetched nothing
     (source / "retrained.txt").write_text("a file changed at the source")
-    fresh = runs.local_copy(uri)
+    fresh = storage.local_copy(uri)
     assert fresh != local and (Path(fresh) / "retrained.txt").exists()  # a rewritten directory is fetched again
     np.testing.assert_array_equal(Embedder.load(local).encode(TEXTS), Embedder.load(str(tiny_decoder_dir)).encode(TEXTS))
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        runs.local_copy((tmp_path / "missing").as_uri())
-    assert runs.local_copy("minilm-l6") == "minilm-l6"  # names and plain paths are left as they are
+        storage.local_copy((tmp_path / "missing").as_uri())
+    assert storage.local_copy("minilm-l6") == "minilm-l6"  # names and plain paths are left as they are
 
 
 # ---- dtype: the weights are held in the dtype asked for; vectors, pooling and norms stay float32 --------------
@@ -357,7 +357,7 @@ def test_long_context_settings_reach_the_model_and_survive_save_load_export(tiny
 def _tiny_gemma3(directory: Path) -> Path:
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
 
     if (directory / "config.json").is_file():
         return directory

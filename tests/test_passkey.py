@@ -19,7 +19,7 @@ from ray_e5.evaluate.passkey import (FILLER, PasskeyTask, build_documents, needl
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ray_e5.model.testing import build_tokenizer
+    from ray_e5.testing.models import build_tokenizer
 
     return build_tokenizer()
 
@@ -162,17 +162,17 @@ def test_query_names_the_person():
 # ---- the stage and the report ------------------------------------------------------------------------------------
 def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.evaluate.run import evaluate
-    from ray_e5.evaluate.testing import toy_tasks
+    from ray_e5.testing.tasks import toy_tasks
 
     toys = toy_tasks(tmp_path / "toys", ["toy_bitext", "toy_sts"])
     data = {"run_dir": str(tmp_path / "run"),
-            "evaluate": {"models": [{"label": "tiny", "ref": str(tiny_decoder_dir), "instructions": False},
-                                    {"label": "tiny-short", "ref": str(tiny_decoder_dir), "max_length": 48,
+            "evaluate": {"models": [{"label": "tiny", "model": str(tiny_decoder_dir), "instructions": False},
+                                    {"label": "tiny-short", "model": str(tiny_decoder_dir), "max_length": 48,
                                      "instructions": False}],
                          "tasks": [str(toys["toy_bitext"]), str(toys["toy_sts"]),
                                    {"type": "passkey", "lengths": [160, 320], "max_samples": 4, "depth": 0.95}],
                          "dimensions": [16, 32], "cpus_per_worker": 1, "torch_threads": 1}}
-    report = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()]))
+    report = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])).report
     out = tmp_path / "run" / "eval"
     assert not report["errors"]
     labels = [m["label"] for m in report["models"]]
@@ -212,7 +212,7 @@ def test_stage_reports_passkey_languages_and_widths(ray_cluster, tiny_decoder_di
     assert saved["passkey"]["Passkey"]["accuracy"] == pk["accuracy"]
 
     # a rerun reuses every record, passkey included; the worker loaded each model once for all its widths
-    again = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()]))
+    again = evaluate(load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])).report
     assert again["ran"] == [] and len(again["cached"]) == 18
     pids = {json.loads(p.read_text())["pid"] for p in (out / "results").rglob("*.json")}
     assert len(pids) == 1

@@ -1,6 +1,6 @@
 """A published embedder is whole or absent: a publish interrupted between files leaves the old embedder or none
 (local disk and moto's S3 server), a manifest naming a missing adapter is refused with how to fix it, and
-``runs.local_copy`` keeps object keys inside its cache folder and cleans up interrupted copies."""
+``storage.local_copy`` keeps object keys inside its cache folder and cleans up interrupted copies."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.model.embedder import Embedder, IncompleteEmbedderError
 from ray_e5.rundir import EMBEDDER_FILE, RunDir
 from test_lease import moto  # noqa: F401 - the module's moto server fixture
@@ -115,7 +115,7 @@ def _vectors_or_none(run: RunDir):
     and evaluate then do instead of falling back to the base model)."""
     try:
         where = run.trained_embedder()
-    except runs.StorageError as err:
+    except storage.StorageError as err:
         assert "publish was interrupted" in str(err) and "Rerun `ray-e5 train`" in str(err)
         return None
     return None if where is None else Embedder.load(run.local_embedder()).encode(TEXTS)
@@ -133,19 +133,19 @@ def test_an_interrupted_publish_leaves_the_old_embedder_or_none(store, versions,
         run = RunDir.of(str(tmp_path / "run"))
     (old_dir, old), (new_dir, new) = versions[1], versions[2]
     local = pafs.LocalFileSystem()
-    runs.publish_dir(local, str(old_dir), run.embedder, EMBEDDER_FILE)
+    storage.publish_dir(local, str(old_dir), run.embedder, EMBEDDER_FILE)
     assert np.allclose(_vectors_or_none(run), old)
     files = sum(1 for p in Path(new_dir).rglob("*") if p.is_file())
     assert files >= 3  # the manifest and the adapter's files: there is a "between files"
     states = []
     for after in range(files):  # interrupted after 0, 1, ... files of the new version
         with pytest.raises(KeyboardInterrupt):
-            runs.publish_dir(pafs.PyFileSystem(Interrupting(after)), str(new_dir), run.embedder, EMBEDDER_FILE)
+            storage.publish_dir(pafs.PyFileSystem(Interrupting(after)), str(new_dir), run.embedder, EMBEDDER_FILE)
         got = _vectors_or_none(run)
         assert got is None or np.allclose(got, old), f"a mixed embedder after {after} files"
         states.append("old" if got is not None else "none")
     print(f"{store}: after an interrupted publish:", states)
-    runs.publish_dir(local, str(new_dir), run.embedder, EMBEDDER_FILE)  # a rerun publishes whole
+    storage.publish_dir(local, str(new_dir), run.embedder, EMBEDDER_FILE)  # a rerun publishes whole
     assert np.allclose(_vectors_or_none(run), new)
     if store == "local":
         assert states == ["old"] * files  # a local publish swaps by rename: the old one stays until then
@@ -179,20 +179,20 @@ def test_local_copy_refuses_keys_outside_its_folder_and_cleans_up(moto, tmp_path
     prefix = uuid.uuid4().hex[:8]
     s3.put_object(Bucket="runs", Key=f"{prefix}/embedder/ray_e5.json", Body=b"{}")
     s3.put_object(Bucket="runs", Key=f"{prefix}/embedder/../../evil", Body=b"escaped")
-    with pytest.raises(runs.StorageError, match=rf"'runs/{prefix}/embedder/\.\./\.\./evil': refused"):
-        runs.local_copy(f"s3://runs/{prefix}/embedder")
+    with pytest.raises(storage.StorageError, match=rf"'runs/{prefix}/embedder/\.\./\.\./evil': refused"):
+        storage.local_copy(f"s3://runs/{prefix}/embedder")
     assert not list(tmp_path.rglob("evil")) and not (tmp_path / "cache" / "remote").exists()
 
     # a copy killed half-way leaves a partial folder: the next call removes it and copies whole
     s3.delete_object(Bucket="runs", Key=f"{prefix}/embedder/../../evil")
     s3.put_object(Bucket="runs", Key=f"{prefix}/embedder/adapter/weights", Body=b"w" * 1000)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    where = Path(runs.local_copy(f"s3://runs/{prefix}/embedder"))
+    where = Path(storage.local_copy(f"s3://runs/{prefix}/embedder"))
     assert (where / "adapter" / "weights").read_bytes() == b"w" * 1000 and (where / "ray_e5.json").is_file()
     shutil.rmtree(where)  # as if the copy had never completed: what a killed one leaves is its partial folder
     dead_partial = where.parent / f"{where.name}.partial-{int(dead.stdout)}"
     live_partial = where.parent / f"{where.name}.partial-{os.getppid()}"  # another live process copying: kept
     (dead_partial / "adapter").mkdir(parents=True)
     live_partial.mkdir()
-    assert Path(runs.local_copy(f"s3://runs/{prefix}/embedder")) == where and (where / "adapter" / "weights").is_file()
+    assert Path(storage.local_copy(f"s3://runs/{prefix}/embedder")) == where and (where / "adapter" / "weights").is_file()
     assert not dead_partial.exists() and live_partial.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.net import free_port
 
 
@@ -25,10 +25,10 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
         run = config.run_dir
         for path in ("synthetic/manifest.json", "train/metrics.jsonl", "embedder/ray_e5.json", "embedder/adapter",
                      "eval/report.json", "eval/report.md", "eval/scores.png"):
-            assert runs.exists(runs.join(run, path)), path
-        manifest = runs.read_json(runs.join(run, "synthetic", "manifest.json"))
+            assert storage.exists(storage.join(run, path)), path
+        manifest = storage.read_json(storage.join(run, "synthetic", "manifest.json"))
         assert manifest["examples"] > 0 and sum(manifest["by_kind"].values()) == manifest["examples"]
-        plan = runs.read_json(runs.join(run, "train", "data.json"))
+        plan = storage.read_json(storage.join(run, "train", "data.json"))
         assert plan["sources"]["synthetic"]["used"] > 0, plan["sources"]["synthetic"]  # the rows were trained on
         assert any(run in line for line in lines) and any("OpenAI(base_url=" in line for line in lines)
         summary = next(line for line in lines if line.startswith("[ray-e5] synthetic rows:"))
@@ -41,7 +41,7 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
         response = client.embeddings.create(model="ray-e5-quickstart", input=["A man plays a guitar.", "Rockets."])
         assert len(response.data) == 2 and len(response.data[0].embedding) == 640
 
-        scores = {m: t["stsbenchmark"] for m, t in runs.read_json(runs.join(run, "eval", "report.json"))["scores"].items()}
+        scores = {m: t["stsbenchmark"] for m, t in storage.read_json(storage.join(run, "eval", "report.json"))["scores"].items()}
         print(f"quickstart smoke STS-B (200 pairs) Spearman: {scores}")
         assert scores["trained"] > scores["gemma3-270m"] + 5  # x100 Spearman
 
@@ -52,8 +52,8 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
                                   overrides=[f"serve.port={port}", "generate.num_examples=24",
                                              "generate.time_budget_s=60"])
         run_quickstart(again, log=lines.append)
-        second = runs.read_json(runs.join(run, "synthetic", "manifest.json"))
+        second = storage.read_json(storage.join(run, "synthetic", "manifest.json"))
         assert second["runs"] == 2 and second["examples"] >= manifest["examples"]
-        assert runs.exists(runs.join(run, "embedder", "ray_e5.json"))
+        assert storage.exists(storage.join(run, "embedder", "ray_e5.json"))
     finally:
         shutdown()

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from ray_e5.serve.batching import ContinuousBatcher
+from ray_e5.serve.batcher import ContinuousBatcher
 
 
 class GatedForward:
@@ -148,7 +148,7 @@ def test_an_idle_model_waits_briefly_so_near_simultaneous_arrivals_share_the_fir
 def test_queue_bounds_refuse_at_once_and_admit_again_when_drained():
     """Past max_queued_requests (or max_queued_tokens) a request is refused with Overloaded, never queued; the batch
     computing does not count; once the queue drains, requests are admitted again."""
-    from ray_e5.serve.batching import Overloaded
+    from ray_e5.serve.batcher import Overloaded
 
     async def main():
         forward = GatedForward()

@@ -311,6 +311,7 @@ def _status(url: str, key: str | None) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_the_drivers_key_is_enforced_on_a_ray_start_cluster_and_rotates(head, tmp_path):
     from openai import OpenAI
 

@@ -60,12 +60,39 @@ def test_every_stage_has_a_job_entry_point_running_its_command(name):
 def test_every_stage_documents_its_outputs(name):
     stage = STAGES[name]
     assert stage.outputs and all(out.what for out in stage.outputs)
-    assert dataclasses.is_dataclass(stage.result)
+    assert dataclasses.is_dataclass(stage.result_class())
     docs = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     for out in stage.outputs:
         if out.path is not None:
             assert f"{out.path}" in docs, f"{out.path} ({name}) is not described in docs/ARCHITECTURE.md"
     assert f"`{name}`" in docs
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_entry_point_returns_its_typed_result(name):
+    """The registry names the stage package's own entry point, ``def <name>(config) -> <Result>``, and its result
+    class: a dataclass with a concrete type on every field."""
+    stage = STAGES[name]
+    module, _, function = stage.run.partition(":")
+    assert module == f"{stage.package}.run" and function == name
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    assert [a.arg for a in entry.args.args][:1] == ["config"]
+    assert ast.unparse(entry.returns) == stage.result.partition(":")[2]
+    cls = stage.result_class()
+    assert dataclasses.is_dataclass(cls)
+    assert all(f.type != "Any" for f in dataclasses.fields(cls)), dataclasses.fields(cls)
+
+
+def test_result_modules_import_light():
+    """The pipeline and the commands name the results without loading a stage's code, torch or ray."""
+    modules = sorted({stage.result.partition(":")[0] for stage in STAGES.values()})
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}];"
+            "print(sorted(m for m in sys.modules if m.startswith('ray_e5')), 'torch' in sys.modules, "
+            "'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    packages = sorted({"ray_e5", *modules, *(m.rpartition(".")[0] for m in modules)})
+    assert out == f"{packages} False False", out
 
 
 def test_unknown_stage_names_are_all_listed():
@@ -77,8 +104,9 @@ def test_unknown_stage_names_are_all_listed():
 
 
 def test_jobs_cover_the_pipeline_too():
+    """A job per stage, the pipeline's, and those of the commands beside the pipeline (embed: a corpus to vectors)."""
     assert (ROOT / "jobs" / "pipeline.py").is_file()
-    assert {p.stem for p in (ROOT / "jobs").glob("*.py")} == {*STAGES, "pipeline"}
+    assert {p.stem for p in (ROOT / "jobs").glob("*.py")} == {*STAGES, "pipeline", "embed"}
 
 
 # ---- import structure ----------------------------------------------------------------------------------------
@@ -100,9 +128,11 @@ def test_no_command_module_imports_the_cli_back():
 
 
 def test_pipeline_does_not_import_stage_packages():
-    """The pipeline reaches the stages through the registry only (serve imports nothing of the pipeline back)."""
+    """The pipeline reaches the stages through the registry only (serve imports nothing of the pipeline back); it
+    may name the stages' typed results, the small modules the registry names as each stage's ``result``."""
+    results = {stage.result.partition(":")[0] for stage in STAGES.values()}
     for path in (ROOT / "ray_e5" / "pipeline").glob("*.py"):
-        stage_imports = {m for m in _imports(path) if m.startswith(("ray_e5.serve", "ray_e5.train", "ray_e5.evaluate"))}
+        stage_imports = {m for m in _imports(path) if m.startswith(tuple(f"ray_e5.{s}" for s in STAGES))} - results
         assert not stage_imports, (path.name, stage_imports)
 
 

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from ray_e5.train.loss import LossInputs, info_nce
-from ray_e5.train.testing import spawn, step_gradients
+from ray_e5.train.config import TrainSettings
+from ray_e5.train.loss import CoSENT, InfoNCE, LossInputs, Matryoshka, SourceLoss, build_loss
+from ray_e5.testing.train import spawn, step_gradients
+
+
+def _loss(**settings):
+    """The loss the training loop builds from ``train:`` settings (temperature 0.05 unless given)."""
+    return build_loss(TrainSettings(**{"temperature": 0.05, **settings}))
 
 
 def _unit(rows, dim=8, seed=0):
@@ -31,14 +37,14 @@ def test_info_nce_matches_the_formula_with_masks():
     valid = torch.tensor([True, False, True, True])
     fn = torch.zeros(4, 8, dtype=torch.bool)
     fn[0, 2] = fn[3, 5] = True
-    loss = info_nce(LossInputs(q, p, n, valid, fn), temperature=0.05)
+    loss = InfoNCE(temperature=0.05)(LossInputs(q, p, n, valid, fn))
     docs = torch.cat([p, n])
     keep = [[not fn[i, j] and (j < 4 or bool(valid[j - 4])) for j in range(8)] for i in range(4)]
     assert float(loss) == pytest.approx(_reference(q, docs, keep, 0.05), rel=1e-5)
     # Without masks every document counts, and the loss differs.
-    assert float(info_nce(LossInputs(q, p, n), 0.05)) != pytest.approx(float(loss), rel=1e-3)
+    assert float(InfoNCE(0.05)(LossInputs(q, p, n))) != pytest.approx(float(loss), rel=1e-3)
     # In-batch only.
-    plain = info_nce(LossInputs(q, p), temperature=0.05)
+    plain = InfoNCE(temperature=0.05)(LossInputs(q, p))
     assert float(plain) == pytest.approx(_reference(q, p, [[True] * 4] * 4, 0.05), rel=1e-5)
 
 
@@ -47,8 +53,8 @@ def test_symmetric_info_nce_adds_each_positive_over_the_queries():
     fn = torch.zeros(4, 8, dtype=torch.bool)
     fn[0, 2] = True  # query 0's positive equals document 2: query 0 is no negative for document 2
     inputs = LossInputs(q, p, n, torch.ones(4, dtype=torch.bool), fn)
-    one_way = float(info_nce(inputs, 0.05))
-    both = float(info_nce(inputs, 0.05, symmetric=True))
+    one_way = float(InfoNCE(0.05)(inputs))
+    both = float(InfoNCE(0.05, symmetric=True)(inputs))
     keep_back = [[not fn[j, i] for j in range(4)] for i in range(4)]  # [document i][query j]
     backward = _reference(p, q, keep_back, 0.05)  # each positive's softmax over the queries, no hard negatives
     assert both == pytest.approx((one_way + backward) / 2, rel=1e-5)
@@ -74,8 +80,8 @@ def test_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
     """Loss and gradients (fp32) of 2 gloo workers x batch 4 with cross-device negatives == 1 worker x batch 8."""
     row = _global_batch(8)
     variants = [(None, False), (3, True)]  # plain, and gradient-cached in chunks of 3
-    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
-    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants, _loss())
+    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants, _loss())
     largest = max(float(g.abs().max()) for g in one["runs"][0]["grads"].values())
     assert largest > 0.1  # gradients worth comparing
     for k in range(len(variants)):
@@ -89,10 +95,10 @@ def test_symmetric_loss_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder
     """The reverse direction too: 2 gloo workers x batch 4 == 1 worker x batch 8, plain and gradient-cached."""
     row = _global_batch(8)
     variants = [(None, False), (3, True)]
-    args = (str(tiny_decoder_dir), row, {"engine": "torch"}, variants, 0.05, True, True)
+    args = (str(tiny_decoder_dir), row, {"engine": "torch"}, variants, _loss(symmetric_loss=True))
     one = step_gradients(0, 1, *args)
     two = spawn(step_gradients, 2, *args)
-    one_way = step_gradients(0, 1, *args[:-1], False)
+    one_way = step_gradients(0, 1, *args[:-1], _loss())
     assert one["runs"][0]["loss"] != pytest.approx(one_way["runs"][0]["loss"], rel=1e-3)  # the reverse term counts
     assert max(float(g.abs().max()) for g in one["runs"][0]["grads"].values()) > 0.1
     for k in range(len(variants)):
@@ -101,12 +107,10 @@ def test_symmetric_loss_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder
 
 
 def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
-    from ray_e5.train.loss import contrastive_loss
-
     q, p, n = _unit(4, dim=16, seed=4), _unit(4, dim=16, seed=5), _unit(4, dim=16, seed=6)
     valid = torch.tensor([True, True, False, True])
     dims = [4, 8, 16]
-    loss = contrastive_loss(LossInputs(q, p, n, valid), 0.05, cross_device=False, matryoshka_dims=dims)
+    loss = Matryoshka(InfoNCE(0.05, cross_device=False), dims)(LossInputs(q, p, n, valid))
     expected = 0.0
     for d in dims:  # by hand: cut each vector to its first d components, re-normalise, then the plain formula
         cut = [torch.nn.functional.normalize(x[:, :d], dim=-1) for x in (q, p, n)]
@@ -114,7 +118,7 @@ def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
         keep = [[j < 4 or bool(valid[j - 4]) for j in range(8)] for _ in range(4)]
         expected += _reference(cut[0], docs, keep, 0.05)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-    full = contrastive_loss(LossInputs(q, p, n, valid), 0.05, cross_device=False)
+    full = InfoNCE(0.05, cross_device=False)(LossInputs(q, p, n, valid))
     assert float(full) == pytest.approx(_reference(q, torch.cat([p, n]), keep, 0.05), rel=1e-5)
     assert float(loss) > float(full)  # three widths, each a loss of its own
 
@@ -122,7 +126,7 @@ def test_matryoshka_loss_is_the_sum_of_infonce_at_each_truncated_width():
 def test_matryoshka_gradients_are_the_same_with_gradient_caching(tiny_decoder_dir):
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
-    from ray_e5.train.testing import lora_embedder, settings
+    from ray_e5.testing.train import lora_embedder, settings
 
     row = _global_batch(6)
     opts = settings(engine="torch", lr=0.0)
@@ -131,12 +135,12 @@ def test_matryoshka_gradients_are_the_same_with_gradient_caching(tiny_decoder_di
     engine = make_engine(embedder, opts, total_steps=10, dtype="fp32", micro_batch=6)
     texts = prepare(row, 0, 1, embedder.settings.instruction_template)
     runs = []
+    matryoshka = _loss(matryoshka_dims=[dim // 4, dim // 2, dim])
     for chunk, cache in ((None, False), (2, True)):
-        result = train_step(engine, engine.module, texts, 0.05, chunk_size=chunk, gradient_cache=cache,
-                            matryoshka_dims=(dim // 4, dim // 2, dim))
+        result = train_step(engine, engine.module, texts, matryoshka, chunk_size=chunk, gradient_cache=cache)
         runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
         engine.step()
-    plain = train_step(engine, engine.module, texts, 0.05)
+    plain = train_step(engine, engine.module, texts, _loss())
     assert runs[0]["loss"] > plain.loss > 0  # the extra widths add their own terms
     _assert_same(runs[1], runs[0])
 
@@ -150,18 +154,18 @@ def _graded_batch(size=8):
 
 
 def test_cosent_matches_the_formula_and_ignores_ties():
-    from ray_e5.train.loss import contrastive_loss, cosent
-
     q, p = _unit(5, seed=7), _unit(5, seed=8)
     scores = torch.tensor([4.0, 1.0, 2.5, 1.0, 0.0])
-    loss = cosent(LossInputs(q, p, scores=scores), temperature=0.05, cross_device=False)
+    cosent = CoSENT(scale=1 / 0.05, cross_device=False)
+    loss = cosent(LossInputs(q, p, scores=scores))
     cos = [float(q[i] @ p[i]) for i in range(5)]
     terms = [math.exp((cos[j] - cos[i]) / 0.05) for i in range(5) for j in range(5) if scores[i] > scores[j]]
     assert len(terms) == 9  # 10 pairs of pairs, one tie (1.0, 1.0) left out
     assert float(loss) == pytest.approx(math.log(1 + sum(terms)), rel=1e-5)
     # Through the dispatch: a batch with scores is CoSENT, without them InfoNCE.
-    assert float(contrastive_loss(LossInputs(q, p, scores=scores), 0.05, cross_device=False)) == pytest.approx(float(loss))
-    assert float(contrastive_loss(LossInputs(q, p), 0.05, cross_device=False)) != pytest.approx(float(loss), rel=1e-3)
+    source = SourceLoss(InfoNCE(0.05, cross_device=False), cosent)
+    assert float(source(LossInputs(q, p, scores=scores))) == pytest.approx(float(loss))
+    assert float(source(LossInputs(q, p))) != pytest.approx(float(loss), rel=1e-3)
     # Cosines ranked as the scores rank lose less than the same cosines ranked the other way.
     order = torch.argsort(scores)
     aligned = torch.empty(5)
@@ -174,9 +178,56 @@ def test_cosent_matches_the_formula_and_ignores_ties():
         v = torch.stack([torch.cos(torch.acos(c) + math.pi / 4), torch.sin(torch.acos(c) + math.pi / 4)], dim=-1)
         return LossInputs(unit, v, scores=scores)
 
-    good = float(cosent(with_cosines(aligned), 0.05, cross_device=False))
-    bad = float(cosent(with_cosines(reversed_), 0.05, cross_device=False))
+    good = float(cosent(with_cosines(aligned)))
+    bad = float(cosent(with_cosines(reversed_)))
     assert good < 1.0 < bad
+
+
+def _cosent_reference(q, p, scores, t):
+    """log(1 + sum over pairs i, j with score_i > score_j of exp((cos_j - cos_i) / t)) (plain Python)."""
+    cos = [float(q[i] @ p[i]) for i in range(q.shape[0])]
+    n = len(cos)
+    return math.log(1 + sum(math.exp((cos[j] - cos[i]) / t) for i in range(n) for j in range(n)
+                            if scores[i] > scores[j]))
+
+
+def test_build_loss_gives_the_loss_its_settings_describe():
+    """The loss the loop builds from settings, on one fixed batch: InfoNCE plain and symmetric, with false negatives
+    masked or not, summed over Matryoshka widths, and CoSENT on a graded batch, each equal to its formula."""
+    q, p, n = _unit(4, dim=16, seed=9), _unit(4, dim=16, seed=10), _unit(4, dim=16, seed=11)
+    valid = torch.tensor([True, False, True, True])
+    fn = torch.zeros(4, 8, dtype=torch.bool)
+    fn[1, 3] = fn[2, 0] = True
+    scores = torch.tensor([3.0, 0.5, 2.0, 0.5])
+    unit = torch.nn.functional.normalize
+
+    def infonce(dims=(16,), masked=True, symmetric=False):
+        total = 0.0
+        for d in dims:
+            qd, pd, nd = (unit(x[:, :d], dim=-1) for x in (q, p, n))
+            keep = [[not (masked and fn[i, j]) and (j < 4 or bool(valid[j - 4])) for j in range(8)] for i in range(4)]
+            forward = _reference(qd, torch.cat([pd, nd]), keep, 0.05)
+            back = _reference(pd, qd, [[not (masked and fn[j, i]) for j in range(4)] for i in range(4)], 0.05)
+            total += (forward + back) / 2 if symmetric else forward
+        return total
+
+    def cosent(dims=(16,)):
+        return sum(_cosent_reference(unit(q[:, :d], dim=-1), unit(p[:, :d], dim=-1), scores, 0.05) for d in dims)
+
+    ranked, graded = LossInputs(q, p, n, valid, fn), LossInputs(q, p, scores=scores)
+    cases = [({}, infonce(), cosent()),
+             ({"symmetric_loss": True}, infonce(symmetric=True), cosent()),
+             ({"mask_false_negatives": False}, infonce(masked=False), cosent()),
+             ({"matryoshka_dims": [8, 4]}, infonce((4, 8)), cosent((4, 8))),
+             ({"matryoshka_dims": [4, 16], "symmetric_loss": True}, infonce((4, 16), symmetric=True), cosent((4, 16)))]
+    for settings, expected_infonce, expected_cosent in cases:
+        loss = _loss(**settings)
+        assert float(loss(ranked)) == pytest.approx(expected_infonce, rel=1e-5), settings
+        assert float(loss(graded)) == pytest.approx(expected_cosent, rel=1e-5), settings
+        assert loss.cross_device and loss.backward_scale() == 1.0  # no process group: one worker
+    assert len({round(e, 4) for _, e, _ in cases}) == len(cases)  # every setting changes the loss
+    assert not _loss(cross_device_negatives=False).cross_device
+    assert not _loss(mask_false_negatives=False, matryoshka_dims=[4]).mask_false_negatives
 
 
 def test_cosent_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
@@ -188,8 +239,8 @@ def test_cosent_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
     assert texts.scores is not None and texts.scores.tolist() == row["score"] and texts.negatives == []
     assert texts.false_negatives is None  # no in-batch negatives to mask
     variants = [(None, False), (3, True)]
-    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
-    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants)
+    one = step_gradients(0, 1, str(tiny_decoder_dir), row, {"engine": "torch"}, variants, _loss())
+    two = spawn(step_gradients, 2, str(tiny_decoder_dir), row, {"engine": "torch"}, variants, _loss())
     assert max(float(g.abs().max()) for g in one["runs"][0]["grads"].values()) > 0.01
     _assert_same(one["runs"][1], one["runs"][0])
     for k in range(len(variants)):

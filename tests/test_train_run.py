@@ -100,6 +100,7 @@ def test_train_cli_deepspeed_two_workers_end_to_end(ray_cluster, tiny_decoder_di
     np.testing.assert_allclose(merged.encode(texts), trained.encode(texts), atol=1e-4)
 
 
+@pytest.mark.slow  # the train stage end to end on 2 workers (about 45 s)
 def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decoder_dir, tmp_path):
     """A ``loss: cosent`` source through the whole path (rows with scores, plan, Ray Data, two workers): its batches
     train with a finite loss, and a record that is not a scored pair is counted, not trained."""
@@ -112,7 +113,7 @@ def test_graded_source_trains_with_cosent_on_two_workers(ray_cluster, tiny_decod
     graded.write_text("\n".join(lines) + "\n")
     config = _config(tmp_path, tiny_decoder_dir, num_workers=2, checkpoint_every=100)
     config["train"]["sources"].append({"path": str(graded), "name": "graded", "loss": "cosent"})
-    path = train(RayE5Config.model_validate(config))
+    path = train(RayE5Config.model_validate(config)).local_dir
     run_dir = tmp_path / "run"
     data = json.loads((run_dir / "train" / "data.json").read_text())
     assert data["sources"]["graded"]["valid"] == 16 and data["sources"]["graded"]["used"] == 16
@@ -147,7 +148,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
 
     def run():
         try:
-            outcome["path"] = train(config)
+            outcome["path"] = train(config).local_dir
         except BaseException as err:  # surfaced by the assertion below
             outcome["error"] = err
 
@@ -185,11 +186,12 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_decoder_di
     Embedder.load(run_dir / "embedder")
 
 
+@pytest.mark.slow  # the train stage end to end (about 40 s)
 def test_time_limit_stops_cleanly_with_what_is_trained(ray_cluster, tiny_decoder_dir, tmp_path):
     from ray_e5.train.run import train
 
     config = RayE5Config.model_validate(_config(tmp_path, tiny_decoder_dir, epochs=50, max_time_s=1.0))
-    path = train(config)
+    path = train(config).local_dir
     summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] < summary["planned_steps"]
     assert Embedder.load(path).encode(["question"]).shape == (1, 64)
@@ -215,6 +217,7 @@ def test_config_errors_name_the_key(ray_cluster, tiny_decoder_dir, tmp_path, cap
     assert "train.temperature: Input should be greater than 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the train stage end to end, twice (about 100 s)
 def test_a_run_with_other_settings_starts_fresh_with_a_printed_reason(ray_cluster, tiny_decoder_dir, tmp_path,
                                                                          capsys):
     from ray_e5.train.run import train

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_e5.train.testing import spawn, step_gradients
+from ray_e5.testing.train import spawn, step_gradients
+from ray_e5.train.config import TrainSettings
+from ray_e5.train.loss import build_loss
 
 ROW = {"query": [f"query number {i} about the fox" for i in range(8)],
        "positive": [f"positive document {i} quick brown" for i in range(8)],
@@ -20,9 +22,10 @@ def test_gradient_cache_under_zero(tiny_decoder_dir, stage):
     # Partition every parameter, however small (DeepSpeed keeps ones under 1e5 elements whole by default, which
     # would leave the tiny decoder unpartitioned under ZeRO-3).
     extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    loss = build_loss(TrainSettings(temperature=0.05))
     ranks = spawn(step_gradients, 2, str(tiny_decoder_dir), ROW,
-                  {"engine": "deepspeed", "zero_stage": stage, "deepspeed": extra}, variants)
-    reference = step_gradients(0, 1, str(tiny_decoder_dir), ROW, {"engine": "torch"}, [(None, False)])["runs"][0]
+                  {"engine": "deepspeed", "zero_stage": stage, "deepspeed": extra}, variants, loss)
+    reference = step_gradients(0, 1, str(tiny_decoder_dir), ROW, {"engine": "torch"}, [(None, False)], loss)["runs"][0]
     for rank in ranks:
         if stage == 3:
             assert rank["partitioned"] == rank["trainable"] > 0

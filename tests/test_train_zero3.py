@@ -23,8 +23,8 @@ DEEPSPEED_FIXED = 80 * MB
 
 @pytest.fixture(scope="module")
 def mid_decoder(tmp_path_factory):
-    from ray_e5.model.testing import tiny_decoder
-    from ray_e5.train.testing import model_bytes
+    from ray_e5.testing.models import tiny_decoder
+    from ray_e5.testing.train import model_bytes
 
     path = tiny_decoder(tmp_path_factory.mktemp("mid") / "decoder", hidden_size=768, layers=8)
     sizes = model_bytes(str(path))
@@ -38,7 +38,7 @@ def _mb(rank: dict) -> str:
 
 @pytest.mark.slow  # two DeepSpeed workers, twice, on a 171 MB model (about 28 s on 2 cores)
 def test_zero3_partitions_at_load(mid_decoder, monkeypatch):
-    from ray_e5.train.testing import spawn, zero3_load_memory
+    from ray_e5.testing.train import spawn, zero3_load_memory
 
     path, sizes = mid_decoder
     world = 2
@@ -65,7 +65,7 @@ def test_zero3_partitions_at_load(mid_decoder, monkeypatch):
 
 def test_zero3_load_config_only_for_zero3():
     from ray_e5.train.engines import zero3_load_config
-    from ray_e5.train.testing import settings
+    from ray_e5.testing.train import settings
 
     assert zero3_load_config(settings(engine="deepspeed", zero_stage=2), "bf16", 4) is None
     assert zero3_load_config(settings(engine="torch", zero_stage=3), "bf16", 4) is None

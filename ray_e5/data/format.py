@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ray_e5.model.instructions import DEFAULT_TEMPLATE, format_query
+from ray_e5.model.template import DEFAULT_TEMPLATE, format_query
 
 
 def format_queries(queries: Sequence[str], tasks: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:

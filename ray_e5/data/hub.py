@@ -1,10 +1,10 @@
-"""Datasets named as users name them: a Hugging Face dataset (``hf:``), an mteb task (``mteb:``), or a path under
-``data_dir`` (a local mirror that serves the same entries offline).
+"""One Hugging Face dataset (``hf:``) read as our rows: whether the Hub (or a local copy) can serve it, and its rows
+as local files.
 
 An entry with both a path and a Hub name is read from ``data_dir/path`` when that is present, else from the Hub
-through ``datasets.load_dataset`` (its cache and ``HF_HUB_OFFLINE`` honoured). :func:`check_datasets` finds, before
-any work starts, every entry that neither place can serve, so a machine without the mirror and without the Hub
-stops at once with one message naming each missing dataset, rather than after generation has run.
+through ``datasets.load_dataset`` (its cache and ``HF_HUB_OFFLINE`` honoured). Finding every dataset a whole config
+names before any work starts is :mod:`ray_e5.datasets`'s, a layer above: this module reads one entry, whichever
+section it comes from, and imports no stage's settings.
 
 Hub rows are mapped to our row contract by ``columns`` (ours: theirs) and written once as a Parquet file (training
 sources) or a task folder (evaluation tasks) under the ``datasets`` cache, keyed by the dataset's fingerprint, so
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_e5 import runs
-from ray_e5.config import ConfigError
+from ray_e5 import storage
+from ray_e5.settings import ConfigError
 
 #: the columns a training row or an evaluation row may carry (ray_e5/data/schema.py, ray_e5/evaluate/local_tasks.py)
 ROW_COLUMNS = ("query", "positive", "negative", "sentence1", "sentence2", "score", "labels", "text", "label",
@@ -33,26 +32,6 @@ HUB_SPLITS = {"dev": "validation"}
 def hub_split(split: str | None) -> str | None:
     """The Hub's name of a mirror split (``dev`` is ``validation`` there)."""
     return HUB_SPLITS.get(split, split) if split else split
-
-
-class MissingDatasetsError(ConfigError):
-    """Datasets that neither the mirror under ``data_dir`` nor the Hub can serve; one line per dataset."""
-
-    def __str__(self) -> str:
-        return (f"{len(self.errors) - 1} datasets are neither under data_dir nor on the Hub:\n"
-                + "\n".join(f"  {line}" for line in self.errors))
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """Where one configured dataset was looked for and what was found."""
-
-    key: str  # "train.sources.0", "evaluate.tasks.2"
-    label: str  # what the user calls it: the name, path or Hub id
-    mirror: str | None  # the mirror location (data_dir/path), when the entry has a path
-    hub: str | None  # "hf dataset ORG/NAME (config C, split S)" or "mteb task NAME", when the entry names one
-    found: str | None  # "mirror", "hub", or None
-    why: str = ""  # why the Hub could not serve it
 
 
 def hub_offline() -> bool:
@@ -104,98 +83,6 @@ def hub_status(repo_id: str) -> str:
     except Exception as err:  # noqa: BLE001 - any network failure means the same here
         return f"the Hub is unreachable ({type(err).__name__})"
     return ""
-
-
-def mteb_dataset(name: str) -> str:
-    """The Hub dataset behind an mteb task name (ConfigError for a name mteb does not know)."""
-    from ray_e5.evaluate.tasks import hub_task
-    from ray_e5.evaluate.config import TaskEntry
-
-    return hub_task(TaskEntry(name=name)).metadata.dataset["path"]
-
-
-def _mirror_present(uri: str) -> bool:
-    try:
-        return runs.exists(uri)
-    except Exception:  # noqa: BLE001 - an unreachable store is an absent mirror here
-        return False
-
-
-def _describe_hf(entry: Any, default_split: str) -> str:
-    parts = [f"config {entry.config}"] if entry.config else []
-    parts.append(f"split {hub_split(entry.split) or default_split}")
-    return f"hf dataset {entry.hf} ({', '.join(parts)})"
-
-
-def locate(key: str, entry: Any, data_dir: str | None, default_split: str, ask_hub: bool = True) -> Lookup:
-    """Where ``entry`` (a train source or an evaluation task entry) will be read from (``ask_hub=False``: the
-    mirror only; an entry it lacks is reported not found, the Hub unasked)."""
-    path, hf, mteb = getattr(entry, "path", None), getattr(entry, "hf", None), getattr(entry, "mteb", None)
-    if mteb is None and not path and not hf and getattr(entry, "name", None) and getattr(entry, "type", None) is None:
-        mteb = entry.name  # an evaluation task named by its mteb name only
-    label = getattr(entry, "name", None) or path or hf or mteb or key
-    mirror = None
-    if path:
-        mirror = runs.data_uri(data_dir, path) if data_dir is not None else runs.absolute(path)
-        if _mirror_present(mirror):
-            return Lookup(key, label, mirror, None, "mirror")
-    if not ask_hub:
-        return Lookup(key, label, mirror, None, None, "the Hub was not asked")
-    if hf:
-        why = hub_status(hf)
-        return Lookup(key, label, mirror, _describe_hf(entry, default_split), None if why else "hub", why)
-    if mteb:
-        try:
-            why = hub_status(mteb_dataset(mteb))
-        except ConfigError as err:
-            why = str(err)
-        return Lookup(key, label, mirror, f"mteb task {mteb}", None if why else "hub", why)
-    return Lookup(key, label, mirror, None, None)
-
-
-def lookups(config, ask_hub: bool = True) -> list[Lookup]:
-    """Every dataset the config's train and evaluate sections name, and where each is found."""
-    from ray_e5.evaluate.config import EvaluateSettings
-    from ray_e5.train.config import TrainSettings
-
-    found = []
-    if config.train is not None:
-        train = config.section("train", TrainSettings)
-        found += [locate(f"train.sources.{i}", s, config.data_dir, "train", ask_hub) for i, s in enumerate(train.sources)]
-    if config.evaluate is not None:
-        evaluate = config.section("evaluate", EvaluateSettings)
-        for i, task in enumerate(evaluate.task_entries(config.data_dir)):
-            if task.type != "passkey":
-                found.append(locate(f"evaluate.tasks.{i}", task, config.data_dir, "test", ask_hub))
-    return found
-
-
-def missing_message(missing: list[Lookup], data_dir: str) -> list[str]:
-    lines = []
-    for m in missing:
-        where = []
-        if m.mirror:
-            where.append(f"not at {m.mirror} (under data_dir {data_dir})")
-        if m.hub:
-            where.append(f"{m.hub}: {m.why}")
-        elif not m.mirror:
-            where.append("names neither a path nor a Hub dataset")
-        else:
-            where.append("no Hub dataset named (add `hf:` or `mteb:` to the entry)")
-        lines.append(f"{m.key} ({m.label}): " + "; ".join(where))
-    lines.append(f"nothing was started. Pass --data-dir DIR (data_dir) to point at a mirror holding these paths, "
-                 f"or let the Hub serve them (unset HF_HUB_OFFLINE on a machine that reaches huggingface.co)")
-    return lines
-
-
-def check_datasets(config, stages: tuple[str, ...] | None = None) -> list[Lookup]:
-    """Every dataset of the ``train`` and ``evaluate`` sections (of those in ``stages``) found on the mirror or the
-    Hub; else one :class:`MissingDatasetsError` naming each missing one and where it was looked for."""
-    found = [f for f in lookups(config) if stages is None or f.key.split(".")[0] in stages]
-    missing = [f for f in found if f.found is None]
-    if missing:
-        raise MissingDatasetsError(missing_message(missing, config.data_dir))
-    return found
 
 
 # ---- reading from the Hub ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.digest import digest
 
 SEARCH_CHUNK = 1024  # queries scored per matrix product
@@ -49,7 +49,7 @@ class _Encoder:
 
         torch.set_num_threads(max(1, threads))
         overrides = model.get("overrides") or {}
-        self.embedder = Embedder.load(runs.local_copy(model["reference"]), **overrides)
+        self.embedder = Embedder.load(storage.local_copy(model["reference"]), **overrides)
         self.template = self.embedder.settings.instruction_template
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,21 +189,21 @@ def mine_sources(tables: dict[str, pa.Table], model: dict[str, Any], settings, c
         key = digest({"rows": [rows.column(c).to_pylist() for c in rows.column_names], "model": model,
                       "settings": settings.model_dump(exclude={"sources", "num_workers", "cpus_per_worker"}),
                       "seed": seed})
-        uri = runs.join(cache_dir, f"{name}-{key}.parquet")
+        uri = storage.join(cache_dir, f"{name}-{key}.parquet")
         done = uri.removesuffix(".parquet") + ".json"  # written last: its presence means the Parquet is whole
-        fs, path = runs.resolve(uri)
-        if runs.exists(done):
+        fs, path = storage.resolve(uri)
+        if storage.exists(done):
             out[name] = pq.read_table(path, filesystem=fs)
-            meta = runs.read_json(done)
+            meta = storage.read_json(done)
             log(f"[ray-e5 train] mined source {name}: {meta['mined']} of {meta['considered']} rows have a mined "
                 f"negative (from {uri})")
         else:
             began = time.time()
             out[name], stats = mine_table(rows, model, settings, seed)
             stats["seconds"] = round(time.time() - began, 1)
-            runs.makedirs(cache_dir)
+            storage.makedirs(cache_dir)
             pq.write_table(out[name], path, filesystem=fs)
-            runs.write_json(done, stats)
+            storage.write_json(done, stats)
             meta = stats
             log(f"[ray-e5 train] mined source {name}: {stats['mined']} of {stats['considered']} rows got a hard "
                 f"negative ({stats['no_candidate']} had no candidate below the margin, {stats['replaced']} "

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.data.schema import RowDefaults, normalize_record, rows_table
+from ray_e5.rundir import RunDir
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -80,7 +81,7 @@ def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, t
                    kind: str = "labeled", language: str = "en", min_score: float | None = None,
                    graded: bool = False) -> Source:
     """Resolve a labeled source (file or folder, local or s3://, gs://)."""
-    fs, resolved = runs.resolve(path)
+    fs, resolved = storage.resolve(path)
     fmt, files = _files(fs, resolved)
     is_dir = fs.get_file_info(resolved).type == pafs.FileType.Directory
     folder = resolved if is_dir else str(PurePosixPath(resolved).parent)
@@ -94,8 +95,8 @@ def labeled_source(path: str, *, name: str | None = None, weight: float = 1.0, t
 
 def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
     """The synthetic stage's Parquet shards under ``<run_dir>/synthetic``, or None when there are none."""
-    uri = runs.join(run_dir, "synthetic")
-    fs, path = runs.resolve(uri)
+    uri = RunDir(run_dir).synthetic
+    fs, path = storage.resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
     listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -112,14 +113,14 @@ def source_from_settings(settings, data_dir: str | None = None) -> Source:
     with ``hf`` is read from the Hub (:mod:`ray_e5.data.hub`) when it has no ``path`` or its path is absent."""
     path = None
     if settings.path:
-        path = runs.data_uri(data_dir, settings.path) if data_dir is not None else runs.absolute(settings.path)
+        path = storage.data_uri(data_dir, settings.path) if data_dir is not None else storage.absolute(settings.path)
     if settings.hf and (path is None or not _present(path)):
         return _hub_source(settings)
     try:
-        runs.check_access(path, "data")
-    except runs.StorageError as err:
+        storage.check_access(path, "data")
+    except storage.StorageError as err:
         raise SourceError(str(err).removeprefix("data: ")
-                          + (f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(settings.path) else "")) from None
+                          + (f" (data_dir {data_dir!r})" if data_dir is not None and storage.is_relative(settings.path) else "")) from None
     return labeled_source(path, name=settings.name, weight=settings.weight, task=settings.task,
                           kind=settings.kind, language=settings.language, min_score=settings.min_score,
                           graded=settings.loss == "cosent")
@@ -127,7 +128,7 @@ def source_from_settings(settings, data_dir: str | None = None) -> Source:
 
 def _present(uri: str) -> bool:
     try:
-        return runs.exists(uri)
+        return storage.exists(uri)
     except Exception:  # noqa: BLE001 - an unreachable mirror is an absent one: the Hub serves the entry
         return False
 
@@ -135,7 +136,7 @@ def _present(uri: str) -> bool:
 def _hub_source(settings) -> Source:
     """A source read from a Hugging Face dataset: its rows, columns mapped, as a local Parquet file. Named as the
     mirror path would name it (so a run names its sources the same either way), else after the dataset."""
-    from ray_e5.config import ConfigError
+    from ray_e5.settings import ConfigError
     from ray_e5.data.hub import hf_rows_file
 
     name = settings.name

@@ -10,7 +10,8 @@ def _run(args) -> int:
     from ray_e5.evaluate.run import evaluate
 
     config = config_from_args(args)
-    report = evaluate(config)
+    result = evaluate(config)
+    report = result.report
     if args.json:
         print(json.dumps({k: report[k] for k in ("scores", "average", "errors", "ran", "cached", "paths")
                           if k in report}, indent=2))
@@ -20,7 +21,7 @@ def _run(args) -> int:
         print(markdown(report))
         print(f"ran {len(report['ran'])} task(s), {len(report['cached'])} from cache; "
               f"report in {report.get('paths', {}).get('markdown', report['output'])}")
-    return 1 if report["errors"] else 0
+    return 1 if result.errors else 0
 
 
 def register(subparsers) -> None:

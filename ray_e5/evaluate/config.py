@@ -3,9 +3,9 @@
 ```yaml
 evaluate:
   models:
-    - {label: trained, ref: "{run_dir}/embedder"}          # the trained embedder of this run
-    - {label: gemma3-270m, ref: gemma3-270m}                 # the base model
-    - {label: minilm-l6, ref: minilm-l6, max_length: 256}   # the baseline to beat
+    - {label: trained, model: "{run_dir}/embedder"}        # the trained embedder of this run
+    - {label: gemma3-270m, model: gemma3-270m}               # the base model
+    - {label: minilm-l6, model: minilm-l6, max_length: 256} # the baseline to beat
   tasks:
     - stsbenchmark/                                          # a folder under data_dir (task.json + data files)
     - {path: scifact, max_samples: 100}                      # a folder under data_dir (or a URI), subsampled
@@ -18,22 +18,24 @@ evaluate:
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 
 LOCAL_TYPES = ("sts", "retrieval", "classification", "pair_classification", "reranking", "bitext_mining")
 
 
 class ModelEntry(Section):
-    """One model to score. ``ref`` is any Embedder reference (``{run_dir}`` is replaced by the run directory);
-    with ``endpoint`` set, vectors come from a running Serve deployment over HTTP instead (``ref`` is then the
-    served model name)."""
+    """One model to score. ``model`` is any Embedder reference (``{run_dir}`` is replaced by the run directory),
+    the key every section spells a model reference with (``generate.model``, ``serve.model``, ``train.mine.model``);
+    with ``endpoint`` set, vectors come from a running Serve deployment over HTTP instead (``model`` is then the
+    served model name). The old key ``ref`` is still read, with a warning naming the new one, for one release."""
 
-    ref: str
-    label: str | None = None  # default: derived from ref
+    model: str
+    label: str | None = None  # default: derived from model
     instructions: Literal["auto"] | bool = "auto"  # auto: on for last-token (E5-style) models, off otherwise
     endpoint: str | None = None  # base URL of an OpenAI-compatible server (http://host:8000), /v1 optional
     # endpoint mode: "server" sends the instruction as ray-e5 Serve's `instruction` parameter (the server applies
@@ -48,6 +50,20 @@ class ModelEntry(Section):
     normalize: bool | None = None
     rope_theta: float | None = Field(None, gt=0)  # long context: the RoPE base (model.rope_theta)
     sliding_window: int | None = Field(None, gt=0)  # long context: the attention window (model.sliding_window)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ref_is_now_model(cls, data: Any) -> Any:
+        """``ref`` (the key before this release) read as ``model``, with a FutureWarning naming the new key, so a
+        config written for the old key still loads; remove after one release."""
+        if isinstance(data, dict) and "ref" in data:
+            data = dict(data)
+            if "model" in data:
+                raise ValueError("give the model reference once, as `evaluate.models[].model` (`ref` is its old name)")
+            data["model"] = data.pop("ref")
+            warnings.warn(f"evaluate.models[].ref is renamed: write `evaluate.models[].model: {data['model']}` "
+                          "(`ref` is read for one more release)", FutureWarning, stacklevel=2)
+        return data
 
 
 class TaskEntry(Section):
@@ -148,9 +164,9 @@ class EvaluateSettings(Section):
         def is_folder(item: str) -> bool:
             if data_dir is None or "://" in data_dir:
                 return Path(item).is_dir()
-            from ray_e5 import runs
+            from ray_e5 import storage
 
-            return Path(runs.data_uri(data_dir, item)).is_dir()
+            return Path(storage.data_uri(data_dir, item)).is_dir()
 
         out = []
         for item in self.tasks:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ray_e5.model.instructions import DEFAULT_TEMPLATE, format_query
+from ray_e5.model.template import DEFAULT_TEMPLATE, format_query
 
 
 class EndpointEmbedder:

@@ -1,5 +1,5 @@
 """The paper's per-task instructions for the English MTEB tasks (Wang et al. 2024, Table 13), with a fallback per
-task type.
+task type. (The tables of instructions, hence the name; the template that wraps a query is ``ray_e5.model.template``.)
 
 How an instruction is applied follows the official E5 evaluation: for retrieval-like tasks (Retrieval, Reranking,
 instruction retrieval) only queries carry it and documents go in as they are; for every other task type

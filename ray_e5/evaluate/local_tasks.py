@@ -36,7 +36,7 @@ from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 from ray_e5.evaluate.config import LOCAL_TYPES
 
 #: local type -> (mteb task type, mteb main score)

@@ -59,7 +59,7 @@ class ModelSpec:
             return EndpointEmbedder(self.endpoint, self.ref, self.instruction_template, self.instruction_mode)
         from ray_e5.model import Embedder
 
-        from ray_e5 import runs
+        from ray_e5 import storage
         from ray_e5.model.precision import inference_dtype
 
         overrides = dict(self.overrides)
@@ -67,17 +67,17 @@ class ModelSpec:
             overrides["dtype"] = inference_dtype(overrides["dtype"])
         # A LoRA adapter is merged into the weights it adapts: the same vectors (within fp32 rounding), 1.2x faster
         # (the one-hour recipe's trained model: 357 s unmerged, 303 s merged)
-        return Embedder.load(runs.local_copy(self.ref), merge_lora=True, **overrides)
+        return Embedder.load(storage.local_copy(self.ref), merge_lora=True, **overrides)
 
 
 def _dir_stats(ref: str) -> list | None:
     """The files of a model directory (names, sizes, modification times): local, or the listing of a URI (an
     ``s3://`` embedder rewritten by a new training run lists differently, so its cached scores are not reused)."""
     if "://" in ref:
-        from ray_e5 import runs
+        from ray_e5 import storage
 
         try:
-            return runs.listing(ref)
+            return storage.listing(ref)
         except OSError:
             return None
     path = Path(ref)
@@ -93,8 +93,10 @@ def slug(text: str) -> str:
 
 def default_label(ref: str) -> str:
     """``runs/x/embedder`` -> ``x-embedder``; ``org/name`` or a path -> its last part."""
+    from ray_e5.rundir import EMBEDDER_DIR
+
     path = Path(ref.rstrip("/"))
-    if path.name == "embedder" and path.parent.name:
+    if path.name == EMBEDDER_DIR and path.parent.name:
         return f"{path.parent.name}-embedder"
     return path.name or ref
 
@@ -106,15 +108,15 @@ def resolve_models(config: RayE5Config, settings: EvaluateSettings) -> list[Mode
 
         embedder = RunDir.of(config.run_dir).trained_embedder()  # wherever it lives (local or a URI)
         if embedder is not None:
-            entries = [ModelEntry(ref=embedder, label="trained")]
+            entries = [ModelEntry(model=embedder, label="trained")]
         else:
             m = config.model
-            entries = [ModelEntry(ref=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
+            entries = [ModelEntry(model=m.name, label=m.name, pooling=m.pooling, max_length=m.max_length,
                                   dtype=m.dtype, normalize=m.normalize, rope_theta=m.rope_theta,
                                   sliding_window=m.sliding_window)]
     specs = []
     for i, entry in enumerate(entries):
-        ref = entry.ref.replace("{run_dir}", config.run_dir.rstrip("/"))
+        ref = entry.model.replace("{run_dir}", config.run_dir.rstrip("/"))
         overrides = {k: getattr(entry, k) for k in _OVERRIDES if getattr(entry, k) is not None}
         specs.append(ModelSpec(label=entry.label or default_label(ref), ref=ref, overrides=overrides,
                                instructions=None if entry.instructions == "auto" else entry.instructions,

@@ -6,7 +6,7 @@ import io
 import math
 from typing import Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 
 CATEGORIES = ("Classification", "Clustering", "PairClassification", "Reranking", "Retrieval", "STS",
               "Summarization", "BitextMining")
@@ -339,19 +339,19 @@ def bar_chart(report: dict[str, Any]) -> bytes:
 
 def write_report(out_dir: str, report: dict[str, Any]) -> dict[str, str]:
     """Write report.json, report.md and scores.png under ``out_dir``; returns their paths."""
-    paths = {"json": runs.join(out_dir, "report.json"), "markdown": runs.join(out_dir, "report.md"),
-             "png": runs.join(out_dir, "scores.png")}
-    runs.write_json(paths["json"], report)
-    runs.write_text(paths["markdown"], markdown(report))
+    paths = {"json": storage.join(out_dir, "report.json"), "markdown": storage.join(out_dir, "report.md"),
+             "png": storage.join(out_dir, "scores.png")}
+    storage.write_json(paths["json"], report)
+    storage.write_text(paths["markdown"], markdown(report))
     charts = {"png": bar_chart(report)}
     if (png := passkey_chart(report)) is not None:
-        paths["passkey_png"] = runs.join(out_dir, "passkey.png")
+        paths["passkey_png"] = storage.join(out_dir, "passkey.png")
         charts["passkey_png"] = png
     if (png := width_chart(report)) is not None:
-        paths["widths_png"] = runs.join(out_dir, "widths.png")
+        paths["widths_png"] = storage.join(out_dir, "widths.png")
         charts["widths_png"] = png
     for key, data in charts.items():
-        fs, path = runs.resolve(paths[key])
+        fs, path = storage.resolve(paths[key])
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as out:
             out.write(data)

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ray_e5.rundir import RunDir
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import RayE5Config
 from ray_e5.evaluate.config import EvaluateSettings
 from ray_e5.evaluate.models import ModelSpec, resolve_models, slug
+from ray_e5.evaluate.result import EvaluateResult, TaskError
 from ray_e5.evaluate.tasks import TaskSpec, largest_first, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,15 @@ def score_local_task(model, folder: str | Path, *, split: str = "test", instruct
 
 # ---- the cache -----------------------------------------------------------------------------------------------
 def record_path(out_dir: str, model: ModelSpec, task: TaskSpec) -> str:
-    return runs.join(out_dir, "results", slug(model.label), slug(task.name) + ".json")
+    return storage.join(out_dir, "results", slug(model.label), slug(task.name) + ".json")
 
 
 def cached_record(out_dir: str, model: ModelSpec, task: TaskSpec, instructions: dict[str, str]) -> dict | None:
     path = record_path(out_dir, model, task)
-    if not runs.exists(path):
+    if not storage.exists(path):
         return None
     try:
-        record = runs.read_json(path)
+        record = storage.read_json(path)
     except (ValueError, OSError):
         return None
     if (record.get("status") == "ok" and record.get("model_fingerprint") == model.fingerprint
@@ -177,12 +178,13 @@ def _cause(err: Exception) -> str:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
-def evaluate(config: RayE5Config) -> dict[str, Any]:
+def evaluate(config: RayE5Config) -> EvaluateResult:
     """Evaluate the configured models on the configured tasks; write results and the report under
-    ``<run_dir>/eval`` (or ``evaluate.output``); return the report dict (with ``paths`` and ``ran``/``cached``)."""
+    ``<run_dir>/eval`` (or ``evaluate.output``); return the scores, the failed pairs, where the report went and the
+    report itself (with ``paths`` and ``ran``/``cached``)."""
     settings = config.section("evaluate", EvaluateSettings)
     out_dir = settings.output or RunDir.of(config.run_dir).eval
-    runs.check_access(out_dir, "evaluate.output" if settings.output else "run_dir", must_exist=False)
+    storage.check_access(out_dir, "evaluate.output" if settings.output else "run_dir", must_exist=False)
     tasks = resolve_tasks(settings.task_entries(config.data_dir), settings.seed, settings.benchmark, config.data_dir)
     models = resolve_models(config, settings)
     overrides = dict(settings.instructions)
@@ -215,7 +217,7 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
             records[model.label][task.name] = record
             ran.append(f"{model.label}/{task.name}")
             if record.get("status") == "ok":
-                runs.write_json(record_path(out_dir, model, task), record)
+                storage.write_json(record_path(out_dir, model, task), record)
                 log.info("%s / %s: %s = %.4f (%.1fs)", model.label, task.name, task.type,
                          record["score"], record.get("seconds", 0))
             else:
@@ -235,7 +237,9 @@ def evaluate(config: RayE5Config) -> dict[str, Any]:
     report.update(ran=ran, cached=cached, wall_seconds=round(time.perf_counter() - started, 3), output=out_dir)
     if settings.report:
         report["paths"] = write_report(out_dir, report)
-    return report
+    return EvaluateResult(report_paths=dict(report.get("paths") or {}), scores=report["scores"],
+                          errors=[TaskError(e["model"], e["task"], str(e["error"] or "")) for e in report["errors"]],
+                          output=out_dir, report=report)
 
 
 def _english_only(task: TaskSpec) -> bool | None:

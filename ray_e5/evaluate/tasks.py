@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_e5.digest import digest
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 from ray_e5.evaluate.config import TaskEntry
 from ray_e5.evaluate.local_tasks import load_local_task
 
@@ -77,9 +77,9 @@ def hub_task(entry: TaskEntry):
 
 def task_uri(entry: TaskEntry, data_dir: str | None = None) -> str:
     """Where a task folder lives: ``entry.path`` under ``data_dir`` (a URI or absolute path as it is)."""
-    from ray_e5 import runs
+    from ray_e5 import storage
 
-    return runs.data_uri(data_dir, entry.path) if data_dir is not None else runs.absolute(entry.path)
+    return storage.data_uri(data_dir, entry.path) if data_dir is not None else storage.absolute(entry.path)
 
 
 def passkey_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
@@ -104,21 +104,21 @@ def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) 
     if entry.hf:
         return hf_task(entry, seed)
     if entry.path:
-        from ray_e5 import runs
+        from ray_e5 import storage
 
         uri = task_uri(entry, data_dir)
         name = entry.name or uri.rstrip("/").rsplit("/", 1)[-1]
-        where = f" (data_dir {data_dir!r})" if data_dir is not None and runs.is_relative(entry.path) else ""
+        where = f" (data_dir {data_dir!r})" if data_dir is not None and storage.is_relative(entry.path) else ""
         folder, files = uri, None
-        if not runs.is_local(uri):
+        if not storage.is_local(uri):
             try:
-                runs.check_access(uri, f"task {name!r}")
-            except runs.StorageError as err:
+                storage.check_access(uri, f"task {name!r}")
+            except storage.StorageError as err:
                 raise ConfigError(f"{err}{where}") from None
-            files = runs.listing(uri)
+            files = storage.listing(uri)
             if files is None:
                 raise ConfigError(f"task {name!r}: {uri!r} is not a folder{where}")
-            folder = runs.local_copy(uri)  # keyed by the listing: a rewritten folder is fetched again
+            folder = storage.local_copy(uri)  # keyed by the listing: a rewritten folder is fetched again
         elif where and not Path(uri).is_dir():
             raise ConfigError(f"task {name!r} ({uri}): folder does not exist{where}")
         task = load_local_task(folder, name=name, split=entry.split or "test", subsets=entry.subsets,
@@ -142,10 +142,10 @@ def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) 
 
 
 def _present(uri: str) -> bool:
-    from ray_e5 import runs
+    from ray_e5 import storage
 
     try:
-        return runs.exists(uri)
+        return storage.exists(uri)
     except Exception:  # noqa: BLE001 - an unreachable mirror is an absent one: the Hub serves the entry
         return False
 

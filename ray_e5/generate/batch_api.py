@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from ray_e5.rundir import RunDir
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.generate.backends import Completion, envelope_answer, is_transient, response_format
 from ray_e5.generate.config import GenerateSettings
 from ray_e5.generate.errors import GenerateError
@@ -130,11 +130,11 @@ class Registry:
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
-        self.uri = runs.join(out_dir, REGISTRY)
+        self.uri = storage.join(out_dir, REGISTRY)
         self.parts: list[dict] = []
-        if runs.exists(self.uri):
+        if storage.exists(self.uri):
             try:
-                self.parts = list(runs.read_json(self.uri)["parts"])
+                self.parts = list(storage.read_json(self.uri)["parts"])
                 assert all(isinstance(p, dict) and {"name", "phase", "status"} <= set(p) for p in self.parts)
             except (ValueError, KeyError, TypeError, AssertionError):
                 raise GenerateError(f"generate: {self.uri} is not a batch registry this version wrote. It records the "
@@ -143,23 +143,23 @@ class Registry:
 
     def save(self) -> None:
         text = json.dumps({"parts": self.parts}, indent=1, sort_keys=True) + "\n"
-        if runs.is_local(self.uri):  # atomic: a kill mid-write never leaves half a registry
-            path = runs.resolve(self.uri)[1]
+        if storage.is_local(self.uri):  # atomic: a kill mid-write never leaves half a registry
+            path = storage.resolve(self.uri)[1]
             with open(path + ".tmp", "w") as out:
                 out.write(text)
             os.replace(path + ".tmp", path)
         else:
-            runs.write_text(self.uri, text)
+            storage.write_text(self.uri, text)
 
     def ids_uri(self, name: str) -> str:
-        return runs.join(self.out_dir, IDS_DIR, f"{name}.ids")
+        return storage.join(self.out_dir, IDS_DIR, f"{name}.ids")
 
     def ids(self, part: dict) -> list[str]:
         uri = self.ids_uri(part["name"])
-        return runs.read_text(uri).split() if runs.exists(uri) else []
+        return storage.read_text(uri).split() if storage.exists(uri) else []
 
     def add(self, part: dict, ids: list[str]) -> None:
-        runs.write_text(self.ids_uri(part["name"]), "\n".join(ids) + "\n")
+        storage.write_text(self.ids_uri(part["name"]), "\n".join(ids) + "\n")
         self.parts.append(part)
         self.save()
 
@@ -483,14 +483,14 @@ def status(config) -> list[dict]:
     out_dir = RunDir.of(config.run_dir).synthetic
     registry = Registry(out_dir)
     if not registry.parts:
-        print(f"no Batch API batches recorded in {runs.join(out_dir, REGISTRY)}")
+        print(f"no Batch API batches recorded in {storage.join(out_dir, REGISTRY)}")
         return []
     client = None
     source = "as recorded"
     if settings.backend in ("openai", "azure") and os.environ.get(settings.key_env() or ""):
         client, source = make_client(settings), "from the API"
     header = f"{'part':<18} {'batch':<34} {'status':<12} {'total':>7} {'done':>7} {'failed':>7}  attempt"
-    print(f"batches in {runs.join(out_dir, REGISTRY)} ({source}):")
+    print(f"batches in {storage.join(out_dir, REGISTRY)} ({source}):")
     print(header)
     totals: Counter = Counter()
     for part in registry.parts:

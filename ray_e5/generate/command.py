@@ -15,6 +15,11 @@ def register(subparsers) -> None:
     parser.add_argument("--status", action="store_true",
                         help="print the Batch API batches recorded in the run directory (generate.batch_api), their "
                              "state and counts, and exit without submitting anything")
+    parser.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", default=None,
+                        help="then upload the synthetic Parquet shards and the dataset card (synthetic/README.md) to "
+                             "this Hugging Face dataset repo, created when absent; token from HF_TOKEN or "
+                             "`huggingface-cli login`")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.set_defaults(func=_generate)
 
 
@@ -31,8 +36,14 @@ def _generate(args) -> int:
 
         status(config_from_args(args))
         return 0
-    manifest = generate(config_from_args(args))
+    result = generate(config_from_args(args))
+    manifest = result.manifest
     keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "tokens_this_run", "cost_usd",
             "wall_seconds_this_run")
     print(json.dumps({k: manifest[k] for k in keys}))
+    if args.push_to_hub:
+        from ray_e5.generate.card import push_synthetic
+
+        url = push_synthetic(result.uri, args.push_to_hub, private=args.private or None)
+        print(f"[ray-e5 generate] synthetic shards and dataset card uploaded to {url}")
     return 0

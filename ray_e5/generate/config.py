@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 from ray_e5.generate.taxonomy import KINDS, LANGUAGES, PAPER_MIX
 
 # USD per 1M tokens (input, output), for the cost estimate and the budget cap; `generate.prices` adds or overrides.
@@ -178,7 +178,7 @@ class GenerateSettings(Section):
         when the config loads: a train or serve job on the same config needs no API key)."""
         env = self.key_env()
         if self.backend in HOSTED and not os.environ.get(env or ""):
-            from ray_e5.config import ConfigError
+            from ray_e5.settings import ConfigError
 
             raise ConfigError(f"generate.backend: {self.backend!r} needs an API key in the environment variable "
                               f"{env} (set generate.api_key_env to read another variable)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ray_e5.config import ConfigError
+from ray_e5.generate.result import GenerateResult
+from ray_e5.outcome import EmptyOutputError
+from ray_e5.settings import ConfigError
 
 
 class GenerateError(ConfigError):
@@ -13,12 +15,23 @@ class BackendError(GenerateError):
     """The generator backend is gone or unreachable (a dead llama.cpp server, every first request failing)."""
 
 
-class EmptySyntheticError(GenerateError):
+class EmptySyntheticError(GenerateError, EmptyOutputError):
     """A non-empty plan ended with no valid row on disk: the next stage would train on nothing synthetic.
 
     ``ray-e5 generate`` exits non-zero; ``quickstart`` and ``pipeline`` stop unless ``--allow-empty-synthetic``.
-    ``manifest`` is the manifest that was written (drop reasons included)."""
+    ``manifest`` is the manifest that was written (drop reasons included), ``uri`` the ``synthetic/`` folder."""
 
-    def __init__(self, message: str, manifest: dict | None = None):
+    remedy = "pass --allow-empty-synthetic to train on the labeled sources alone"
+    going_on = "going on without synthetic data (--allow-empty-synthetic)"
+
+    def __init__(self, message: str, manifest: dict | None = None, uri: str = ""):
         super().__init__(message)
         self.manifest = manifest or {}
+        self.uri = uri
+
+    @property
+    def result(self) -> GenerateResult:
+        return GenerateResult.from_manifest(self.manifest, self.uri)
+
+    def with_remedy(self) -> "EmptySyntheticError":
+        return EmptySyntheticError(f"{self} ({self.remedy})", self.manifest, self.uri)

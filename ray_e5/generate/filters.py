@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-from ray_e5 import runs
+from ray_e5 import storage
 
 _WORD = re.compile(r"\w+", re.U)
 EVAL_SUFFIXES = (".jsonl", ".json", ".txt", ".tsv", ".parquet")
@@ -69,7 +69,7 @@ def eval_files(path: str, skip_train: bool = False) -> list[tuple[pafs.FileSyste
     """The evaluation files under ``path`` (a local path or a URI; a file, or a folder searched recursively):
     (filesystem, path) pairs. ``skip_train`` leaves out ``train*`` files and ``task.json`` (a task folder's
     training split is not what a benchmark scores)."""
-    fs, p = runs.resolve(path)
+    fs, p = storage.resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.File:
         return [(fs, p)]
@@ -92,13 +92,13 @@ def contamination_uris(config, settings) -> tuple[list[str], bool]:
     whether they are the default (task folders)."""
     data_dir = getattr(config, "data_dir", None) or "."
     if settings.contamination_paths:
-        return [runs.data_uri(data_dir, p) for p in settings.contamination_paths], False
-    tasks = (getattr(config, "evaluate", None) or {}).get("tasks") or []
+        return [storage.data_uri(data_dir, p) for p in settings.contamination_paths], False
+    tasks = getattr(getattr(config, "evaluate", None), "tasks", None) or []
     paths = []
-    for t in tasks:
-        path = t.get("path") if isinstance(t, dict) else (t if isinstance(t, str) and "/" in t else None)
+    for t in tasks:  # a task entry (its path), or a string: a folder when it holds a "/"
+        path = (t if "/" in t else None) if isinstance(t, str) else getattr(t, "path", None)
         if isinstance(path, str):
-            paths.append(runs.data_uri(data_dir, path))
+            paths.append(storage.data_uri(data_dir, path))
     return paths, True
 
 
@@ -153,8 +153,8 @@ class ContaminationFilter:
         self.files = 0
         self.paths = list(paths)
         for path in paths:
-            if not runs.is_local(path):  # unreachable store, missing bucket, refused key: named before any work
-                runs.check_access(path, key)
+            if not storage.is_local(path):  # unreachable store, missing bucket, refused key: named before any work
+                storage.check_access(path, key)
             files = eval_files(path, skip_train)
             if not files:
                 raise FileNotFoundError(f"{key}: {path!r} is not a file or a folder holding "
@@ -172,7 +172,7 @@ class ContaminationFilter:
     def from_config(cls, config, settings) -> "ContaminationFilter":
         """The filter for a generate run: its contamination sets (by default the config's evaluation task
         folders), after a preflight of the run directory the stage writes to."""
-        runs.check_access(config.run_dir, "run_dir", must_exist=False)
+        storage.check_access(config.run_dir, "run_dir", must_exist=False)
         paths, default = contamination_uris(config, settings)
         return cls(paths, settings.contamination_ngram,
                    "evaluate.tasks (the default contamination sets)" if default else "generate.contamination_paths",

@@ -34,7 +34,7 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.generate.backends import is_transient, token_count
 
 JOURNAL_DIR = "journal"
@@ -44,9 +44,9 @@ class JournalWriter:
     """Appends records for one process (an actor, or the driver for vLLM) to its own journal file(s)."""
 
     def __init__(self, out_dir: str):
-        self.dir = runs.join(out_dir, JOURNAL_DIR)
-        runs.makedirs(self.dir)
-        self.fs, self.path = runs.resolve(self.dir)
+        self.dir = storage.join(out_dir, JOURNAL_DIR)
+        storage.makedirs(self.dir)
+        self.fs, self.path = storage.resolve(self.dir)
         self.name = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.buffer: list[str] = []
@@ -82,8 +82,8 @@ class JournalWriter:
 
 def read_journal(out_dir: str) -> Iterator[dict]:
     """Every record under ``<out_dir>/journal`` (a line torn by a kill is skipped)."""
-    uri = runs.join(out_dir, JOURNAL_DIR)
-    fs, path = runs.resolve(uri)
+    uri = storage.join(out_dir, JOURNAL_DIR)
+    fs, path = storage.resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     for info in sorted(infos, key=lambda i: i.path):
         if not info.path.endswith(".jsonl"):

@@ -20,9 +20,9 @@ from contextlib import ExitStack, contextmanager
 from collections import Counter
 from typing import Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import RayE5Config
-from ray_e5.rundir import RunDir
+from ray_e5.rundir import MANIFEST_FILE, SYNTHETIC_DIR, RunDir
 from ray_e5.generate.backends import FATAL_STATUSES, is_transient
 from ray_e5.capacity import Demand, check_fits
 from ray_e5.generate.config import GenerateSettings
@@ -32,9 +32,10 @@ from ray_e5.generate.journal import JournalWriter, load_state
 from ray_e5.generate.llamacpp import LlamaCppServer, private_log
 from ray_e5.generate.plan import brainstorm_requests, expand, plan_slots
 from ray_e5.generate.completions import completions, model_name
+from ray_e5.generate.result import GenerateResult
 from ray_e5.generate.store import Store, Tally
 
-__all__ = ["generate", "GenerateError", "BackendError", "EmptySyntheticError"]
+__all__ = ["generate", "GenerateResult", "GenerateError", "BackendError", "EmptySyntheticError"]
 # The first requests of a phase that all failing to get any answer (connection errors, 5xx) stops the stage.
 FIRST_REQUESTS = 8
 
@@ -316,10 +317,12 @@ class _Run:
 
 
 def _demands(s: GenerateSettings) -> list[Demand]:
-    """What the stage asks Ray for: vLLM engines of tensor_parallel_size GPUs, or at least one generation actor."""
-    if s.backend == "vllm":
-        return [Demand("generate.vllm.tensor_parallel_size / generate.vllm.concurrency", "vLLM engine",
-                       {"GPU": s.vllm.tensor_parallel_size}, s.vllm.concurrency)]
+    """What the stage asks Ray for before it starts: at least one generation actor, or vLLM's batch engines (the
+    Batch API needs neither; the served engines are checked where they are deployed, in ``VllmServer``)."""
+    if s.backend == "vllm" and s.vllm.engine == "batch":  # ray.data.llm starts the engines per phase
+        from ray_e5.generate.vllm_server import engine_demand
+
+        return [engine_demand(s)]
     if s.batch_api:
         return []
     return [Demand("generate.actor_cpus", "generation actor", {"CPU": s.actor_cpus}, 1)]
@@ -328,21 +331,33 @@ def _demands(s: GenerateSettings) -> list[Demand]:
 def _llamacpp_log(out_dir: str) -> tuple[str, str | None]:
     """Where the llama.cpp server logs: ``<run_dir>/synthetic/llamacpp.log`` itself for a local run dir; else a
     local file that is copied there when the stage ends (an object store has no append)."""
-    if runs.is_local(out_dir):
-        return runs.resolve(runs.join(out_dir, "llamacpp.log"))[1], None
-    return private_log(), runs.join(out_dir, "llamacpp.log")
+    if storage.is_local(out_dir):
+        return storage.resolve(storage.join(out_dir, "llamacpp.log"))[1], None
+    return private_log(), storage.join(out_dir, "llamacpp.log")
+
+
+def _write_card(out_dir: str, manifest: dict) -> None:
+    """The dataset card (synthetic/README.md), rewritten from the manifest at each run's end; a card that cannot be
+    written (a library missing) is reported, never a reason to lose the stage's result."""
+    from ray_e5.generate.card import write_dataset_card
+
+    try:
+        write_dataset_card(out_dir, manifest)
+    except Exception as err:  # noqa: BLE001 - documentation, not data
+        print(f"[ray-e5 generate] the dataset card could not be written: {err}", flush=True)
 
 
 def _empty(manifest: dict) -> str:
     drops = ", ".join(f"{k} x{v}" for k, v in sorted(manifest["drops_this_run"].items(), key=lambda kv: -kv[1]))
     return (f"generate: no valid synthetic row was written for a plan of {manifest['planned']} examples "
             f"(this run: {manifest['requests_this_run']} requests; drops: {drops or 'none'}); see "
-            f"{manifest.get('where', 'synthetic/manifest.json')}. Raise generate.time_budget_s or max_tokens, use a "
+            f"{manifest.get('where', f'{SYNTHETIC_DIR}/{MANIFEST_FILE}')}. Raise generate.time_budget_s or max_tokens, use a "
             "stronger generator, or pass --allow-empty-synthetic to train without synthetic data")
 
 
-def generate(config: RayE5Config) -> dict[str, Any]:
-    """Generate ``generate.num_examples`` planned examples into ``<run_dir>/synthetic``; return the manifest.
+def generate(config: RayE5Config) -> GenerateResult:
+    """Generate ``generate.num_examples`` planned examples into ``<run_dir>/synthetic``; return the manifest it
+    wrote, with the rows on disk per kind.
 
     Raises :class:`EmptySyntheticError` when the plan is not empty and no valid row is on disk at the end, and
     :class:`BackendError` when the backend is gone (after writing every valid row received). One driver at a time
@@ -353,7 +368,7 @@ def generate(config: RayE5Config) -> dict[str, Any]:
         return _generate(config)
 
 
-def _generate(config: RayE5Config) -> dict[str, Any]:
+def _generate(config: RayE5Config) -> GenerateResult:
     run = _Run(config)  # validates the section and the eval paths, reads what earlier runs wrote
     s = run.settings
     slots = plan_slots(s)
@@ -374,7 +389,7 @@ def _generate(config: RayE5Config) -> dict[str, Any]:
             if s.backend == "llamacpp":
                 log_path, upload_log = _llamacpp_log(run.out_dir)
                 if upload_log:
-                    stack.callback(lambda: runs.write_text(upload_log, open(log_path, errors="replace").read()))
+                    stack.callback(lambda: storage.write_text(upload_log, open(log_path, errors="replace").read()))
                 run.server = stack.enter_context(LlamaCppServer(s.gguf, n_ctx=s.llamacpp_ctx, log_path=log_path))
                 print(f"[ray-e5 generate] llama.cpp {run.server.info} (log: {upload_log or log_path})", flush=True)
                 kwargs["base_url"] = run.url = run.server.base_url
@@ -399,6 +414,8 @@ def _generate(config: RayE5Config) -> dict[str, Any]:
         run.examples(slots, tasks, kwargs)
     manifest = run.manifest()
     run.store.save_manifest(manifest)
+    _write_card(run.out_dir, manifest)
     if manifest["examples"] == 0 and s.num_examples > 0:
-        raise EmptySyntheticError(_empty({**manifest, "where": runs.join(run.out_dir, "manifest.json")}), manifest)
-    return manifest
+        raise EmptySyntheticError(_empty({**manifest, "where": storage.join(run.out_dir, MANIFEST_FILE)}), manifest,
+                                  run.out_dir)
+    return GenerateResult.from_manifest(manifest, run.out_dir)

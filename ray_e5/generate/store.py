@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_e5 import runs
+from ray_e5 import storage
+from ray_e5.rundir import MANIFEST_FILE
 from ray_e5.generate.backends import token_count
 
 SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("kind", pa.string()), ("language", pa.string()),
@@ -32,8 +33,8 @@ COLUMNS = tuple(SCHEMA.names)
 class Store:
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
-        runs.makedirs(out_dir)
-        self.fs, self.path = runs.resolve(out_dir)
+        storage.makedirs(out_dir)
+        self.fs, self.path = storage.resolve(out_dir)
         self.run_tag = f"{int(time.time() * 1000):x}"
         self.shard_index = 0
 
@@ -61,20 +62,20 @@ class Store:
 
     # ---- brainstorm and manifest -----------------------------------------------------------------------------
     def _json(self, name: str) -> Any:
-        uri = runs.join(self.out_dir, name)
-        return runs.read_json(uri) if runs.exists(uri) else None
+        uri = storage.join(self.out_dir, name)
+        return storage.read_json(uri) if storage.exists(uri) else None
 
     def load_brainstorm(self) -> dict[str, dict]:
         return self._json("brainstorm.json") or {}
 
     def save_brainstorm(self, state: dict[str, dict]) -> None:
-        runs.write_json(runs.join(self.out_dir, "brainstorm.json"), state)
+        storage.write_json(storage.join(self.out_dir, "brainstorm.json"), state)
 
     def load_manifest(self) -> dict:
-        return self._json("manifest.json") or {}
+        return self._json(MANIFEST_FILE) or {}
 
     def save_manifest(self, manifest: dict) -> None:
-        runs.write_json(runs.join(self.out_dir, "manifest.json"), manifest)
+        storage.write_json(storage.join(self.out_dir, MANIFEST_FILE), manifest)
 
 
 class Tally:

@@ -61,6 +61,8 @@ class VllmServer:
                                f"(pip install 'ray-e5[gpu]' on GPU nodes): {err}") from None
         from ray import serve
 
+        check_engines_fit(self.settings)
+
         self._start_serve()
         app = build_openai_app({"llm_configs": [LLMConfig(**llm_config(self.settings))]})
         serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
@@ -114,3 +116,19 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self._delete()
+
+
+def engine_demand(settings: GenerateSettings):
+    """vLLM's engines: ``vllm.concurrency`` of ``tensor_parallel_size`` GPUs, each on one node."""
+    from ray_e5.capacity import Demand
+
+    return Demand("generate.vllm.tensor_parallel_size / generate.vllm.concurrency", "vLLM engine",
+                  {"GPU": settings.vllm.tensor_parallel_size}, settings.vllm.concurrency)
+
+
+def check_engines_fit(settings: GenerateSettings) -> None:
+    """The engines against the cluster, before any is started: a request no node can hold would otherwise wait
+    for the autoscaler forever."""
+    from ray_e5.capacity import check_fits
+
+    check_fits([engine_demand(settings)])

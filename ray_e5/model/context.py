@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 #: encoders whose position table reserves slots for the padding offset
 _OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 
 def _text_config(config):

@@ -21,14 +21,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_e5.config import ModelSettings, validate
-from ray_e5.model.instructions import format_query
+from ray_e5.settings import ModelSettings, validate
+from ray_e5.model.template import format_query
 from ray_e5.model.pooling import pool
-from ray_e5.model.sources import Backbone, UnknownModelError, resolve_backbone
+from ray_e5.model.references import Backbone, UnknownModelError, resolve_backbone
 from ray_e5.model.tokenize import check_texts, pad, token_ids
+from ray_e5.rundir import EMBEDDER_FILE  # the manifest's name, with the rest of the run directory's layout
 
-EMBEDDER_FILE = "ray_e5.json"
 ADAPTER_DIR = "adapter"
+#: the ``ray_e5.json`` block of the settings a run scored this embedder with (what serve, export and the card use)
+INFERENCE_KEY = "inference"
+#: the ModelSettings fields an inference block may set; ``dtype`` may also be ``auto`` (resolved on the loading node)
+INFERENCE_FIELDS = ("max_length", "dtype", "pooling", "normalize", "instruction_template")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -70,6 +74,25 @@ def check_complete(directory: str | Path, saved: dict) -> None:
             "resumes from its last checkpoint and publishes the embedder again")
 
 
+def read_inference(directory: str | Path) -> dict[str, Any]:
+    """The inference block of an embedder directory's ``ray_e5.json`` (``{}`` for anything else): the settings the
+    run scored it with, which a plain load, serve and export default to so that what is served is what was scored."""
+    path = Path(directory) / EMBEDDER_FILE
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get(INFERENCE_KEY) or {})
+
+
+def inference_defaults(inference: dict[str, Any]) -> dict[str, Any]:
+    """ModelSettings fields from an inference block, ``dtype: auto`` resolved for this node (bf16 where native)."""
+    out = {k: inference[k] for k in INFERENCE_FIELDS if inference.get(k) is not None}
+    if out.get("dtype") == "auto":
+        from ray_e5.model.precision import inference_dtype
+
+        out["dtype"] = inference_dtype("auto")
+    return out
+
+
 def _natural_pooling(backbone: Backbone, config) -> str:
     if backbone.natural_pooling:
         return backbone.natural_pooling
@@ -87,6 +110,7 @@ class Embedder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         self.base_reference = base_reference
+        self.inference: dict[str, Any] = {}  # the scored settings (see read_inference); saved with the embedder
         params = inspect.signature(self._base_model().forward).parameters
         self._takes_position_ids = "position_ids" in params
         # An embedding forward never decodes: a KV cache would only hold memory (128 KB a token for Mistral-7B bf16)
@@ -97,7 +121,10 @@ class Embedder(torch.nn.Module):
     def load(cls, reference: str | Path, merge_lora: bool = False, trainable: bool = False, **overrides: Any) -> "Embedder":
         """Load an embedder directory, a packaged name, a .gguf file, a model directory or a hub id.
 
-        ``overrides`` are ModelSettings fields (pooling, normalize, max_length, dtype, lora, ...).
+        ``overrides`` are ModelSettings fields (pooling, normalize, max_length, dtype, lora, ...). An embedder
+        directory whose ``ray_e5.json`` has an ``inference`` block (the max length, dtype, ... its run was scored
+        with) loads with those unless ``overrides`` say otherwise, except for training (``trainable``), which keeps
+        the settings it was trained with.
         """
         reference = str(reference)
         if is_embedder_dir(reference):
@@ -105,6 +132,9 @@ class Embedder(torch.nn.Module):
             check_complete(reference, saved)  # the manifest first: a half-published embedder is refused
             fields = {k: v for k, v in saved.items() if k in ModelSettings.model_fields}
             fields["name"] = saved["base_model"]
+            inference = dict(saved.get(INFERENCE_KEY) or {})
+            if not trainable:
+                fields.update(inference_defaults(inference))
             settings = validate(ModelSettings, {**fields, **overrides}, prefix="model.")
             adapter = Path(reference) / ADAPTER_DIR
             embedder = cls.from_settings(settings.model_copy(update={"lora": None}))
@@ -115,6 +145,7 @@ class Embedder(torch.nn.Module):
                 embedder.settings = settings
                 if merge_lora and not trainable:
                     embedder.backbone = embedder.backbone.merge_and_unload()
+            embedder.inference = inference
             return embedder
         settings = validate(ModelSettings, {"name": reference, **overrides}, prefix="model.")
         return cls.from_settings(settings)
@@ -241,8 +272,11 @@ class Embedder(torch.nn.Module):
     def describe(self) -> dict[str, Any]:
         """The ray_e5.json content: everything needed to rebuild this embedder besides the weights."""
         fields = self.settings.model_dump(exclude={"name", "gradient_checkpointing"})
-        return {"format": 1, "base_model": self.base_reference, **fields, "append_eos": self.append_eos,
-                "dimension": self.dimension}
+        out = {"format": 1, "base_model": self.base_reference, **fields, "append_eos": self.append_eos,
+               "dimension": self.dimension}
+        if self.inference:
+            out[INFERENCE_KEY] = dict(self.inference)
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write, for a LoRA model, the adapter, then ``ray_e5.json`` listing it (the manifest, written last and
@@ -256,3 +290,16 @@ class Embedder(torch.nn.Module):
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(directory / EMBEDDER_FILE)
         return directory
+
+
+def rewrite_manifest(directory: str | Path, **updates: Any) -> dict:
+    """Update keys of an embedder directory's ``ray_e5.json`` (``inference``, ...) and list its files again (files
+    added since, such as the model card), written last and renamed into place as :meth:`Embedder.save` does."""
+    directory = Path(directory)
+    saved = json.loads((directory / EMBEDDER_FILE).read_text())
+    saved.update(updates)
+    saved["files"] = manifest_files(directory)
+    tmp = directory / f"{EMBEDDER_FILE}.tmp"
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    tmp.replace(directory / EMBEDDER_FILE)
+    return saved

@@ -7,6 +7,10 @@ The LoRA adapter is merged into the base weights; the directory gets the sentenc
   so truncation keeps EOS as ours does;
 - padding is on the right, so that position ids (which plain HF forwards derive from the sequence index, not from
   the attention mask) are those of an unpadded text.
+
+The export uses the settings the run scored the embedder with (its ``inference`` block: max length above all), so
+``max_seq_length`` is the length the reported scores were measured at, and writes the model card (README.md, see
+:mod:`ray_e5.model.card`) beside the weights.
 """
 
 from __future__ import annotations
@@ -34,18 +38,22 @@ def _append_eos_post_processor(tokenizer) -> None:
                                                                              special_tokens=specials)
 
 
-def export_sentence_transformers(source: str | Path | Embedder, output: str | Path) -> Path:
+def export_sentence_transformers(source: str | Path | Embedder, output: str | Path, model_id: str | None = None,
+                                 run_dir: str | None = None, card: bool = True) -> Path:
     """Write a merged sentence-transformers model of ``source`` (an Embedder, anything Embedder.load takes, or
-    the URI of an embedder directory: ``s3://bucket/run/embedder``, copied to the local cache first)."""
+    the URI of an embedder directory: ``s3://bucket/run/embedder``, copied to the local cache first), with its model
+    card (``README.md``; ``model_id``: the Hub repo its snippets load; ``run_dir``: where the eval report and the
+    training records are, by default the embedder's own run when it is ``<run_dir>/embedder``)."""
+    source_ref = None if isinstance(source, Embedder) else str(source)
     if isinstance(source, Embedder):
         embedder = source
     else:
         ref = str(source)
         if "://" in ref:
-            from ray_e5 import runs
+            from ray_e5 import storage
 
-            runs.check_access(ref, "embedder")
-            ref = runs.local_copy(ref)
+            storage.check_access(ref, "embedder")
+            ref = storage.local_copy(ref)
         embedder = Embedder.load(ref, merge_lora=True)
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):  # merge a copy: the caller's Embedder stays as it was
@@ -79,6 +87,11 @@ def export_sentence_transformers(source: str | Path | Embedder, output: str | Pa
         "prompts": {},
         "default_prompt_name": None,
         "ray_e5": {"instruction_template": settings.instruction_template,
+                   "inference": {**getattr(embedder, "inference", {}), "max_length": settings.max_length},
                    "note": "queries: format with the template; documents: as they are"},
     }, indent=2))
+    if card:
+        from ray_e5.model.card import write_model_card
+
+        write_model_card(output, embedder, source_ref, run_dir=run_dir, model_id=model_id)
     return output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ray_e5.config import LoraSettings
+from ray_e5.settings import LoraSettings
 from ray_e5.model.depth import depth
 
 

@@ -56,7 +56,7 @@ def _verbose(args) -> None:
     if getattr(args, "verbose", False):
         import os
 
-        from ray_e5.cluster import VERBOSE_ENV
+        from ray_e5.console import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
 
@@ -65,7 +65,7 @@ def _quickstart(args) -> int:
     import os
 
     _verbose(args)
-    from ray_e5.data.hub import lookups
+    from ray_e5.datasets import lookups
     from ray_e5.pipeline.quickstart import Budget, quickstart_config, run_quickstart
 
     config = quickstart_config(args.config, args.run_dir, args.data_dir, Budget(args.budget_min * 60), args.smoke,

@@ -13,12 +13,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import BudgetShares, RayE5Config, apply_overrides, check_config, read_yaml, validate
 from ray_e5.recipes import recipe_path
-from ray_e5.stages import STAGES, GenerateResult, TrainResult
+from ray_e5.stages import STAGES
+
+if TYPE_CHECKING:  # the stages' typed results, named for the annotations only
+    from ray_e5.generate.result import GenerateResult
+    from ray_e5.train.result import TrainResult
 
 
 #: budgets of at least this many minutes run the one-hour recipe (the best found for a 2-core CPU hour)
@@ -65,7 +69,8 @@ def quickstart_config(config_path: str | None, run_dir: str | None, data_dir: st
         apply_overrides(data, ["generate.num_examples=16", "generate.mix={sts: 3, short-short: 1}",
                                "generate.time_budget_s=150", "train.max_steps=20",
                                "train.batch_size=8", "train.checkpoint_every=10", "model.max_length=64"])
-        evaluate["models"] = [m for m in evaluate.get("models", []) if not str(m.get("ref", "")).startswith("minilm")]
+        evaluate["models"] = [m for m in evaluate.get("models", [])
+                             if not str(m.get("model", m.get("ref", ""))).startswith("minilm")]  # `ref`: the old key
         for m in evaluate["models"]:
             if "max_length" in m:
                 m["max_length"] = 64
@@ -136,9 +141,7 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
     start = time.perf_counter()
     results = run_pipeline(config, log=log, allow_empty_synthetic=allow_empty_synthetic)
     served = results["serve"]
-    from ray_e5.serve.config import ServeSettings
-
-    serving = config.section("serve", ServeSettings)
+    serving = config.serve
     snippet, output = _openai_example(served.url, served.model_name, serving.api_key_env, serving.resolve_api_key())
     run_dir = config.run_dir
     log("")
@@ -146,12 +149,12 @@ def run_quickstart(config: RayE5Config, keep_serving: bool = False, log=print,
     for stage in STAGES.values():
         for out in stage.outputs:
             if out.path is not None:
-                log(f"  {runs.join(run_dir, out.path):40s} {out.what}")
+                log(f"  {storage.join(run_dir, out.path):40s} {out.what}")
     log(synthetic_summary(results.get("generate"), results.get("train")))
     report = results.get("evaluate")
     if report is not None and report.report_paths.get("markdown"):
         log("")
-        log(runs.read_text(report.report_paths["markdown"]))
+        log(storage.read_text(report.report_paths["markdown"]))
     log("")
     log(f"[ray-e5] the embedder is served at {served.url}; with the openai client:")
     log(snippet)

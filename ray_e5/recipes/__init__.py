@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 SUFFIXES = (".yaml", ".yml")

@@ -1,6 +1,6 @@
 """The Ray Serve application: OpenAI-compatible /v1/embeddings with dynamic, token-budgeted batching.
 
-Concurrent requests share forward passes through a continuous batcher (``batching.py``): whenever the model thread
+Concurrent requests share forward passes through a continuous batcher (``batcher.py``): whenever the model thread
 is free it takes every queued request, up to a token budget. Inside a batch, texts are sorted by length and cut
 into sub-batches whose padded size stays under ``max_batch_tokens``, as TEI's max-batch-tokens does. The forward
 runs in its own thread, so the replica keeps accepting requests (and queueing the next batch) while it computes.
@@ -40,8 +40,8 @@ from pydantic import SecretStr
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_e5 import runs
-from ray_e5.serve.batching import ContinuousBatcher, Overloaded
+from ray_e5 import storage
+from ray_e5.serve.batcher import ContinuousBatcher, Overloaded
 from ray_e5.serve.config import ServeSettings
 from ray_e5.serve.protocol import (ApiError, check_headers, embedding_response, openapi_responses,
                                    openapi_request_body, parse_request, shape_vectors)
@@ -161,16 +161,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def load_replica_embedder(settings: ServeSettings, local: str):
+    """The Embedder a replica serves, at the settings its run scored it with (the embedder's ``inference`` block:
+    max length, dtype, ``auto`` resolved on this node) unless ``serve.max_tokens_per_input`` / ``serve.dtype`` say
+    otherwise; without a block, the training length and :meth:`ServeSettings.replica_dtype`'s default."""
+    from ray_e5.model import Embedder
+    from ray_e5.model.embedder import inference_defaults, read_inference
+
+    scored = inference_defaults(read_inference(local))
+    overrides = {"dtype": settings.dtype or scored.get("dtype") or settings.replica_dtype()}
+    if settings.max_tokens_per_input:
+        overrides["max_length"] = settings.max_tokens_per_input
+    return Embedder.load(local, merge_lora=True, **overrides)
+
+
+def replica_max_tokens(settings: ServeSettings, model_max_length: int) -> int:
+    """Tokens an input may use: ``serve.max_tokens_per_input``, capped by the length the model was loaded at."""
+    return min(settings.max_tokens_per_input or model_max_length, model_max_length)
+
+
 @serve.deployment(name="ray-e5-embeddings")
 @serve.ingress(api)
 class EmbeddingServer:
     def __init__(self, settings: dict[str, Any], model_ref: str, api_key: SecretStr | None = None):
         from ray.serve.metrics import Counter, Histogram
 
-        from ray_e5.model import Embedder
-
         self.settings = ServeSettings.model_validate(settings)
-        local = runs.local_copy(model_ref)  # a model directory on object storage is copied to this node once
+        local = storage.local_copy(model_ref)  # a model directory on object storage is copied to this node once
         if self.settings.backend == "vllm":
             from ray_e5.serve.vllm_backend import MergedModelText, VllmForward
 
@@ -182,15 +199,14 @@ class EmbeddingServer:
 
                 # Ray sets OMP_NUM_THREADS=1 in actors unless told otherwise; a CPU replica uses the cores it reserved.
                 torch.set_num_threads(self.settings.cpu_threads())
-            self.embedder = Embedder.load(local, merge_lora=True, dtype=self.settings.replica_dtype())
+            self.embedder = load_replica_embedder(self.settings, local)
             if self.settings.num_gpus > 0:
                 self.embedder.to("cuda")
             self.text = self.embedder
             forward = self._forward
         self.model_ref = model_ref
         self.names = {self.settings.model_name, model_ref}
-        self.max_tokens = min(self.settings.max_tokens_per_input or self.text.settings.max_length,
-                              self.text.settings.max_length)
+        self.max_tokens = replica_max_tokens(self.settings, self.text.settings.max_length)
         # The key comes from the driver only (never this replica's environment): an empty one means no auth.
         secret = api_key.get_secret_value() if api_key is not None else ""
         self._key = secret.encode("utf-8") if secret else None

@@ -9,7 +9,7 @@ import os
 
 from pydantic import Field, SecretStr, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
 
 
 class AutoscalingSettings(Section):
@@ -67,7 +67,7 @@ class ServeSettings(Section):
     # Mistral-7B (7.24e9 parameters): 14.5 GB of weights in bf16, 29 GB in fp32.
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     vllm: VllmPoolingSettings = Field(default_factory=VllmPoolingSettings)
-    # ---- batching: continuous (serve/batching.py), under a token budget as TEI's max-batch-tokens ------------
+    # ---- batching: continuous (serve/batcher.py), under a token budget as TEI's max-batch-tokens ------------
     max_batch_tokens: int = Field(16384, gt=0)  # padded tokens per forward pass
     max_batch_requests: int = Field(64, gt=0)  # requests merged into one batch
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # an idle model waits this long for company

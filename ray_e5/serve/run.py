@@ -5,6 +5,7 @@ from __future__ import annotations
 from ray_e5.config import ConfigError, RayE5Config
 from ray_e5.rundir import RunDir
 from ray_e5.serve.config import ServeSettings
+from ray_e5.serve.result import ServeResult
 
 APP_NAME = "ray-e5"
 
@@ -17,8 +18,10 @@ def model_reference(config: RayE5Config, settings: ServeSettings) -> str:
     return trained or config.model.name
 
 
-def serve(config: RayE5Config, blocking: bool = True) -> str:
-    """Deploy the application; return the base URL for the openai client (``http://host:port/v1``)."""
+def serve(config: RayE5Config, blocking: bool = False) -> ServeResult:
+    """Deploy the application; return the base URL for the openai client (``http://host:port/v1``) and the model
+    name clients send. The pipeline goes on once it is up; ``blocking`` (``ray-e5 serve``) keeps serving until
+    Ctrl-C instead."""
     from ray import serve as ray_serve
 
     from ray_e5.cluster import connect
@@ -47,7 +50,7 @@ def serve(config: RayE5Config, blocking: bool = True) -> str:
 
         print(f"[ray-e5] serving {settings.model_name} at {url}")
         wait_forever()
-    return url
+    return ServeResult(url=url, model_name=settings.model_name)
 
 
 def wait_for_old_replicas(app: str, timeout_s: float = 120.0) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ray_e5.config import ModelSettings
-from ray_e5.model.instructions import DEFAULT_TEMPLATE, format_query
+from ray_e5.model.template import DEFAULT_TEMPLATE, format_query
 from ray_e5.model.tokenize import check_texts, token_ids
 from ray_e5.serve.config import ServeSettings
 

@@ -25,6 +25,5 @@ def _train(args) -> int:
         args.overrides.append(f"train.max_steps={args.max_steps}")
     if args.max_time is not None:
         args.overrides.append(f"train.max_time_s={args.max_time}")
-    path = train(config_from_args(args))
-    print(path)
+    print(train(config_from_args(args)).local_dir)
     return 0

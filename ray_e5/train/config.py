@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ray_e5.config import Section
+from ray_e5.settings import Section
+
+
+# The fields a source's `columns` may map: a triplet, a scored pair, a labeled text, and the row's own task/kind.
+SOURCE_FIELDS = ("query", "positive", "negative", "sentence1", "sentence2", "score", "text", "label", "task", "kind",
+                 "language")
 
 
 class SourceSettings(Section):
@@ -56,6 +61,10 @@ class SourceSettings(Section):
                              "Face dataset id), or both (the path is a local mirror of the dataset)")
         if self.columns is not None and not self.hf:
             raise ValueError("`columns` maps a Hugging Face dataset's columns: it needs `hf`")
+        unknown = sorted(set(self.columns or {}) - set(SOURCE_FIELDS))
+        if unknown:
+            raise ValueError(f"columns: {', '.join(unknown)} {'is not a field' if len(unknown) == 1 else 'are not fields'}"
+                             f" of a training row; accepted (ours -> the dataset's): {', '.join(SOURCE_FIELDS)}")
         return self
 
 

@@ -66,6 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray_e5.config import ModelSettings
     from ray_e5.train.config import TrainSettings
     from ray_e5.train.engines import build_embedder, fitted_horizon, make_engine, set_horizon
+    from ray_e5.train.loss import build_loss
     from ray_e5.train.metrics import MetricsLog
     from ray_e5.train.step import prepare, train_step
 
@@ -95,6 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.log({"event": "resumed", "step": start, "time": time.time()})
 
     template = model_settings.instruction_template
+    loss_fn = build_loss(settings)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", mininterval=5.0, dynamic_ncols=False,
                disable=rank != 0 or not settings.progress)
     step, last_checkpoint, stop = 0, start, False
@@ -107,11 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         began = time.perf_counter()
         first_began = first_began or began
-        texts = prepare(row, rank, world, template, settings.hard_negatives, settings.cross_device_negatives,
-                        settings.mask_false_negatives)
-        result = train_step(engine, embedder, texts, settings.temperature, settings.cross_device_negatives,
-                            settings.chunk_size, settings.gradient_cache, tuple(settings.matryoshka_dims),
-                            settings.symmetric_loss)
+        texts = prepare(row, rank, world, template, settings.hard_negatives, loss_fn.cross_device,
+                        loss_fn.mask_false_negatives)
+        result = train_step(engine, embedder, texts, loss_fn, settings.chunk_size, settings.gradient_cache)
         lr = engine.lr()
         engine.step()
         step += 1

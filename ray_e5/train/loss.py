@@ -1,20 +1,28 @@
-"""InfoNCE over cosine similarities, with in-batch, hard and cross-device negatives; CoSENT on graded batches.
+"""The training losses, as objects built once from the settings (``build_loss``) and called on every step.
+
+``loss(inputs)`` takes one worker's share of a batch, in embeddings (``LossInputs``), and returns the scalar to
+back-propagate after ``loss.backward_scale()``. ``build_loss(settings)`` gives a ``SourceLoss`` (InfoNCE on pairs and
+triplets, CoSENT on graded pairs), wrapped in ``Matryoshka`` when ``matryoshka_dims`` is set.
 
 Cross-device negatives: every worker gathers the embeddings of the whole global batch, with its own shard kept as
 the tensor that carries gradients, and computes the loss of the *whole* global batch. The gradient a worker gets
 is then the exact partial derivative of the global loss with respect to its own embeddings, and the sum over
 workers is the full gradient. Training engines average gradients over workers, so the loss is back-propagated
-scaled by the world size (``backward_scale``). Only an all-gather is needed (gloo and NCCL both have it), the
+scaled by the world size (``Loss.backward_scale``). Only an all-gather is needed (gloo and NCCL both have it), the
 G x 2G score matrix costs nothing next to the model, and the result equals one worker holding the whole batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ray_e5.train.config import TrainSettings
 
 
 def distributed() -> tuple[int, int]:
@@ -57,57 +65,117 @@ class LossInputs:
     scores: torch.Tensor | None = None  # (N,) gold scores of a graded batch's pairs: the loss is CoSENT
 
 
-def info_nce(inputs: LossInputs, temperature: float, cross_device: bool = True,
-             symmetric: bool = False) -> torch.Tensor:
-    """Mean InfoNCE over the global batch (``cross_device``) or the local one; query i's positive is document i.
+class Loss:
+    """A loss over one worker's share of a batch: ``loss(inputs) -> scalar``.
 
-    Documents are the positives, then the hard negatives; masked documents (false negatives, missing hard
-    negatives) drop out of the softmax. ``symmetric`` averages it with the reverse direction, each positive's
-    softmax over the batch's queries (GTE's bidirectional loss, sentence-transformers'
-    ``MultipleNegativesSymmetricRankingLoss``): the same embeddings, a second supervision for free. A query whose
-    positive equals document i's text is no negative for document i (the false-negative mask, transposed).
+    ``cross_device``: the loss scores the whole global batch (gathered from every worker) rather than the local
+    share; the step slices the batch texts, and scales the loss before backward, accordingly.
+    ``mask_false_negatives``: the step computes the false-negative mask for this loss to use.
     """
-    gather = gatherer(cross_device)
-    q = gather(inputs.queries)
-    docs = [gather(inputs.positives)]
-    if inputs.negatives is not None:
-        docs.append(gather(inputs.negatives))
-    d = torch.cat(docs, dim=0)
-    n = q.shape[0]
-    scores = (q @ d.T) / temperature
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if inputs.false_negatives is not None:
-        fn = inputs.false_negatives.to(scores.device)
-        mask[:, :fn.shape[1]] |= fn
-    if inputs.negatives is not None and inputs.negative_valid is not None:
-        mask[:, n:] |= ~inputs.negative_valid.to(scores.device).unsqueeze(0)
-    scores = scores.masked_fill(mask, float("-inf"))
-    target = torch.arange(n, device=scores.device)
-    forward = F.cross_entropy(scores, target)
-    if not symmetric:
-        return forward
-    return (forward + F.cross_entropy(scores[:, :n].T, target)) / 2
+
+    cross_device: bool = True
+    mask_false_negatives: bool = False
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward_scale(self) -> float:
+        """Factor on the loss before backward so that worker-averaged gradients equal the global-batch gradient."""
+        return float(distributed()[1]) if self.cross_device else 1.0
 
 
-def cosent(inputs: LossInputs, temperature: float, cross_device: bool = True) -> torch.Tensor:
-    """CoSENT (Su 2022; sentence-transformers' ``CoSENTLoss``, AnglE's cosine objective): for every two pairs of
-    the batch whose gold scores differ, the lower-scored pair's cosine should be below the higher one's:
-    ``log(1 + sum exp((cos_j - cos_i) / temperature))`` over pairs with ``score_i > score_j``. Ties add nothing.
-    Query i's pair is (query i, positive i); with ``cross_device`` the pairs of the whole global batch."""
-    gather = gatherer(cross_device)
-    cos = (gather(inputs.queries) * gather(inputs.positives)).sum(-1) / temperature
-    scores = inputs.scores.to(cos.device)
-    diff = cos.unsqueeze(0) - cos.unsqueeze(1)  # [i, j] = cos_j - cos_i
-    ranked = scores.unsqueeze(1) > scores.unsqueeze(0)  # [i, j]: pair i should score above pair j
-    return torch.logsumexp(torch.cat([cos.new_zeros(1), diff[ranked]]), dim=0)
+@dataclass(frozen=True)
+class InfoNCE(Loss):
+    """InfoNCE over cosine similarities (the paper's loss; sentence-transformers' ``MultipleNegativesRankingLoss``):
+    the mean over queries of -log softmax(cos / temperature) of the query's own positive among the documents, which
+    are the positives of the batch (in-batch negatives), then the hard negatives. Query i's positive is document i.
+
+    Masked documents drop out of the softmax: missing hard negatives always, and with ``mask_false_negatives`` a
+    document whose text equals the query's positive (a copy of the positive is no negative).
+
+    ``symmetric`` averages it with the reverse direction, each positive's softmax over the batch's queries (GTE's
+    bidirectional loss, sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``): the same embeddings, a
+    second supervision for free. A query whose positive equals document i's text is no negative for document i
+    (the false-negative mask, transposed).
+    """
+
+    temperature: float = 0.02
+    symmetric: bool = False
+    cross_device: bool = True
+    mask_false_negatives: bool = True
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        gather = gatherer(self.cross_device)
+        q = gather(inputs.queries)
+        docs = [gather(inputs.positives)]
+        if inputs.negatives is not None:
+            docs.append(gather(inputs.negatives))
+        d = torch.cat(docs, dim=0)
+        n = q.shape[0]
+        scores = (q @ d.T) / self.temperature
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        if self.mask_false_negatives and inputs.false_negatives is not None:
+            fn = inputs.false_negatives.to(scores.device)
+            mask[:, :fn.shape[1]] |= fn
+        if inputs.negatives is not None and inputs.negative_valid is not None:
+            mask[:, n:] |= ~inputs.negative_valid.to(scores.device).unsqueeze(0)
+        scores = scores.masked_fill(mask, float("-inf"))
+        target = torch.arange(n, device=scores.device)
+        forward = F.cross_entropy(scores, target)
+        if not self.symmetric:
+            return forward
+        return (forward + F.cross_entropy(scores[:, :n].T, target)) / 2
 
 
-def pair_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
-              symmetric: bool = False) -> torch.Tensor:
-    """CoSENT on a graded batch (``scores`` set), InfoNCE (``symmetric`` or not) on every other."""
-    if inputs.scores is not None:
-        return cosent(inputs, temperature, cross_device)
-    return info_nce(inputs, temperature, cross_device, symmetric)
+@dataclass(frozen=True)
+class CoSENT(Loss):
+    """CoSENT (Su 2022; sentence-transformers' ``CoSENTLoss``, AnglE's cosine objective) on a graded batch: for
+    every two pairs whose gold scores differ, the lower-scored pair's cosine should be below the higher one's:
+    ``log(1 + sum exp(scale * (cos_j - cos_i)))`` over pairs with ``score_i > score_j``. Ties add nothing.
+
+    Why: InfoNCE only learns which document is *the* match; graded pairs (STS, pair classification) say how
+    similar two texts are, and CoSENT trains the cosines to rank as those grades rank, which InfoNCE on the
+    best-scored pairs cannot. Query i's pair is (query i, positive i); with ``cross_device`` the pairs of the whole
+    global batch. ``scale`` is the inverse of a temperature (sentence-transformers' default 20).
+    """
+
+    scale: float = 20.0
+    cross_device: bool = True
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        gather = gatherer(self.cross_device)
+        cos = (gather(inputs.queries) * gather(inputs.positives)).sum(-1) * self.scale
+        scores = inputs.scores.to(cos.device)
+        diff = cos.unsqueeze(0) - cos.unsqueeze(1)  # [i, j] = cos_j - cos_i
+        ranked = scores.unsqueeze(1) > scores.unsqueeze(0)  # [i, j]: pair i should score above pair j
+        return torch.logsumexp(torch.cat([cos.new_zeros(1), diff[ranked]]), dim=0)
+
+
+@dataclass(frozen=True)
+class SourceLoss(Loss):
+    """The loss of a batch's source: ``cosent`` on graded pairs (the batch carries gold ``scores``, a source with
+    ``loss: cosent``), ``contrastive`` on every other batch (pairs and triplets). A batch holds one source's kind,
+    so one call is one of the two; both score the same documents (one ``cross_device``)."""
+
+    contrastive: InfoNCE
+    cosent: CoSENT
+
+    def __post_init__(self) -> None:
+        if self.contrastive.cross_device != self.cosent.cross_device:
+            raise ValueError("the contrastive and CoSENT losses must both gather the global batch, or neither")
+
+    @property
+    def cross_device(self) -> bool:
+        return self.contrastive.cross_device
+
+    @property
+    def mask_false_negatives(self) -> bool:
+        return self.contrastive.mask_false_negatives
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        if inputs.scores is not None:
+            return self.cosent(inputs)
+        return self.contrastive(inputs)
 
 
 def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -115,23 +183,52 @@ def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return None if x is None else F.normalize(x[:, :dim], dim=-1)
 
 
-def contrastive_loss(inputs: LossInputs, temperature: float, cross_device: bool = True,
-                     matryoshka_dims: list[int] | tuple[int, ...] = (), symmetric: bool = False) -> torch.Tensor:
-    """InfoNCE (CoSENT on a graded batch) on the full embeddings, or with ``matryoshka_dims`` the sum at each truncated,
-    re-normalised width (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit weights), so a
-    vector cut to any of those widths stays a good embedding. The truncation is differentiable, so gradient
-    caching and cross-device negatives work unchanged."""
-    if not matryoshka_dims:
-        return pair_loss(inputs, temperature, cross_device, symmetric)
-    total = None
-    for dim in matryoshka_dims:
-        part = pair_loss(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
-                                    truncated(inputs.negatives, dim), inputs.negative_valid, inputs.false_negatives,
-                                    inputs.scores), temperature, cross_device, symmetric)
-        total = part if total is None else total + part
-    return total
+@dataclass(frozen=True)
+class Matryoshka(Loss):
+    """Matryoshka representation learning (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit
+    weights): the sum of ``base`` at each width of ``dims``, on the embeddings cut to their first ``dim`` components
+    and re-normalised, so that a vector cut to any of those widths stays a good embedding.
+
+    The re-normalisation is what a client asking for ``dimensions=dim`` gets (a cut vector is no longer unit
+    length, and the losses score cosines). The truncation is differentiable, so gradient caching and cross-device
+    negatives work unchanged.
+    """
+
+    base: Loss
+    dims: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(self.dims))
+        if not self.dims:
+            raise ValueError("Matryoshka needs at least one width")
+
+    @property
+    def cross_device(self) -> bool:
+        return self.base.cross_device
+
+    @property
+    def mask_false_negatives(self) -> bool:
+        return self.base.mask_false_negatives
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        total = None
+        for dim in self.dims:
+            part = self.base(LossInputs(truncated(inputs.queries, dim), truncated(inputs.positives, dim),
+                                        truncated(inputs.negatives, dim), inputs.negative_valid,
+                                        inputs.false_negatives, inputs.scores))
+            total = part if total is None else total + part
+        return total
 
 
-def backward_scale(cross_device: bool) -> float:
-    """Factor on the loss before backward so that worker-averaged gradients equal the global-batch gradient."""
-    return float(distributed()[1]) if cross_device else 1.0
+def build_loss(settings: "TrainSettings") -> Loss:
+    """The training loss of validated ``train:`` settings, built once per worker: InfoNCE on pairs and triplets
+    (``temperature``, ``symmetric_loss``, ``cross_device_negatives``, ``mask_false_negatives``), CoSENT on graded
+    pairs (scale: the inverse temperature, 0.05 giving the usual 20), summed over ``matryoshka_dims`` when set."""
+    cross_device = settings.cross_device_negatives
+    loss: Loss = SourceLoss(
+        InfoNCE(temperature=settings.temperature, symmetric=settings.symmetric_loss, cross_device=cross_device,
+                mask_false_negatives=settings.mask_false_negatives),
+        CoSENT(scale=1.0 / settings.temperature, cross_device=cross_device))
+    if settings.matryoshka_dims:
+        loss = Matryoshka(loss, tuple(settings.matryoshka_dims))
+    return loss

@@ -12,27 +12,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ray_e5 import runs
-
-METRICS_FILE = "metrics.jsonl"
-CURVE_FILE = "loss.png"
+from ray_e5 import storage
+from ray_e5.rundir import CURVE_FILE, METRICS_FILE  # train/'s files are named with the rest of the layout
 
 
 def read_metrics(train_dir: str) -> list[dict]:
-    uri = runs.join(train_dir, METRICS_FILE)
-    if not runs.exists(uri):
+    uri = storage.join(train_dir, METRICS_FILE)
+    if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in runs.read_text(uri).splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
 class MetricsLog:
     def __init__(self, train_dir: str, resume_step: int = 0):
-        self.uri = runs.join(train_dir, METRICS_FILE)
-        self.local = runs.is_local(train_dir)
+        self.uri = storage.join(train_dir, METRICS_FILE)
+        self.local = storage.is_local(train_dir)
         kept = [m for m in read_metrics(train_dir) if m.get("step", 0) <= resume_step] if resume_step else []
         self.lines = [json.dumps(m) for m in kept]
-        runs.write_text(self.uri, "".join(line + "\n" for line in self.lines))
-        self._file = open(runs.resolve(self.uri)[1], "a", encoding="utf-8") if self.local else None
+        storage.write_text(self.uri, "".join(line + "\n" for line in self.lines))
+        self._file = open(storage.resolve(self.uri)[1], "a", encoding="utf-8") if self.local else None
 
     def log(self, record: dict) -> None:
         line = json.dumps(record)
@@ -43,7 +41,7 @@ class MetricsLog:
 
     def flush(self) -> None:
         if self._file is None:
-            runs.write_text(self.uri, "".join(line + "\n" for line in self.lines))
+            storage.write_text(self.uri, "".join(line + "\n" for line in self.lines))
 
     def close(self) -> None:
         self.flush()
@@ -80,15 +78,15 @@ def plot_loss_curve(train_dir: str, title: str = "") -> str | None:
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.set_title(title or "ray-e5 training")
     fig.tight_layout()
-    uri = runs.join(train_dir, CURVE_FILE)
-    if runs.is_local(uri):
-        fig.savefig(Path(runs.resolve(uri)[1]))
+    uri = storage.join(train_dir, CURVE_FILE)
+    if storage.is_local(uri):
+        fig.savefig(Path(storage.resolve(uri)[1]))
     else:
         import io
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        fs, path = runs.resolve(uri)
+        fs, path = storage.resolve(uri)
         with fs.open_output_stream(path) as out:
             out.write(buf.getvalue())
     plt.close(fig)

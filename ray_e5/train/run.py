@@ -6,7 +6,9 @@ Outputs under the run directory:
     train/metrics.jsonl   per-step loss, lr, examples/s, tokens/s
     train/loss.png        the loss curve
     train/<name>/         Ray Train's checkpoints (adapter + optimizer state)
-    embedder/             the trained embedder (ray_e5.json + adapter/), what ``Embedder.load`` reads
+    embedder/             the trained embedder (ray_e5.json + adapter/ + README.md, its model card), what
+                          ``Embedder.load`` reads; ray_e5.json's ``inference`` block holds the settings the recipe
+                          scores it with (evaluate.models' entry for {run_dir}/embedder), which serve and export use
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import time
 from pathlib import Path
 
 from ray_e5.digest import digest as _digest
-from ray_e5 import runs
+from ray_e5 import storage
 from ray_e5.config import ConfigError, LoraSettings, RayE5Config
-from ray_e5.rundir import EMBEDDER_FILE, RunDir
+from ray_e5.rundir import EMBEDDER_FILE, RUN_FILE, RunDir
 from ray_e5.train.config import TrainSettings
+from ray_e5.train.result import TrainResult
 
 log = logging.getLogger("ray_e5.train")
-RUN_FILE = "run.json"
 
 
 def model_settings(config: RayE5Config):
@@ -32,11 +34,65 @@ def model_settings(config: RayE5Config):
     return model if model.lora is not None else model.model_copy(update={"lora": LoraSettings()})
 
 
+def scored_inference(config: RayE5Config) -> dict | None:
+    """The inference settings the config scores this run's embedder with: its ``evaluate.models`` entry for
+    ``{run_dir}/embedder`` (max length, dtype, pooling, normalisation, instructions), so that serving and exporting
+    the embedder use what was scored, not the training length. None when no entry names it (evaluate then scores
+    it at its training settings, which a plain load uses anyway)."""
+    run = RunDir.of(config.run_dir)
+    for i, entry in enumerate(getattr(config.evaluate, "models", None) or []):
+        ref = getattr(entry, "model", None) or getattr(entry, "ref", None) or ""
+        if getattr(entry, "endpoint", None):
+            continue
+        ref = ref.replace("{run_dir}", config.run_dir.rstrip("/")).rstrip("/")
+        if ref != run.embedder and RunDir.of(ref).uri != run.embedder:
+            continue
+        block = {k: getattr(entry, k) for k in ("max_length", "dtype", "pooling", "normalize")
+                 if getattr(entry, k, None) is not None}
+        if isinstance(getattr(entry, "instructions", None), bool):
+            block["instructions"] = entry.instructions
+        block["trained_max_length"] = config.model.max_length
+        block["source"] = f"evaluate.models[{i}]" + (f" ({entry.label})" if getattr(entry, "label", None) else "")
+        return block
+    return None
+
+
+def _stage_embedder(config: RayE5Config, settings: TrainSettings, checkpoint, data: dict, steps: dict) -> str:
+    """A local copy of the checkpoint's embedder with what the run adds before it is published: the inference block
+    (:func:`scored_inference`) and the model card, both listed in its manifest (rewritten last)."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from ray_e5.model import Embedder
+    from ray_e5.model.card import build_model_card, run_records
+    from ray_e5.model.embedder import INFERENCE_KEY, rewrite_manifest
+    from ray_e5.train.loop import EMBEDDER_DIR
+
+    staging = tempfile.mkdtemp(prefix="ray-e5-publish-")
+    pafs.copy_files(f"{checkpoint.path}/{EMBEDDER_DIR}", staging, source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    inference = scored_inference(config)
+    if inference:
+        rewrite_manifest(staging, **{INFERENCE_KEY: inference})
+    try:
+        run = RunDir.of(config.run_dir)
+        records = {**run_records(run.uri), "data": data, "summary": steps}
+        embedder = Embedder.load(staging)  # the card describes what a user loads: the scored settings
+        card = build_model_card(embedder, run.embedder, records,
+                                training=settings.model_dump(mode="json", exclude={"sources"}))
+        card.save(Path(staging) / "README.md")
+    except Exception as err:  # noqa: BLE001 - a card is documentation: the trained embedder is published anyway
+        log.warning("train: the model card could not be written (%s); publishing the embedder without it", err)
+    rewrite_manifest(staging)  # lists README.md: a publish cut off before it is not a whole embedder
+    return staging
+
+
 def _sources(config: RayE5Config, settings: TrainSettings) -> list:
     from ray_e5.data.sources import SourceError, source_from_settings, synthetic_source
 
     # Preflight: the run directory's store answers and its bucket exists, before any source is read.
-    runs.check_access(config.run_dir, "run_dir", must_exist=False)
+    storage.check_access(config.run_dir, "run_dir", must_exist=False)
     sources = []
     if settings.synthetic:
         synthetic = synthetic_source(config.run_dir, settings.synthetic_weight)
@@ -84,7 +140,7 @@ def _mine(config: RayE5Config, settings: TrainSettings, sources: list, names: li
                                             "cpus_per_worker": settings.mine.cpus_per_worker or settings.cpus_per_worker})
     try:
         return mine_sources(tables, mining_model(config, mine.model), mine,
-                            runs.join(train_dir, "mined"), seed=settings.seed)
+                            storage.join(train_dir, "mined"), seed=settings.seed)
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
 
@@ -104,8 +160,8 @@ def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, to
 
 def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
     """The Ray Train run name: the previous one to resume it, or a fresh one."""
-    uri = runs.join(train_dir, RUN_FILE)
-    previous = runs.read_json(uri) if runs.exists(uri) else None
+    uri = storage.join(train_dir, RUN_FILE)
+    previous = storage.read_json(uri) if storage.exists(uri) else None
     if settings.resume and previous:
         if previous["fingerprint"] == _digest(fingerprint):
             return previous["name"]
@@ -115,16 +171,17 @@ def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str
         print(f"[ray-e5 train] starting a fresh run: {train_dir} holds run {previous['name']} with other settings "
               f"(changed: {', '.join(changed) or 'unknown'}); its checkpoints are kept", flush=True)
     name = "ray_train-" + time.strftime("%Y%m%d-%H%M%S")
-    runs.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
+    storage.write_json(uri, {"name": name, "fingerprint": _digest(fingerprint), "settings": fingerprint})
     return name
 
 
 def _storage_path(uri: str) -> str:
-    return runs.resolve(uri)[1] if runs.is_local(uri) else uri
+    return storage.resolve(uri)[1] if storage.is_local(uri) else uri
 
 
-def train(config: RayE5Config) -> Path:
-    """Train a LoRA embedder as ``config`` says; returns the embedder directory (``<run_dir>/embedder``).
+def train(config: RayE5Config) -> TrainResult:
+    """Train a LoRA embedder as ``config`` says; returns where the embedder is (``<run_dir>/embedder`` and a local
+    copy), the steps trained, and the summary and batch plan written under ``train/``.
 
     One driver at a time per run directory (:mod:`ray_e5.lease`): two would resume one checkpoint path."""
     from ray_e5.lease import hold_lease
@@ -133,7 +190,7 @@ def train(config: RayE5Config) -> Path:
         return _train(config)
 
 
-def _train(config: RayE5Config) -> Path:
+def _train(config: RayE5Config) -> TrainResult:
     settings = config.section("train", TrainSettings)
     started = time.time()
     deadline = started + settings.max_time_s if settings.max_time_s else None
@@ -165,8 +222,9 @@ def _train(config: RayE5Config) -> Path:
                           batch_by=settings.batch_by, rows=mined)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
-    runs.makedirs(train_dir)
-    runs.write_json(runs.join(train_dir, "data.json"), plan.summary())
+    storage.makedirs(train_dir)
+    data = plan.summary()
+    storage.write_json(run.train_data, data)
     for name, s in plan.sources.items():
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
@@ -211,16 +269,26 @@ def _train(config: RayE5Config) -> Path:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
     embedder_uri = run.embedder
-    # whole or absent: a training killed here leaves the previous embedder or none, never a half one
-    runs.publish_dir(result.checkpoint.filesystem, f"{result.checkpoint.path}/{EMBEDDER_DIR}", embedder_uri,
-                     EMBEDDER_FILE)
-    curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
         state = json.loads(src.read().decode())
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    staged = _stage_embedder(config, settings, result.checkpoint, data,
+                             {"steps": state["step"], "planned_steps": total_steps,
+                              "stopped_early": state.get("stopped_early")})
+    try:
+        # whole or absent: a training killed here leaves the previous embedder or none, never a half one
+        storage.publish_dir(pafs.LocalFileSystem(), staged, embedder_uri, EMBEDDER_FILE)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
                "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
                "run_name": name, "checkpoint": result.checkpoint.path}
-    runs.write_json(runs.join(train_dir, "summary.json"), summary)
+    storage.write_json(run.train_summary, summary)
     print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
           + (f"; loss curve {curve}" if curve else ""))
-    return Path(run.local_embedder())
+    return TrainResult(embedder_uri=embedder_uri, steps=int(state["step"]), local_dir=Path(run.local_embedder()),
+                       summary=summary, data=data)

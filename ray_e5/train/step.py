@@ -21,7 +21,7 @@ import torch
 from ray_e5.data.format import format_queries
 from ray_e5.data.masking import false_negative_mask
 from ray_e5.model.tokenize import pad
-from ray_e5.train.loss import LossInputs, backward_scale, contrastive_loss
+from ray_e5.train.loss import Loss, LossInputs
 
 
 @dataclass
@@ -107,10 +107,10 @@ class StepResult:
     tokens: int  # non-padding tokens embedded by this worker (once, even with caching)
 
 
-def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_device: bool = True,
-               chunk_size: int | None = None, gradient_cache: bool = False,
-               matryoshka_dims: tuple[int, ...] = (), symmetric: bool = False) -> StepResult:
-    """Forward and backward of one step (gradients accumulated in the engine; the caller calls ``engine.step``).
+def train_step(engine, embedder, texts: StepTexts, loss: Loss, chunk_size: int | None = None,
+               gradient_cache: bool = False) -> StepResult:
+    """Forward and backward of one step under ``loss`` (gradients accumulated in the engine; the caller calls
+    ``engine.step``). ``texts`` come from ``prepare`` with the loss's ``cross_device`` and ``mask_false_negatives``.
 
     Texts are embedded in length-grouped chunks of ``chunk_size``; with ``gradient_cache`` the chunks are first
     embedded without a graph, so memory holds one chunk's activations whatever the batch size.
@@ -118,19 +118,18 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
     groups = [texts.queries, texts.positives] + ([texts.negatives] if texts.negatives else [])
     chunked = [length_chunks(embedder, g, chunk_size) for g in groups]
     tokens = int(sum(int(b["attention_mask"].sum()) for group in chunked for _, b in group))
-    scale = backward_scale(cross_device)
+    scale = loss.backward_scale()
     device = engine.device
 
     def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
-        return contrastive_loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives,
-                                           texts.scores), temperature, cross_device, matryoshka_dims, symmetric)
+        return loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives, texts.scores))
 
     if not gradient_cache:
         embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
-        loss = loss_of(embs)
-        engine.backward(loss * scale, boundary=True)
-        return StepResult(float(loss.detach()), tokens)
+        value = loss_of(embs)
+        engine.backward(value * scale, boundary=True)
+        return StepResult(float(value.detach()), tokens)
 
     # Pass 1: embeddings without a graph, remembering each chunk's random state.
     states, reps = [], []
@@ -143,8 +142,8 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
             states.append(group_states)
             reps.append(_unsort(parts, group))
     leaves = [r.detach().requires_grad_() for r in reps]
-    loss = loss_of(leaves)
-    (loss * scale).backward()  # gradients of the loss with respect to the embeddings only
+    value = loss_of(leaves)
+    (value * scale).backward()  # gradients of the loss with respect to the embeddings only
     # Pass 2: re-embed chunk by chunk with a graph, back-propagating each chunk's share of the gradient.
     last = (len(chunked) - 1, len(chunked[-1]) - 1)
     for gi, group in enumerate(chunked):
@@ -153,4 +152,4 @@ def train_step(engine, embedder, texts: StepTexts, temperature: float, cross_dev
             emb = engine.embed(b)
             grad = leaves[gi].grad[torch.tensor(rows, dtype=torch.long, device=emb.device)]
             engine.backward(torch.sum(emb * grad), boundary=(gi, ci) == last)
-    return StepResult(float(loss.detach()), tokens)
+    return StepResult(float(value.detach()), tokens)

@@ -3,6 +3,8 @@
 ``spawn(fn, world, ...)`` runs ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group (the
 CPU backend Ray Train and DeepSpeed use here) and returns each rank's result. ``step_gradients`` is such an ``fn``:
 one training step on a tiny decoder with LoRA, returning the loss and the worker-averaged gradients.
+``settings(...)`` and ``lora_embedder(...)`` build what an engine takes; ``PeakSampler``, ``model_bytes`` and
+``zero3_load_memory`` measure the memory a ZeRO-3 load needs (``tests/test_train_zero3.py``).
 """
 
 from __future__ import annotations
@@ -68,21 +70,21 @@ def lora_embedder(model_dir: str, seed: int = 0, max_length: int = 64, engine_se
 
 
 def step_gradients(rank: int, world: int, model_dir: str, row: dict, engine_settings: dict,
-                   variants: list, temperature: float = 0.05, cross_device: bool = True,
-                   symmetric: bool = False) -> dict:
-    """Loss and worker-averaged gradients of one step on ``row``, once per (chunk_size, gradient_cache) entry of
-    ``variants``. The engine steps with lr 0 between runs, so every run sees the same weights."""
+                   variants: list, loss) -> dict:
+    """Loss and worker-averaged gradients of one step of ``loss`` (a ``ray_e5.train.loss.Loss``) on ``row``, once
+    per (chunk_size, gradient_cache) entry of ``variants``. The engine steps with lr 0 between runs, so every run
+    sees the same weights."""
     from ray_e5.train.engines import make_engine
     from ray_e5.train.step import prepare, train_step
 
     opts = settings(**{**engine_settings, "lr": 0.0})
     embedder = lora_embedder(model_dir, engine_settings=opts)
     engine = make_engine(embedder, opts, total_steps=10, dtype="fp32", micro_batch=len(row["query"]) // world)
-    texts = prepare(row, rank, world, embedder.settings.instruction_template, cross_device=cross_device)
+    texts = prepare(row, rank, world, embedder.settings.instruction_template, cross_device=loss.cross_device,
+                    mask_false_negatives=loss.mask_false_negatives)
     runs = []
     for chunk, cache in variants:
-        result = train_step(engine, engine.module, texts, temperature, cross_device=cross_device, chunk_size=chunk,
-                            gradient_cache=cache, symmetric=symmetric)
+        result = train_step(engine, engine.module, texts, loss, chunk_size=chunk, gradient_cache=cache)
         runs.append({"loss": result.loss, "grads": engine.full_gradients(), "tokens": result.tokens})
         engine.step()
     # ZeRO-3 leaves each worker an empty local tensor for a partitioned parameter (outside forward and backward).

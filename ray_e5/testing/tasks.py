@@ -28,12 +28,15 @@ SENTENCES = [
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` to ``path`` as JSON lines (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def write_task_json(folder: Path, type_: str, **extra: Any) -> Path:
+    """Write a task folder's ``task.json`` (``type``, ``language`` en unless ``extra`` says, any ``extra`` keys), as
+    the local evaluation tasks read it; returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "task.json").write_text(json.dumps({"type": type_, "language": "en", **extra}))
     return folder
@@ -58,12 +61,14 @@ def toy_retrieval(folder: Path) -> Path:
 
 
 def toy_reranking(folder: Path) -> Path:
+    """Each query's one positive is the query's own text, among four other sentences."""
     rows = [{"query": s, "positive": [s], "negative": [t for t in SENTENCES if t != s][:4]} for s in SENTENCES[:6]]
     write_jsonl(folder / "test.jsonl", rows)
     return write_task_json(folder, "reranking")
 
 
 def toy_pair_classification(folder: Path) -> Path:
+    """Pairs of a sentence with itself are label 1, with another sentence label 0."""
     rows = [{"sentence1": s, "sentence2": s, "labels": 1} for s in SENTENCES[:6]]
     rows += [{"sentence1": a, "sentence2": b, "labels": 0} for a, b in zip(SENTENCES[6:], SENTENCES[:6])]
     write_jsonl(folder / "test.jsonl", rows)

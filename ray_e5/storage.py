@@ -1,11 +1,6 @@
-"""The run directory: one place (a local path or a cloud URI such as s3:// or gs://) for every stage's outputs.
-
-Layout under a run directory:
-    synthetic/   Parquet shards and manifest.json from `generate`
-    train/       metrics.jsonl, loss curve, Ray Train checkpoints
-    embedder/    the trained embedder directory (ray_e5.json + adapter/)
-    eval/        per-task results, report.md, report.json, scores.png
-Paths go through pyarrow's filesystems, so the same code writes locally and to object stores.
+"""Storage: files over pyarrow filesystems for run directories and inputs, a local path or a cloud URI (s3://,
+gs://) read and written by the same code. What lives where under a run directory is :mod:`ray_e5.rundir`'s
+concern (hence two names: storage moves bytes, the run directory names them).
 
 Inputs are named relative to the config's ``data_dir`` (:func:`data_uri`); a local path is made absolute on the
 driver, a URI is kept as it is. Object stores take their endpoint and credentials from the standard variables
@@ -24,7 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ray_e5.digest import digest
-from ray_e5.config import ConfigError
+from ray_e5.settings import ConfigError
 
 
 class StorageError(ConfigError):
@@ -217,7 +212,7 @@ def local_copy(uri: str) -> str:
     import shutil
     from pathlib import Path
 
-    from ray_e5.model.sources import cache_root
+    from ray_e5.model.references import cache_root
 
     fs, path = resolve(uri)
     files = listing(uri)

@@ -21,6 +21,8 @@ SAMPLE_CORPUS = [
 
 
 def build_tokenizer(corpus: Iterable[str] = SAMPLE_CORPUS, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``corpus`` in milliseconds, shaped like Mistral's: ``<s>`` prepended,
+    no EOS appended (the Embedder must append it), ``<pad>`` on the right."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

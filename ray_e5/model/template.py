@@ -1,4 +1,8 @@
-"""The E5 instruction template: queries carry the task, documents go in as they are."""
+"""The E5 query template: queries carry the task, documents go in as they are.
+
+(Named for the template that wraps a text; which instruction each evaluation task gets is
+``ray_e5.evaluate.instructions``.)
+"""
 
 from __future__ import annotations
 

