@@ -91,6 +91,13 @@ def test_the_mirror_serves_an_entry_that_names_both(shared_data, hub_repo):
     found = check_datasets(config)
     assert len(found) == 4 and {f.found for f in found} == {"mirror"}, found
 
+    # an evaluation task that names both is read from the mirror's folder too, with the Hub offline
+    from ray_e5.evaluate.tasks import resolve_tasks
+
+    tasks = resolve_tasks(config.evaluate.task_entries(config.data_dir), data_dir=config.data_dir)
+    assert len(tasks) == 2 and all(t.entry.hf is None and t.entry.path for t in tasks), tasks
+    assert {t.name for t in tasks} == {"stsbenchmark", "scifact"}, [t.name for t in tasks]
+
 
 def test_without_mirror_or_hub_the_quickstart_stops_before_any_work(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "RAY_TMPDIR": str(tmp_path / "ray")}

@@ -96,11 +96,14 @@ def passkey_task(entry: TaskEntry, seed: int = 42) -> TaskSpec:
 def resolve_task(entry: TaskEntry, seed: int = 42, data_dir: str | None = None) -> TaskSpec:
     if entry.type == "passkey":
         return passkey_task(entry, seed)
-    if entry.path and (entry.hf or entry.mteb) and not _present(task_uri(entry, data_dir)):
-        # the mirror lacks it: the Hub serves the entry (the mirror's `dev` split is the Hub's `validation`)
-        from ray_e5.data.hub import hub_split
+    if entry.path and (entry.hf or entry.mteb):
+        if _present(task_uri(entry, data_dir)):  # the mirror serves it: read the folder, never the Hub
+            entry = entry.model_copy(update={"hf": None, "mteb": None, "config": None, "columns": None,
+                                             "revision": None})
+        else:  # the mirror lacks it: the Hub serves the entry (the mirror's `dev` split is the Hub's `validation`)
+            from ray_e5.data.hub import hub_split
 
-        entry = entry.model_copy(update={"path": None, "split": hub_split(entry.split)})
+            entry = entry.model_copy(update={"path": None, "split": hub_split(entry.split)})
     if entry.hf:
         return hf_task(entry, seed)
     if entry.path:
