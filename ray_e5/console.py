@@ -44,12 +44,15 @@ NOISY_LINES = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Contr
                          r"^\s*\d+%\|[^|]*\| *\d+/\d+ \[|"
                          # Ray Serve's controller and proxies narrating start-up (warnings, errors and the
                          # replicas' access log still pass)
-                         r"^INFO \d{4}-\d\d-\d\d [\d:,]+ (controller|proxy) ")
+                         r"^INFO \d{4}-\d\d-\d\d [\d:,]+ (controller|proxy) |"
+                         # a replica narrating its own HTTP server's start (its access log lines still pass)
+                         r" -- (Allocated port \d+ for|Successfully started RequestProtocol|Started HTTP server on)")
 
 
 # Ray's own driver-side log lines that are known noise: (logger, message prefix).
 NOISY_RECORDS = (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
-                 ("ray.serve", "Started Serve in namespace"), ("ray.serve", "Connecting to existing Serve app"))
+                 ("ray.serve", "Started Serve in namespace"), ("ray.serve", "Connecting to existing Serve app"),
+                 ("ray.serve", "Application 'ray-e5' is ready"))  # our own line says where it serves
 
 
 def verbose() -> bool:
