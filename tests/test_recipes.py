@@ -19,7 +19,12 @@ EXE = Path(sys.executable).with_name("ray-e5")
 
 
 def test_the_checkout_link_and_the_package_hold_the_same_recipes():
-    assert (ROOT / "configs").is_symlink() and (ROOT / "configs").resolve() == RECIPES_DIR
+    """configs/ links to ray_e5/recipes in a checkout; the package imported (the checkout's, or the installed wheel's
+    as CI runs it) holds the same recipes, byte for byte."""
+    assert (ROOT / "configs").is_symlink() and (ROOT / "configs").resolve() == ROOT / "ray_e5" / "recipes"
+    checkout = {p.name: p.read_bytes() for p in (ROOT / "configs").glob("*.yaml")}
+    packaged = {p.name: p.read_bytes() for p in RECIPES_DIR.glob("*.yaml")}
+    assert len(checkout) >= 5 and checkout == packaged
     names = {r.name for r in list_recipes()}
     assert {"cpu-1h", "quickstart", "smoke", "e5-mistral-7b", "multilingual-eval"} <= names
     assert all(r.description and not r.description.startswith("#") for r in list_recipes())
