@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from ray_e5.net import free_port
 from ray_e5.serve.config import ServeSettings
+from ray_e5.testing.cluster import end_processes
 
 KEY = "s3cret-key-for-tests"
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,17 +273,7 @@ def head(tiny_decoder_dir):
                     continue
             if not procs:
                 break
-            for p in procs:
-                try:
-                    p.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(procs, timeout=8)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            end_processes(procs)
         shutil.rmtree(temp, ignore_errors=True)
 
 

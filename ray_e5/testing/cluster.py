@@ -70,6 +70,23 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def end_processes(procs: list, timeout: float = 8) -> None:
+    """SIGTERM every psutil process in ``procs``, then SIGKILL those still alive ``timeout`` seconds later."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def kill_tree(pid: int) -> None:
     """End process ``pid`` and all its descendants: SIGTERM, then SIGKILL for those alive 5 s later."""
     import psutil
@@ -78,18 +95,7 @@ def kill_tree(pid: int) -> None:
         parent = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return
-    procs = parent.children(recursive=True) + [parent]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    end_processes(parent.children(recursive=True) + [parent], timeout=5)
 
 
 # ---- the object store ----------------------------------------------------------------------------------------
@@ -251,17 +257,7 @@ class Cluster:
                     procs += proc.children(recursive=True) + [proc]
                 except psutil.NoSuchProcess:
                     continue
-            for p in procs:
-                try:
-                    p.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(procs, timeout=8)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            end_processes(procs)
 
     def node_pids(self, name: str) -> list[int]:
         """The processes of one node (``head``, ``worker0``, ...): those whose command line names its temp dir."""
