@@ -113,7 +113,7 @@ def compare(args) -> None:
                 row = {"corpus": name, "model": model, "rows": len(texts), "ray_e5_s": round(t_ours, 1),
                        "ray_e5_rows_s": round(len(texts) / t_ours, 1), "st_s": round(t_st, 1),
                        "st_rows_s": round(len(texts) / t_st, 1), "ratio": round(t_st / t_ours, 2),
-                       "mean_cosine": round(cos, 5), "dtype": args.dtype or "fp32", "load_before": round(load, 1),
+                       "mean_cosine": round(cos, 5), "dtype": args.dtype or "auto (default)", "load_before": round(load, 1),
                        "load_after": round(os.getloadavg()[0], 1)}
                 results.append(row)
                 print(json.dumps(row), flush=True)

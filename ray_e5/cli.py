@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--num-gpus", dest="num_gpus", type=float, metavar="G",
                        help="corpus: GPUs per actor (bf16 weights, float32 pooling)")
     embed.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="corpus: the weights' dtype (default fp32 on CPUs, bf16 on GPUs; auto: bf16 where native)")
+                       help="corpus: the weights' dtype (default auto: bf16 where the node runs it natively, else fp32)")
     embed.add_argument("--engine", choices=["embedder", "vllm"],
                        help="corpus: the Embedder in Ray Data actors, or vLLM through ray.data.llm (a merged export)")
     embed.add_argument("--max-actors", dest="max_actors", type=int, metavar="N",

@@ -48,6 +48,8 @@ def _write_jsonl(path: Path, n: int, bad: bool = True) -> dict[str, str]:
 
 
 def _config(tmp_path: Path, **embed) -> RayE5Config:
+    """fp32 weights unless a test says otherwise: these tests compare with Embedder.encode's fp32 vectors exactly."""
+    embed.setdefault("dtype", "fp32")
     return load_config(None, [f"run_dir={tmp_path / 'run'}"] + [f"embed.{k}={v}" for k, v in embed.items()])
 
 
@@ -165,7 +167,7 @@ def test_killed_driver_resumes_without_duplicates_or_recomputation(ray_cluster, 
     expected = _write_jsonl(tmp_path / "corpus.jsonl", 3000, bad=False)
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "corpus.jsonl"), "--output", str(out), "--model", str(tiny_decoder_dir),
-            "--max-actors", "1", "--set", "embed.block_bytes=3000"]
+            "--max-actors", "1", "--dtype", "fp32", "--set", "embed.block_bytes=3000"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     log = open(tmp_path / "driver.log", "wb")
@@ -189,13 +191,14 @@ def test_killed_driver_resumes_without_duplicates_or_recomputation(ray_cluster, 
 
 
 def test_gpu_path_loads_bf16_weights_and_gives_float32_unit_vectors(tiny_decoder_dir, tiny, tmp_path):
-    """``num_gpus`` > 0: the actor loads bf16 weights (on CUDA when there is one; here the same path on the CPU)."""
+    """A GPU actor's bf16 weights (``dtype: auto`` on a CUDA GPU with bf16; here the same path on the CPU)."""
     import torch
 
     from ray_e5.embed.config import EmbedSettings
     from ray_e5.embed.run import BlockEmbedder
 
-    actor = BlockEmbedder(EmbedSettings(num_gpus=1).model_dump(), str(tiny_decoder_dir), str(tmp_path / "out"))
+    actor = BlockEmbedder(EmbedSettings(num_gpus=1, dtype="bf16").model_dump(), str(tiny_decoder_dir),
+                          str(tmp_path / "out"))
     assert actor.embedder.dtype == torch.bfloat16
     texts = _texts(20)
     got = actor.embed(texts)
@@ -292,7 +295,7 @@ def test_shards_on_an_s3_output_are_written_whole_and_found_by_a_rerun(tiny_deco
             check_manifest(output, {"model": "minilm-l6"})
         blocks = plan(str(tmp_path / "c.jsonl"), "auto", 10, 1500)
         assert len(blocks) > 1 and done_shards(output) == set()
-        actor = BlockEmbedder(EmbedSettings().model_dump(), str(tiny_decoder_dir), output)
+        actor = BlockEmbedder(EmbedSettings(dtype="fp32").model_dump(), str(tiny_decoder_dir), output)
         results = [actor.run_block(b) for b in blocks]
         assert sum(r["written"] for r in results) == 60 and sum(r["rejected"] for r in results) == 5
         assert done_shards(output) == {b.name for b in blocks}

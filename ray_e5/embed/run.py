@@ -62,8 +62,9 @@ def token_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) ->
 class BlockEmbedder:
     """A Ray Data actor: loads the Embedder once, then reads, embeds and writes whole blocks (one dataset row each).
 
-    With ``num_gpus`` the weights are loaded in bf16 on the GPU (the forward pools and normalises in float32, as
-    :meth:`Embedder.forward` always does); on a machine without CUDA the same path runs on the CPU."""
+    The weights' dtype is ``embed.dtype`` (``auto``: bf16 where this node runs it natively, a bf16 GPU or an
+    AVX512-BF16/AMX CPU); the forward pools and normalises in float32, as :meth:`Embedder.forward` always does. With
+    ``num_gpus`` the model moves to the GPU; on a machine without CUDA the same path runs on the CPU."""
 
     def __init__(self, settings: dict, model: str, output: str, threads: int = 1):
         import torch
@@ -75,7 +76,7 @@ class BlockEmbedder:
         from ray_e5.model.precision import inference_dtype
 
         overrides: dict[str, Any] = {"pooling": self.s.pooling} if self.s.pooling else {}
-        overrides["dtype"] = inference_dtype(self.s.dtype or ("bf16" if self.s.num_gpus > 0 else "fp32"))
+        overrides["dtype"] = inference_dtype(self.s.dtype)
         self.embedder = Embedder.load(runs.local_copy(model) if "://" in model else model, **overrides)
         if self.s.num_gpus > 0 and torch.cuda.is_available():
             self.embedder.to("cuda")
