@@ -59,3 +59,18 @@ def minilm():
     from ray_e5.model import Embedder
 
     return Embedder.load("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """moto's S3 server on loopback, with the buckets the tests use (``data``, ``runs``), one per test module."""
+    import ray_e5.testing.cluster as cs
+
+    cs.require_moto()
+    server = cs.start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        for bucket in ("data", "runs"):
+            server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()

@@ -13,18 +13,6 @@ import pytest
 import ray_e5.testing.cluster as cs
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    cs.require_moto()
-    server = cs.start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        server.create_bucket("data")
-        server.create_bucket("runs")
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def aws(moto, monkeypatch):
     for k, v in moto.env.items():

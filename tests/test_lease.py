@@ -16,20 +16,8 @@ from pathlib import Path
 import pytest
 
 from ray_e5.lease import Lease, LeaseHeldError, _Conflict, hold_lease
-import ray_e5.testing.cluster as cs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    cs.require_moto()
-    server = cs.start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        server.create_bucket("runs")
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
