@@ -94,6 +94,9 @@ def lookups(config: RayE5Config, ask_hub: bool = True) -> list[Lookup]:
     if config.has_section("train"):
         train = config.train
         found += [locate(f"train.sources.{i}", s, config.data_dir, "train", ask_hub) for i, s in enumerate(train.sources)]
+        if train.eval_every is not None:  # the dev sets of evaluation during training
+            found += [locate(f"train.eval_tasks.{i}", t, config.data_dir, "test", ask_hub)
+                      for i, t in enumerate(train.eval_tasks)]
     if config.has_section("evaluate"):
         for i, task in enumerate(config.evaluate.task_entries(config.data_dir)):
             if task.type != "passkey":

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ray_e5.evaluate.config import TaskEntry
 from ray_e5.settings import Section
 
 
@@ -85,6 +86,24 @@ class MineSettings(Section):
     batch_size: int = Field(64, gt=0)
 
 
+#: what ``train.report_to`` accepts: the trackers Ray Train integrates with
+TRACKERS = ("mlflow", "tensorboard", "wandb")
+#: ``train.eval_tasks`` when a config names none: an STS dev split and a retrieval subset
+DEFAULT_EVAL_TASKS = (
+    {"path": "stsbenchmark", "split": "dev", "hf": "mteb/stsbenchmark-sts", "type": "sts", "max_samples": 200},
+    {"path": "scifact", "max_samples": 20, "max_corpus": 200},
+)
+
+
+def eval_task_name(entry: TaskEntry) -> str:
+    """The name a dev task's metrics are reported under (``dev/<name>_<metric>``), as the evaluate stage names it."""
+    if entry.name:
+        return entry.name
+    if entry.path:
+        return entry.path.rstrip("/").rsplit("/", 1)[-1]
+    return (entry.hf or entry.mteb or "").rstrip("/").rsplit("/", 1)[-1] + (f"-{entry.config}" if entry.config else "")
+
+
 class TrainSettings(Section):
     # ---- data ------------------------------------------------------------------------------------------------
     synthetic: bool = True  # use <run_dir>/synthetic/*.parquet when present
@@ -133,6 +152,20 @@ class TrainSettings(Section):
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
     log_every: int = Field(1, gt=0)
     progress: bool = True
+    # ---- experiment tracking (ray_e5.train.tracking) ---------------------------------------------------------
+    # any of mlflow, tensorboard, wandb: rank 0 logs the config, loss, lr, throughput and dev scores to each
+    report_to: list[str] = Field(default_factory=list)
+    mlflow_tracking_uri: str | None = None  # default: a file store at <run_dir>/train/mlruns
+    mlflow_experiment: str = "ray-e5"
+    wandb_project: str | None = None  # default: ray-e5 (offline without WANDB_API_KEY or with WANDB_MODE=offline)
+    # ---- evaluation during training (ray_e5.train.deveval) ---------------------------------------------------
+    eval_every: int | None = None  # steps between dev evaluations on rank 0 (and one at the last step); 0/None: off
+    # the dev sets, as evaluate.tasks entries (local folders under data_dir, or hf datasets with a type), read on
+    # the driver; keep them small: training waits while rank 0 scores them
+    eval_tasks: list[TaskEntry] = Field(default_factory=lambda: [TaskEntry(**t) for t in DEFAULT_EVAL_TASKS])
+    eval_batch_size: int = Field(32, gt=0)
+    # publish the checkpoint with the best value of this dev metric (dev/mean or dev/<task>_<metric>), not the last
+    keep_best: str | None = None
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -148,4 +181,45 @@ class TrainSettings(Section):
         if batch is not None and batch % value:
             raise ValueError(f"batch_size ({batch}) must be a multiple of num_workers ({value}): "
                              "each worker takes an equal slice of every global batch")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a tracker; accepted: {', '.join(TRACKERS)} "
+                             "(any of them, as a list)")
+        return list(dict.fromkeys(names))
+
+    @field_validator("eval_every", mode="before")
+    @classmethod
+    def _eval_every(cls, value: Any) -> Any:
+        if value is None or value == 0:
+            return None  # off
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"must be >= 1 (steps between dev evaluations), or 0/null for none; got {value}")
+        return value
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _dev_tasks(cls, entries: list[TaskEntry]) -> list[TaskEntry]:
+        if any(e.type == "passkey" for e in entries):
+            raise ValueError("passkey tasks are not scored during training; list task folders (path) or hf datasets "
+                             "(hf with type)")
+        return entries
+
+    @field_validator("keep_best")
+    @classmethod
+    def _keep_best_names_a_dev_metric(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.data.get("eval_every") is None:
+            raise ValueError(f"{value!r} needs train.eval_every (steps between dev evaluations, >= 1): without "
+                             "evaluations there is no best checkpoint")
+        names = [eval_task_name(e) for e in info.data.get("eval_tasks") or []]
+        if value != "dev/mean" and not any(value.startswith(f"dev/{n}_") for n in names):
+            accepted = ", ".join(["dev/mean"] + [f"dev/{n}_<metric>" for n in names])
+            raise ValueError(f"{value!r} is not a metric the dev evaluation produces; accepted: {accepted} (e.g. "
+                             "dev/stsbenchmark_spearman, dev/scifact_ndcg_at_10)")
         return value

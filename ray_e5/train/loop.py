@@ -5,6 +5,11 @@ Row i of the plan is step i, so a worker restarted by Ray Train (FailureConfig) 
 optimizer and schedule state, step) and skips the rows already trained on. Checkpoints go through
 ``ray.train.report``: each worker contributes its own files (DeepSpeed writes one optimizer partition per worker)
 and Ray merges them into one checkpoint directory in the run's storage.
+
+Rank 0 also logs to the trackers of ``train.report_to`` (:mod:`ray_e5.train.tracking`) and, every
+``train.eval_every`` steps, scores the dev sets with the embedder being trained (:mod:`ray_e5.train.deveval`); the
+scores go to metrics.jsonl (an ``eval`` event line), the trackers, and the metrics of the checkpoint that follows,
+which is what ``train.keep_best`` ranks checkpoints by.
 """
 
 from __future__ import annotations
@@ -39,13 +44,13 @@ def _save_checkpoint(engine, embedder, state: dict, rank: int, metrics: dict) ->
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']:07d}")
 
 
-def _resume(engine, fingerprint: str, world: int) -> int:
-    """Load the latest checkpoint of this run, if any; returns the step to continue from."""
+def _resume(engine, fingerprint: str, world: int) -> tuple[int, dict]:
+    """Load the latest checkpoint of this run, if any; returns the step to continue from and its saved state."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as tmp:
         directory = Path(tmp)
         state = json.loads((directory / STATE_FILE).read_text())
@@ -56,23 +61,20 @@ def _resume(engine, fingerprint: str, world: int) -> int:
             raise RuntimeError(f"the checkpoint holds DeepSpeed state for {state.get('world_size')} workers, this run "
                                f"has {world}; keep train.num_workers as it was to resume")
         engine.load(directory)
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    from tqdm import tqdm
 
     from ray_e5.config import ModelSettings
     from ray_e5.train.config import TrainSettings
-    from ray_e5.train.engines import build_embedder, fitted_horizon, make_engine, set_horizon
-    from ray_e5.train.loss import build_loss
+    from ray_e5.train.engines import build_embedder, make_engine
     from ray_e5.train.metrics import MetricsLog
-    from ray_e5.train.step import prepare, train_step
 
     settings = TrainSettings.model_validate(config["train"])
     model_settings = ModelSettings.model_validate(config["model"])
-    total_steps, deadline, fingerprint = config["total_steps"], config["deadline"], config["fingerprint"]
+    total_steps, fingerprint = config["total_steps"], config["fingerprint"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if settings.use_gpu:
@@ -90,11 +92,67 @@ def train_loop_per_worker(config: dict) -> None:
     embedder = build_embedder(model_settings, settings, settings.batch_size // world)
     embedder.train()
     engine = make_engine(embedder, settings, total_steps, model_settings.dtype, settings.batch_size // world, device)
-    start = _resume(engine, fingerprint, world)
+    start, saved = _resume(engine, fingerprint, world)
     log = MetricsLog(config["train_dir"], start) if rank == 0 else None
     if log is not None and start:
         log.log({"event": "resumed", "step": start, "time": time.time()})
+    tracking = config.get("tracking") or {}
+    tracker = None
+    if rank == 0 and settings.report_to:
+        from ray_e5.train.tracking import open_tracker
 
+        key = tracking.get("wandb_api_key")
+        tracker = open_tracker(settings, config["train_dir"], tracking["run_name"], tracking["params"],
+                               saved.get("tracking"), start, key.get_secret_value() if key is not None else None)
+    dev_tasks = config.get("dev_tasks") or []
+    # ZeRO-3 gathers each layer's weights collectively in every forward: all workers embed the dev texts in
+    # lockstep (the same calls, in the same order), rank 0 keeps the scores. Otherwise rank 0 evaluates alone and
+    # the others wait for it in the checkpoint's collectives (or the next step's all-reduce).
+    evaluates = bool(dev_tasks) and (rank == 0 or (engine.name == "deepspeed" and settings.zero_stage == 3))
+
+    def evaluate(step: int) -> dict:
+        if not evaluates:
+            return {}
+        from ray_e5.train.deveval import evaluate as score
+
+        began = time.perf_counter()
+        scores = score(embedder, dev_tasks, settings.eval_batch_size)  # eval mode, no grad; train mode after
+        seconds = time.perf_counter() - began
+        if log is not None:
+            log.log({"event": "eval", "step": step, **{k: round(v, 6) for k, v in scores.items()},
+                     "seconds": round(seconds, 3), "time": time.time()})
+        if tracker is not None:
+            tracker.log(step, {**scores, "dev/seconds": seconds})
+        return scores if rank == 0 else {}
+
+    def checkpoint(step: int, stopped_early: bool, metrics: dict) -> None:
+        if log is not None:
+            log.flush()
+        if tracker is not None:
+            tracker.sync()
+        _save_checkpoint(engine, embedder, {"step": step, "total_steps": total_steps, "fingerprint": fingerprint,
+                                            "world_size": world, "engine": engine.name, "stopped_early": stopped_early,
+                                            "tracking": tracker.state if tracker is not None else {}},
+                         rank, metrics)
+
+    try:
+        _train(settings, model_settings, config, engine, embedder, rank, world, start, log, tracker, dev_tasks,
+               evaluate, checkpoint)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _train(settings, model_settings, config, engine, embedder, rank, world, start, log, tracker, dev_tasks, evaluate,
+           checkpoint) -> None:
+    import ray.train
+    from tqdm import tqdm
+
+    from ray_e5.train.engines import fitted_horizon, set_horizon
+    from ray_e5.train.loss import build_loss
+    from ray_e5.train.step import prepare, train_step
+
+    total_steps, deadline = config["total_steps"], config["deadline"]
     template = model_settings.instruction_template
     loss_fn = build_loss(settings)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", mininterval=5.0, dynamic_ncols=False,
@@ -133,25 +191,29 @@ def train_loop_per_worker(config: dict) -> None:
         seconds = time.perf_counter() - began
         loss = float(shared[1]) / world
         if log is not None and (step % settings.log_every == 0 or step == total_steps or stop):
-            log.log({"step": step, "epoch": int(row["epoch"]), "loss": round(loss, 6), "lr": lr,
-                     "examples_per_s": round(len(row["query"]) / seconds, 3),
-                     "tokens_per_s": round(float(shared[0]) / seconds, 1), "seconds": round(seconds, 4),
+            record = {"loss": round(loss, 6), "lr": lr, "examples_per_s": round(len(row["query"]) / seconds, 3),
+                      "tokens_per_s": round(float(shared[0]) / seconds, 1)}
+            log.log({"step": step, "epoch": int(row["epoch"]), **record, "seconds": round(seconds, 4),
                      "source": row["source"], "kind": row["kind"], "time": time.time()})
+            if tracker is not None:
+                tracker.log(step, record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step % settings.checkpoint_every == 0 or step == total_steps or stop:
-            if log is not None:
-                log.flush()
-            _save_checkpoint(engine, embedder, {"step": step, "total_steps": total_steps, "fingerprint": fingerprint,
-                                                "world_size": world, "engine": engine.name, "stopped_early": stop},
-                             rank, {"step": step, "loss": loss})
+        # Every rank takes the same decisions (the step, `stop` from the all-reduce): evaluations and checkpoints
+        # line up. With keep_best every checkpoint is scored (Ray Train ranks checkpoints by the metric each one
+        # reports), and a checkpoint follows every evaluation.
+        last = step == total_steps or stop
+        eval_due = bool(dev_tasks) and (step % settings.eval_every == 0 or last)
+        saving = step % settings.checkpoint_every == 0 or last or (settings.keep_best is not None and eval_due)
+        scores = evaluate(step) if eval_due or (saving and settings.keep_best is not None) else {}
+        if saving:
+            checkpoint(step, stop, {"step": step, "loss": loss, **scores})
             last_checkpoint = step
         if stop:
             break
     if step > last_checkpoint:  # the plan ran out before total_steps (it should not); keep what was trained
-        _save_checkpoint(engine, embedder, {"step": step, "total_steps": total_steps, "fingerprint": fingerprint,
-                                            "world_size": world, "engine": engine.name, "stopped_early": True},
-                         rank, {"step": step})
+        scores = evaluate(step) if dev_tasks else {}
+        checkpoint(step, True, {"step": step, **scores})
     bar.close()
     if log is not None:
         log.close()

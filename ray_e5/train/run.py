@@ -3,7 +3,8 @@
 Outputs under the run directory:
     train/data.json       the batch plan: steps, and per source rows read, used, filtered, skipped (with reasons)
     train/run.json        this run's Ray Train name and fingerprint (what a later call resumes, or refuses to)
-    train/metrics.jsonl   per-step loss, lr, examples/s, tokens/s
+    train/metrics.jsonl   per-step loss, lr, examples/s, tokens/s; an `eval` line per dev evaluation (eval_every)
+    train/mlruns/, train/tensorboard/   the trackers' logs (train.report_to: mlflow, tensorboard)
     train/loss.png        the loss curve
     train/<name>/         Ray Train's checkpoints (adapter + optimizer state)
     embedder/             the trained embedder (ray_e5.json + adapter/ + README.md, its model card), what
@@ -175,6 +176,47 @@ def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str
     return name
 
 
+def _state(checkpoint) -> dict:
+    """A checkpoint's train_state.json (its step, whether training stopped early, the trackers' run ids)."""
+    from ray_e5.train.loop import STATE_FILE
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as src:
+        return json.loads(src.read().decode())
+
+
+def _dev_tasks(config: RayE5Config, settings: TrainSettings) -> list:
+    """The dev sets of ``train.eval_every``, loaded here on the driver (None when off); ``train.keep_best`` checked
+    against the metrics they produce; the trackers' packages checked."""
+    if settings.report_to:
+        from ray_e5.train.tracking import check_installed
+
+        check_installed(settings.report_to)
+    if settings.eval_every is None:
+        return []
+    from ray_e5.train.deveval import load_dev_tasks, metric_names
+
+    tasks = load_dev_tasks(settings.eval_tasks, config.data_dir, settings.seed)
+    if settings.keep_best is not None and settings.keep_best not in metric_names(tasks):
+        raise ConfigError(f"train.keep_best: {settings.keep_best!r} is not a metric of the dev evaluation; "
+                          f"accepted: {', '.join(metric_names(tasks))}")
+    return tasks
+
+
+def _tracking(config: RayE5Config, settings: TrainSettings, name: str, total_steps: int) -> dict:
+    """What the rank-0 tracker needs: the run's name, the params it logs (the train and model sections, never a
+    secret), and the W&B key read here on the driver (workers on other nodes lack its environment), as a secret."""
+    if not settings.report_to:
+        return {}
+    import os
+
+    from pydantic import SecretStr
+
+    params = {"train": settings.model_dump(mode="json", exclude={"eval_tasks", "report_to"}),
+              "model": model_settings(config).model_dump(mode="json"), "planned_steps": total_steps}
+    key = os.environ.get("WANDB_API_KEY") if "wandb" in settings.report_to else None
+    return {"run_name": name, "params": params, "wandb_api_key": SecretStr(key) if key else None}
+
+
 def _storage_path(uri: str) -> str:
     return storage.resolve(uri)[1] if storage.is_local(uri) else uri
 
@@ -197,6 +239,7 @@ def _train(config: RayE5Config) -> TrainResult:
 
     sources = _sources(config, settings)  # bad paths fail here, before a cluster starts
     mined_names = _mined_names(settings, sources) if settings.mine is not None else []  # and unknown mined ones
+    dev_tasks = _dev_tasks(config, settings)  # and dev sets, and trackers whose package is missing
 
     from ray_e5.cluster import connect
 
@@ -210,7 +253,7 @@ def _train(config: RayE5Config) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from ray_e5.data.batching import build_plan
-    from ray_e5.train.loop import EMBEDDER_DIR, STATE_FILE, train_loop_per_worker
+    from ray_e5.train.loop import EMBEDDER_DIR, train_loop_per_worker
     from ray_e5.train.metrics import plot_loss_curve
 
     run = RunDir.of(config.run_dir)  # absolute: the workers run in another working directory
@@ -251,7 +294,8 @@ def _train(config: RayE5Config) -> TrainResult:
         train_loop_per_worker,
         train_loop_config={"train": settings.model_dump(), "model": model_settings(config).model_dump(),
                            "total_steps": total_steps, "deadline": deadline, "fingerprint": _digest(fingerprint),
-                           "train_dir": train_dir},
+                           "train_dir": train_dir, "dev_tasks": dev_tasks,
+                           "tracking": _tracking(config, settings, name, total_steps)},
         scaling_config=ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                                resources_per_worker={"CPU": settings.cpus_per_worker,
                                                                      **({"GPU": 1} if settings.use_gpu else {})}),
@@ -261,7 +305,11 @@ def _train(config: RayE5Config) -> TrainResult:
             # request the cluster can no longer meet would wait forever
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures,
                                                    controller_failure_limit=settings.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+            # keep_best: Ray Train ranks the checkpoints by the dev metric each one reports and keeps the best
+            # keep_checkpoints of them, plus always the latest (what a restart resumes from)
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=settings.keep_best,
+                checkpoint_score_order="max")),
         datasets={"train": plan.dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options),
     )
@@ -269,13 +317,18 @@ def _train(config: RayE5Config) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the Ray Train logs under {train_dir}/{name}")
     embedder_uri = run.embedder
-    with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as src:
-        state = json.loads(src.read().decode())
+    state = _state(result.checkpoint)
+    published, published_state, best = result.checkpoint, state, None
+    if settings.keep_best is not None:
+        published = result.get_best_checkpoint(settings.keep_best, "max") or result.checkpoint
+        published_state = _state(published)
+        metrics = next((m for c, m in result.best_checkpoints or [] if c.path == published.path), {})
+        best = {"metric": settings.keep_best, "value": metrics.get(settings.keep_best)}
     import shutil
 
     import pyarrow.fs as pafs
 
-    staged = _stage_embedder(config, settings, result.checkpoint, data,
+    staged = _stage_embedder(config, settings, published, data,
                              {"steps": state["step"], "planned_steps": total_steps,
                               "stopped_early": state.get("stopped_early")})
     try:
@@ -286,9 +339,13 @@ def _train(config: RayE5Config) -> TrainResult:
     curve = plot_loss_curve(train_dir, title=f"{config.model.name}: {total_steps} steps x {settings.batch_size}")
     summary = {"steps": state["step"], "planned_steps": total_steps, "stopped_early": state.get("stopped_early"),
                "seconds": round(time.time() - started, 1), "embedder": embedder_uri, "loss_curve": curve,
-               "run_name": name, "checkpoint": result.checkpoint.path}
+               "run_name": name, "checkpoint": published.path,
+               "published_step": int(published_state["step"]), **({"published_by": best} if best else {})}
     storage.write_json(run.train_summary, summary)
-    print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}"
+    chosen = (f" (the checkpoint of step {published_state['step']}: best {best['metric']} = {best['value']:.4f})"
+              if best and best["value"] is not None else "")
+    print(f"[ray-e5 train] {state['step']}/{total_steps} steps; embedder written to {embedder_uri}{chosen}"
           + (f"; loss curve {curve}" if curve else ""))
     return TrainResult(embedder_uri=embedder_uri, steps=int(state["step"]), local_dir=Path(run.local_embedder()),
-                       summary=summary, data=data)
+                       summary=summary, data=data, published_step=int(published_state["step"]),
+                       published_by=best)
