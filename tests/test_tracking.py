@@ -188,3 +188,19 @@ def test_dev_evaluation_scores_with_the_evaluate_stage_and_checks_keep_best(tiny
         load_dev_tasks(TrainSettings(eval_tasks=[{"name": "STS12"}]).eval_tasks, None)
     with pytest.raises(ConfigError, match=r"train\.eval_tasks\.0: .*does not exist"):
         load_dev_tasks(TrainSettings(eval_tasks=[{"path": "nowhere"}]).eval_tasks, str(tmp_path))
+
+
+@pytest.mark.slow  # two workers (about 50 s each)
+@pytest.mark.parametrize("engine,zero_stage", [("deepspeed", 3), ("torch", 2)], ids=["zero3-lockstep", "rank0-alone"])
+def test_dev_evaluation_on_two_workers_does_not_deadlock(ray_cluster, tiny_decoder_dir, tmp_path, engine, zero_stage):
+    """ZeRO-3 gathers each layer's weights collectively in every forward: every worker embeds the dev texts in
+    lockstep and rank 0 keeps the scores. Otherwise rank 0 evaluates alone while the other worker waits in the
+    checkpoint's report. Either way the run finishes, with one eval line per evaluation."""
+    from ray_e5.train.run import train
+
+    config = _config(tmp_path, tiny_decoder_dir, engine=engine, zero_stage=zero_stage, num_workers=2, max_steps=4,
+                     eval_every=2, checkpoint_every=100, keep_best="dev/mean", max_failures=0)
+    result = train(RayE5Config.model_validate(config))
+    evals = [m for m in _lines(tmp_path / "run") if m.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert result.published_step == max(evals, key=lambda e: (e["dev/mean"], e["step"]))["step"]
