@@ -2,7 +2,8 @@
 
 OpenAI-compatible backends run in an autoscaling actor pool (1 to ``actors`` actors) of :class:`ChatCompleter`s:
 an async UDF, so each actor overlaps several batches on one event loop while a semaphore keeps at most
-``concurrency`` requests in flight per actor. vLLM runs as ``ray.data.llm``'s processor. Either way each request
+``concurrency`` requests in flight per actor. vLLM runs as ``ray.data.llm``'s processor; the in-process writer
+(``transformers``) as an actor pool of :class:`LocalCompleter`s. Either way each request
 comes back as one row: the parsed and validated answer, or empty texts and a ``drop`` reason. Parsing happens in
 the workers, so the driver only filters and writes.
 
@@ -91,7 +92,7 @@ def finish(phase: str, item: dict, result: Completion | Dropped, settings: Gener
         return {**out, "drop": UNEXPECTED}
 
 
-def _rows(batch: dict) -> list[dict]:
+def plain_rows(batch: dict) -> list[dict]:
     def plain(v):
         return v.item() if hasattr(v, "item") else v
 
@@ -159,10 +160,72 @@ class ChatCompleter:
 
                 if ray.get_runtime_context().was_current_actor_reconstructed:  # a batch Ray retries after a crash
                     self.recovered = answered_rows(self.journal_dir, self.phase)
-        rows = await asyncio.gather(*(self._answer(item) for item in _rows(batch)))
+        rows = await asyncio.gather(*(self._answer(item) for item in plain_rows(batch)))
         if self.journal is not None:
             self.journal.flush()
         return {key: [r[key] for r in rows] for key in self.columns}
+
+
+class LocalCompleter:
+    """Ray Data UDF (one per actor) for the in-process writer: samples a whole batch of planned requests with
+    :class:`ray_e5.generate.local_writer.BatchedSampler` and journals each answer."""
+
+    def __init__(self, settings: GenerateSettings, phase: str, deadline: float | None = None,
+                 journal_dir: str | None = None):
+        from ray_e5.generate.local_writer import BatchedSampler
+
+        self.settings, self.phase, self.deadline = settings, phase, deadline
+        self.columns = BRAINSTORM_COLUMNS if phase == "brainstorm" else EXAMPLE_COLUMNS
+        self.sampler = BatchedSampler(settings.model, threads=int(settings.actor_cpus) or 1, seed=settings.seed)
+        self.journal = None
+        if journal_dir is not None:
+            from ray_e5.generate.journal import JournalWriter
+
+            self.journal = JournalWriter(journal_dir)
+
+    def __call__(self, batch: dict) -> dict[str, list]:
+        from ray_e5.generate.prompts import answer_text
+
+        items = plain_rows(batch)
+        if self.deadline is not None and time.time() > self.deadline:
+            results: list[Completion | Dropped] = [Dropped("skipped_time_budget")] * len(items)
+        else:
+            def whole(i: int, text: str) -> bool:  # the answer's JSON object is closed: the rest would be waste
+                try:
+                    json.loads(answer_text(items[i]["prompt"], text))
+                    return True
+                except ValueError:
+                    return False
+
+            sampled = self.sampler.sample([i["prompt"] for i in items], [int(i["max_tokens"]) for i in items],
+                                          self.settings.temperature, self.settings.top_p, complete=whole,
+                                          deadline=self.deadline)
+            results = [Dropped("skipped_time_budget") if s.finish_reason == "deadline" else
+                       Completion(answer_text(item["prompt"], s.text), s.prompt_tokens, s.completion_tokens,
+                                  s.finish_reason) for item, s in zip(items, sampled)]
+        rows = [finish(self.phase, item, result, self.settings) for item, result in zip(items, results)]
+        if self.journal is not None:
+            for row in rows:
+                if not row["drop"].startswith("skipped_"):
+                    self.journal.append({**row, "phase": self.phase})
+            self.journal.flush()
+        return {key: [r[key] for r in rows] for key in self.columns}
+
+
+def batches_by_kind(items: list[dict], size: int) -> list[dict]:
+    """``items`` reordered so that each run of ``size`` holds one kind (prompts of one length and one token limit:
+    a batched writer then pads little and no short answer waits for a long one), the kinds' runs taking turns so
+    that a time budget ending early still leaves every kind its share."""
+    by_kind: dict[str, list[dict]] = {}
+    for item in items:
+        by_kind.setdefault(item.get("kind", ""), []).append(item)
+    runs = [[group[i:i + size] for i in range(0, len(group), size)] for group in by_kind.values()]
+    ordered: list[dict] = []
+    for turn in range(max((len(r) for r in runs), default=0)):
+        for kind_runs in runs:
+            if turn < len(kind_runs):
+                ordered.extend(kind_runs[turn])
+    return ordered
 
 
 def completions(items: list[dict], phase: str, settings: GenerateSettings, *, base_url: str | None = None,
@@ -177,6 +240,15 @@ def completions(items: list[dict], phase: str, settings: GenerateSettings, *, ba
         ds = ray.data.from_items(items)
         return vllm_processor(settings)(ds).map(  # one processor for both phases
             lambda row: finish(phase, row, vllm_completion(row, settings), settings))
+
+    if settings.backend == "transformers":  # the in-process writer: whole batches per call, one model per actor
+        ordered = batches_by_kind(items, settings.writer_batch)
+        ds = ray.data.from_items(ordered, override_num_blocks=max(1, math.ceil(len(items) / settings.writer_batch)))
+        return ds.map_batches(
+            LocalCompleter, batch_size=settings.writer_batch, num_cpus=settings.actor_cpus,
+            fn_constructor_kwargs={"settings": settings, "phase": phase, "deadline": deadline,
+                                   "journal_dir": journal_dir},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors))
 
     # Each block is one batch; an actor overlaps 4 of them, which keeps 2x `concurrency` requests queued behind
     # its semaphore and so hides the tail of each batch.

@@ -21,6 +21,7 @@ PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "gpt-4.1": (2.0, 8.
           "gpt-3.5-turbo": (0.5, 1.5), "o3-mini": (1.1, 4.4), "o4-mini": (1.1, 4.4)}
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}
 HOSTED = ("openai", "azure")
+LOCAL = ("llamacpp", "transformers")  # writers on this machine: no bill
 
 
 def _refuse_unknown_kinds(by_kind: dict) -> None:
@@ -46,7 +47,9 @@ class VllmSettings(Section):
 
 
 class GenerateSettings(Section):
-    backend: Literal["llamacpp", "openai", "azure", "endpoint", "vllm"] = "llamacpp"
+    # llamacpp: a llama.cpp server on a GGUF; transformers: the in-process batched writer (ray_e5.generate.
+    # local_writer) on a causal LM, no server; openai/azure/endpoint: an OpenAI-compatible API; vllm: vLLM engines
+    backend: Literal["llamacpp", "transformers", "openai", "azure", "endpoint", "vllm"] = "llamacpp"
     model: str = "gemma3-270m"  # the model the backend is asked for (azure: the deployment name)
     base_url: str | None = None  # endpoint: any OpenAI-compatible server; azure: the resource endpoint
     api_key_env: str | None = None  # default OPENAI_API_KEY (openai) / AZURE_OPENAI_API_KEY (azure); none otherwise
@@ -58,6 +61,7 @@ class GenerateSettings(Section):
     prompt_style: Literal["auto", "chat", "completion"] = "auto"
     gguf: str | None = None  # llamacpp: a .gguf file (default: the packaged Gemma 3 270M)
     llamacpp_ctx: int = Field(4096, gt=0)
+    writer_batch: int = Field(32, gt=0)  # transformers: prompts sampled together in one batch
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     # ---- what to generate ------------------------------------------------------------------------------------
     num_examples: int = Field(64, gt=0)  # planned requests; malformed answers are dropped, not replaced
@@ -160,6 +164,9 @@ class GenerateSettings(Section):
                              f"as [USD per 1M input tokens, USD per 1M output tokens]; known: {', '.join(PRICES)}")
         if self.min_chars >= self.max_chars:
             raise ValueError(f"generate.min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
+        if self.backend == "transformers" and self.prompt_style == "chat":
+            raise ValueError("generate.backend 'transformers' writes completion-style prompts (a base model "
+                             "continuing worked examples): use prompt_style 'completion' or 'auto'")
         if self.gguf is not None and self.backend == "llamacpp" and not os.path.isfile(self.gguf):
             raise ValueError(f"generate.gguf: no such file {self.gguf!r}")
         if self.batch_api:
@@ -191,7 +198,7 @@ class GenerateSettings(Section):
     def price(self) -> tuple[float, float] | None:
         """(USD per 1M input tokens, USD per 1M output tokens) of ``model``; the longest matching prefix wins."""
         table = {**PRICES, **self.prices}
-        if self.backend == "llamacpp" and self.model not in self.prices:
+        if self.backend in LOCAL and self.model not in self.prices:
             return (0.0, 0.0)  # local compute: no bill
         if self.model in table:
             return tuple(table[self.model])
@@ -207,7 +214,7 @@ class GenerateSettings(Section):
         return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 * share
 
     def completion_style(self) -> bool:
-        return self.prompt_style == "completion" or (self.prompt_style == "auto" and self.backend == "llamacpp")
+        return self.prompt_style == "completion" or (self.prompt_style == "auto" and self.backend in LOCAL)
 
     def response_format_style(self) -> str:
         if self.json_mode != "auto":
