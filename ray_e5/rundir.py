@@ -24,6 +24,7 @@ EVAL_DIR = "eval"
 LEASES_DIR = "leases"
 EMBEDDER_FILE = "ray_e5.json"  # the file that makes a directory an embedder (see ray_e5.model)
 MANIFEST_FILE = "manifest.json"  # synthetic/: what generation wrote, dropped and spent
+CONSISTENCY_FILE = "consistency.json"  # synthetic/: the rows a reference embedder disagreed with (id -> reason)
 DATA_FILE = "data.json"  # train/: the batch plan
 RUN_FILE = "run.json"  # train/: the Ray Train run's name and fingerprint
 SUMMARY_FILE = "summary.json"  # train/: steps, stopped early or not, seconds, the embedder URI

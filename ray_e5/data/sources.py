@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_e5 import storage
-from ray_e5.data.schema import RowDefaults, normalize_record, rows_table
-from ray_e5.rundir import RunDir
+from ray_e5.data.schema import FILTERED_PREFIX, RowDefaults, normalize_record, rows_table
+from ray_e5.rundir import CONSISTENCY_FILE, RunDir
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -41,6 +41,7 @@ class Source:
     filesystem: pafs.FileSystem
     defaults: RowDefaults
     weight: float = 1.0
+    excluded: tuple[tuple[str, str], ...] = ()  # (row id, reason): rows read but filtered (consistency)
 
 
 def _files(fs: pafs.FileSystem, path: str) -> tuple[str, list[str]]:
@@ -103,7 +104,20 @@ def synthetic_source(run_dir: str, weight: float = 1.0) -> Source | None:
     files = sorted(i.path for i in listing if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
         return None
-    return Source("synthetic", "parquet", tuple(files), fs, RowDefaults("synthetic", "", "synthetic", "en"), weight)
+    excluded = tuple(sorted(consistency_dropped(uri).items()))
+    return Source("synthetic", "parquet", tuple(files), fs, RowDefaults("synthetic", "", "synthetic", "en"), weight,
+                  excluded)
+
+
+def consistency_dropped(synthetic_dir: str) -> dict[str, str]:
+    """The synthetic row ids the generate stage's consistency pass dropped, with reasons (empty when none ran;
+    see :mod:`ray_e5.generate.consistency`)."""
+    uri = storage.join(synthetic_dir, CONSISTENCY_FILE)
+    if not storage.exists(uri):
+        return {}
+    data = storage.read_json(uri)
+    dropped = data.get("dropped") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in dropped.items()} if isinstance(dropped, dict) else {}
 
 
 def source_from_settings(settings, data_dir: str | None = None) -> Source:
@@ -200,6 +214,7 @@ def read_rows(source: Source) -> pa.Table:
     """All rows of a source, normalised (ROW_COLUMNS; ``problem`` non-empty on rows that cannot train); labeled
     texts get their misleading labels (:func:`misleading_labels`)."""
     rows = []
+    excluded = dict(source.excluded)
     for batch in iter_records(source):
         for record in batch:
             if record is INVALID_JSON:
@@ -207,6 +222,9 @@ def read_rows(source: Source) -> pa.Table:
                 row["problem"] = "not valid JSON"
             else:
                 row = normalize_record(record, source.defaults)
+                reason = excluded.get(record.get("id")) if excluded and isinstance(record, dict) else None
+                if reason and not row["problem"]:
+                    row["problem"] = f"{FILTERED_PREFIX}{reason}"
             rows.append(row)
     misleading_labels(rows)
     return rows_table(rows)

@@ -46,6 +46,16 @@ class VllmSettings(Section):
     accelerator_type: str | None = None  # e.g. "H100", to pin the engine to one GPU type
 
 
+class ConsistencySettings(Section):
+    """``generate.consistency``: keep a row when a reference embedder ranks its positive above its hard negative
+    and within ``top_k`` of ``pool`` positives of its kind (see :mod:`ray_e5.generate.consistency`)."""
+
+    model: str = "minilm-l6"  # any model reference: a packaged name, an embedder directory, a Hub id
+    top_k: int = Field(10, gt=0)
+    pool: int = Field(100, gt=1)
+    cpus: float = Field(1, gt=0)  # the Ray task that scores the rows
+
+
 class GenerateSettings(Section):
     # llamacpp: a llama.cpp server on a GGUF; transformers: the in-process batched writer (ray_e5.generate.
     # local_writer) on a causal LM, no server; openai/azure/endpoint: an OpenAI-compatible API; vllm: vLLM engines
@@ -63,6 +73,7 @@ class GenerateSettings(Section):
     llamacpp_ctx: int = Field(4096, gt=0)
     writer_batch: int = Field(32, gt=0)  # transformers: prompts sampled together in one batch
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    consistency: ConsistencySettings | None = None  # off by default; {} for the defaults
     # ---- what to generate ------------------------------------------------------------------------------------
     num_examples: int = Field(64, gt=0)  # planned requests; malformed answers are dropped, not replaced
     mix: dict[str, float] = Field(default_factory=lambda: dict(PAPER_MIX))

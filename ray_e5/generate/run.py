@@ -126,6 +126,8 @@ class _Run:
         self.server: LlamaCppServer | None = None
         self.url = self.settings.base_url or ""
         self.driver_journal: JournalWriter | None = None  # vLLM rows come back to the driver, which journals them
+        self.quality: dict[str, dict] = {}
+        self.consistency_info: dict[str, Any] | None = None
 
     # ---- guards ----------------------------------------------------------------------------------------------
     def _check_backend(self, phase: str, answered: int, transport: Counter) -> None:
@@ -313,7 +315,32 @@ class _Run:
             "backend": s.backend, "model": model_name(s), "shards": list(self.shards),
             "llamacpp_system_info": self.server.info if self.server is not None else None,
             "runs": p.get("runs", 0) + 1, "settings": s.model_dump(mode="json"),
+            "quality_by_kind": self.quality, "consistency": self.consistency_info,
         }
+
+    # ---- consistency -----------------------------------------------------------------------------------------
+    def consistency(self) -> None:
+        """Score every row on disk (earlier runs' too) with the reference embedder, in a Ray task; record the
+        drops (synthetic/consistency.json) and per-kind quality for the manifest. Rows are never deleted."""
+        import ray
+
+        from ray_e5.generate.consistency import quality, score_rows, write_dropped
+
+        rows = list(self.store.scan(("id", "kind", "query", "positive", "negative")))
+        c = self.settings.consistency
+        dropped: dict[str, str] = {}
+        if c is not None and rows:
+            task = ray.remote(num_cpus=c.cpus)(score_rows)
+            print(f"[ray-e5 generate] consistency: scoring {len(rows)} rows with {c.model}", flush=True)
+            dropped = ray.get(task.remote(rows, c.model, c.top_k, c.pool, self.settings.seed, int(c.cpus) or 1))
+            write_dropped(self.out_dir, dropped, c.model_dump(mode="json"))
+            self.consistency_info = {**c.model_dump(mode="json"), "rows": len(rows), "dropped": len(dropped),
+                                     "kept_share": round(1 - len(dropped) / len(rows), 3),
+                                     "reasons": dict(Counter(dropped.values()))}
+            print(f"[ray-e5 generate] consistency: kept {len(rows) - len(dropped)} of {len(rows)} rows "
+                  f"({', '.join(f'{k} x{v}' for k, v in Counter(dropped.values()).most_common()) or 'none dropped'})",
+                  flush=True)
+        self.quality = quality(rows, dropped)
 
 
 def _demands(s: GenerateSettings) -> list[Demand]:
@@ -412,6 +439,7 @@ def _generate(config: RayE5Config) -> GenerateResult:
                 stack.callback(ray.kill, ledger)
         tasks = run.brainstorm(slots, kwargs)
         run.examples(slots, tasks, kwargs)
+        run.consistency()
     manifest = run.manifest()
     run.store.save_manifest(manifest)
     _write_card(run.out_dir, manifest)
