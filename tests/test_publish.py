@@ -19,7 +19,6 @@ import pytest
 from ray_e5 import storage
 from ray_e5.model.embedder import Embedder, IncompleteEmbedderError
 from ray_e5.rundir import EMBEDDER_FILE, RunDir
-from test_lease import moto  # noqa: F401 - the module's moto server fixture
 
 TEXTS = ["how do rockets work", "Rockets burn fuel."]
 
