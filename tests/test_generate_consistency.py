@@ -57,6 +57,8 @@ def test_the_stage_records_its_drops_and_training_skips_them(ray_cluster, tmp_pa
     assert manifest["consistency"]["dropped"] == len(dropped) >= 1  # top-1 of 24 random-word rows: most fail
     assert record["settings"]["top_k"] == 1
     assert manifest["quality_by_kind"]["sts"]["rows"] == manifest["examples"]
+    card = (tmp_path / "run" / "synthetic" / "README.md").read_text()
+    assert f"{len(dropped)} of {manifest['examples']} rows marked dropped" in card
     source = synthetic_source(str(tmp_path / "run"))
     rows = read_rows(source).to_pylist()
     filtered = [r for r in rows if r["problem"].startswith(FILTERED_PREFIX + "consistency_")]

@@ -83,7 +83,8 @@ def build_dataset_card(manifest: dict[str, Any], pretty_name: str | None = None)
         f"- contamination: {s.get('contamination_ngram')}-gram overlap with "
         f"{len(s.get('contamination_paths') or [])} evaluation path(s)"
         + (f": {', '.join(s.get('contamination_paths'))}" if s.get("contamination_paths") else ""),
-        f"- length: {s.get('min_chars')} to {s.get('max_chars')} characters", "",
+        f"- length: {s.get('min_chars')} to {s.get('max_chars')} characters",
+        _consistency_line(manifest.get("consistency")), "",
         "## Cost", "",
         f"- tokens: {tokens.get('prompt')} prompt, {tokens.get('completion')} completion",
         f"- cost: {'unknown (no price for this model)' if cost is None else f'{cost} USD'}",
@@ -93,6 +94,15 @@ def build_dataset_card(manifest: dict[str, Any], pretty_name: str | None = None)
         "`prompt_id`, tokens).", "",
     ]
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _consistency_line(info: dict | None) -> str:
+    if not info:
+        return "- consistency: not filtered (generate.consistency unset)"
+    reasons = ", ".join(f"{k} x{v}" for k, v in sorted((info.get("reasons") or {}).items())) or "none"
+    return (f"- consistency: {info.get('model')} ranks each positive above its hard negative and in the top "
+            f"{info.get('top_k')} of {info.get('pool')} positives of its kind; {info.get('dropped')} of "
+            f"{info.get('rows')} rows marked dropped ({reasons}) in consistency.json, which training skips")
 
 
 def write_dataset_card(out_dir: str, manifest: dict[str, Any]) -> str:

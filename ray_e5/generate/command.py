@@ -38,9 +38,9 @@ def _generate(args) -> int:
         return 0
     result = generate(config_from_args(args))
     manifest = result.manifest
-    keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "tokens_this_run", "cost_usd",
-            "wall_seconds_this_run")
-    print(json.dumps({k: manifest[k] for k in keys}))
+    keys = ("examples", "written_this_run", "by_kind", "drops_this_run", "consistency", "tokens_this_run",
+            "cost_usd", "wall_seconds_this_run")
+    print(json.dumps({k: manifest.get(k) for k in keys}))
     if args.push_to_hub:
         from ray_e5.generate.card import push_synthetic
 
