@@ -74,6 +74,27 @@ def test_a_passed_deadline_ends_the_answers_still_being_written(sampler):
     assert all(a.finish_reason in ("deadline", "stop", "length") for a in out)
 
 
+@pytest.mark.slow
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_no_answer(monkeypatch):
+    from ray_e5.generate import local_writer
+
+    exact = local_writer.BatchedSampler("gemma3-270m", threads=2, dtype="float32")
+    shapes = []
+    exact.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                          with_kwargs=True)
+    prompts = _prompts(4)
+    shared = exact.sample(prompts, [24] * 4, temperature=0)  # greedy: the same tokens either way
+    prefix, tails = shapes[0], shapes[1]
+    assert prefix[0] == 1 and prefix[1] >= 100, shapes  # the worked example, once
+    assert tails[0] == 4 and tails[1] < prefix[1]  # then each prompt's own tail
+    monkeypatch.setattr(local_writer, "MIN_SHARED_PREFIX", 10 ** 9)
+    shapes.clear()
+    whole = exact.sample(prompts, [24] * 4, temperature=0)
+    assert shapes[0][0] == 4 and shapes[0][1] > prefix[1]  # every prompt whole
+    assert [a.text for a in shared] == [a.text for a in whole]
+    assert all(a.completion_tokens > 0 for a in shared)
+
+
 def test_batches_hold_one_kind_and_the_kinds_take_turns():
     items = [{"id": f"a{i}", "kind": "sts"} for i in range(5)] + [{"id": f"b{i}", "kind": "long-short"}
                                                                  for i in range(3)]

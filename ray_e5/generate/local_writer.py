@@ -7,7 +7,8 @@ sequence at every step, and keeps finished sequences in the batch until the long
 was most of the time (a full sort of 16 x 262k scores costs more than the 18 layers' forward pass). Here each step
 takes the top-k candidates first (``torch.topk``), applies temperature and top-p among those, and drops the
 sequences that finished from the batch and its KV cache (``Cache.batch_select_indices``), so a batch costs what
-its answers are long. transformers' continuous batching (``generate_batch``) targets GPUs and measured several
+its answers are long. A batch holds prompts of one kind, whose worked example is most of each prompt: that shared
+prefix is computed once and its KV cache repeated for every row. transformers' continuous batching (``generate_batch``) targets GPUs and measured several
 times slower on CPU; llama-cpp-python's server decodes one sequence at a time. See ``bench/bench_writer.py``.
 
 An answer ends at its first newline (the completion prompts ask for one JSON line) or at its ``max_tokens``
@@ -28,6 +29,7 @@ TOP_K = 40
 MIN_P = 0.05
 REPEAT_PENALTY = 1.1
 REPEAT_LAST_N = 64
+MIN_SHARED_PREFIX = 16  # tokens a batch's prompts must share before their prefix is computed once
 
 
 @dataclass
@@ -87,6 +89,38 @@ class BatchedSampler:
         choice = torch.multinomial(probs, 1, generator=self.generator)
         return ids.gather(-1, choice).squeeze(-1)
 
+    def _prefill(self, ids: list[list[int]]):
+        """The prompts' forward pass. Their longest common prefix (a kind's worked example: most of each prompt)
+        is computed once and its KV cache repeated for every row; the rest, left-padded, follows it, so the pads
+        sit between the shared prefix and each prompt's own tail (masked, and skipped by the position ids).
+        Returns the model's output (last logits, cache), the attention mask and each row's last position."""
+        import torch
+
+        shared = 0
+        if len(ids) > 1:
+            limit = min(len(x) for x in ids) - 1
+            while shared < limit and all(x[shared] == ids[0][shared] for x in ids):
+                shared += 1
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        tails = [x[shared:] for x in ids]
+        width = max(len(t) for t in tails)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, tail in enumerate(tails):
+            input_ids[row, width - len(tail):] = torch.tensor(tail)
+            tail_mask[row, width - len(tail):] = 1
+        positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if shared:
+            cache = self.model(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True,
+                               logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(ids))
+        mask = torch.cat([torch.ones((len(ids), shared), dtype=torch.long), tail_mask], dim=-1)
+        result = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)
+        return result, mask, positions[:, -1]
+
     def sample(self, prompts: list[str], max_tokens: list[int], temperature: float = 1.0, top_p: float = 1.0,
                complete=None, deadline: float | None = None) -> list[Sampled]:
         """Sample one answer per prompt. ``complete(i, text)``: whether answer ``i`` is whole once it wrote a
@@ -96,19 +130,17 @@ class BatchedSampler:
 
         import torch
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        mask = enc["attention_mask"]
+        ids = self.tokenizer(prompts)["input_ids"]
         limits = torch.tensor(max_tokens, dtype=torch.long)
-        prompt_tokens = mask.sum(-1).tolist()
+        prompt_tokens = [len(x) for x in ids]
         out: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
         alive = torch.arange(len(prompts))  # the original index of each row still in the batch
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            result = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                                use_cache=True, logits_to_keep=1)
-            cache, last = result.past_key_values, positions[:, -1]
-            recent = enc["input_ids"][:, -REPEAT_LAST_N:]  # the window the repetition penalty looks at
+            result, mask, last = self._prefill(ids)
+            cache = result.past_key_values
+            # the window the repetition penalty looks at: each prompt's last tokens
+            recent = torch.tensor([([self.pad_id] * REPEAT_LAST_N + x)[-REPEAT_LAST_N:] for x in ids])
             step = 0
             while len(alive):
                 tokens = self._pick(result.logits[:, -1, :], temperature, top_p, recent)
