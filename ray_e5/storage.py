@@ -13,6 +13,7 @@ missing input stops the stage with a :class:`StorageError` naming the URI and wh
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 from typing import Any
 
@@ -197,11 +198,15 @@ def _remove_partials(folder, prefix: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+SMALL_FILE_BYTES = 64 * 1024  # files a cached copy's key reads whole (manifests, configs)
+
+
 def local_copy(uri: str) -> str:
     """A local directory for ``uri``: a plain path as it is; a URI (s3://, gs://, file://, ...) copied into the
     ray-e5 cache, so that a model saved to a run directory on object storage loads on any node.
 
-    The cache is keyed by the URI and its listing (paths, sizes, modification times), so a directory rewritten in
+    The cache is keyed by the URI, its listing (paths, sizes, modification times) and its small files' contents,
+    so a directory rewritten in
     place (a retrained embedder) is fetched again, and an unchanged one only once. The copy is written beside its
     final place and renamed when complete, so a copy cut off half-way is redone, and its leftovers are removed by
     the next call. Every key must stay inside the copy's folder (:func:`_safe_relative`): one that would not is
@@ -221,7 +226,14 @@ def local_copy(uri: str) -> str:
                                 "of a model directory (s3://, gs://, file://, ...)")
     root = path.rstrip("/")
     relative = [_safe_relative(f"{root}{rel}", rel.lstrip("/")) for rel, _, _ in files]
-    key = digest([uri.rstrip("/"), files], 20)
+    # Sizes and modification times (one-second resolution on S3) cannot tell two saves of the same shapes within
+    # a second apart; the small files (an embedder's manifest carries a new revision at every save) can.
+    small = []
+    for (rel, size, _), name in zip(files, relative):
+        if size is not None and size <= SMALL_FILE_BYTES:
+            with fs.open_input_stream(f"{root}/{name}") as src:
+                small.append(hashlib.sha256(src.read()).hexdigest())
+    key = digest([uri.rstrip("/"), files, small], 20)
     target = cache_root() / "remote" / key
     if target.is_dir():
         return str(target)

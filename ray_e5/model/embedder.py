@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -285,7 +286,9 @@ class Embedder(torch.nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if hasattr(self.backbone, "peft_config"):
             self.backbone.save_pretrained(directory / ADAPTER_DIR)
-        manifest = {**self.describe(), "files": manifest_files(directory)}
+        # revision: new at every save, so that a copy cached by URI and listing (storage.local_copy) is never
+        # taken for a newer save whose files happen to have the same sizes and modification second
+        manifest = {**self.describe(), "files": manifest_files(directory), "revision": uuid.uuid4().hex}
         tmp = directory / f"{EMBEDDER_FILE}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(directory / EMBEDDER_FILE)
@@ -297,7 +300,7 @@ def rewrite_manifest(directory: str | Path, **updates: Any) -> dict:
     added since, such as the model card), written last and renamed into place as :meth:`Embedder.save` does."""
     directory = Path(directory)
     saved = json.loads((directory / EMBEDDER_FILE).read_text())
-    saved.update(updates)
+    saved.update(updates, revision=uuid.uuid4().hex)
     saved["files"] = manifest_files(directory)
     tmp = directory / f"{EMBEDDER_FILE}.tmp"
     tmp.write_text(json.dumps(saved, indent=2) + "\n")
