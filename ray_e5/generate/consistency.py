@@ -57,10 +57,9 @@ def judge(rows: Sequence[dict], embed: Callable[[list[str]], np.ndarray], top_k:
             if negative and float(query @ vectors[index[negative]]) >= own:
                 dropped[row["id"]] = NEGATIVE_ABOVE
                 continue
-            others = [s for s in range(len(members)) if s != slot
-                      and rows[members[s]]["positive"] != row["positive"]]
-            if len(others) > pool - 1:
-                others = rng.sample(others, pool - 1)
+            # O(pool) per row, not O(rows of the kind): a kind may hold hundreds of thousands of rows
+            drawn = rng.sample(range(len(members)), min(len(members), pool))
+            others = [s for s in drawn if s != slot and rows[members[s]]["positive"] != row["positive"]][:pool - 1]
             if len(others) < top_k:
                 continue
             above = int(np.sum(positives[others] @ query > own))
