@@ -10,6 +10,7 @@ training wall time is printed.
 
     python bench/quality_train.py --out runs/levers --train-min 8 [--variants recipe,labeled-only,...]
         [--synthetic-from runs/cpu-1h] [--config configs/cpu-1h.yaml] [--skip-train] [--english-only]
+        [--soup a+b,...]
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ VARIANTS: dict[str, list[str]] = {
     "mined-negatives": ['train.mine={"sources": ["stsb", "sick"]}'],
     # the same, mined with the recipe variant's trained embedder ("{out}": --out), as ANCE-style mining does
     "mined-by-recipe": ['train.mine={"sources": ["stsb", "sick"], "model": "{out}/recipe/embedder"}'],
+    # the paper's ablation: synthetic rows as a fixed share of the examples trained on (repeated as needed), and
+    # synthetic rows alone (no labeled source)
+    "syn-10": ["train.synthetic=true", "train.synthetic_share=0.1"],
+    "syn-30": ["train.synthetic=true", "train.synthetic_share=0.3"],
+    "syn-50": ["train.synthetic=true", "train.synthetic_share=0.5"],
+    "synthetic-only": ["train.synthetic=true", "train.sources=[]"],
+    # levers from the field
+    "distill": ['train.distill={"teacher": "minilm-l6", "weight": 1.0}'],  # score distillation from MiniLM
+    "bidirectional": ["model.bidirectional=true"],  # Gemma 3's bidirectional attention, mean pooling kept
+    # the paper's task instructions on queries (the recipe trains and scores without them)
+    "instruction": ['model.instruction_template="Instruct: {task}\\nQuery: {text}"'],
 }
 
 
@@ -77,6 +89,10 @@ def main() -> None:
     parser.add_argument("--variants", default="recipe,labeled-only,no-classification-pairs,last-token")
     parser.add_argument("--train-min", type=float, default=8.0, help="training wall time of each variant")
     parser.add_argument("--synthetic-from", default=None, help="a run dir whose synthetic/ every variant shares")
+    parser.add_argument("--soup", default="",
+                        help="soups to score beside the variants, each a '+'-joined list of variants already "
+                             "trained under --out (e.g. syn-10+labeled-only,syn-30+syn-50): the uniform average "
+                             "of their LoRA updates (ray_e5.model.soup)")
     parser.add_argument("--skip-train", action="store_true", help="score the embedders already under --out")
     parser.add_argument("--keep-trained", action="store_true",
                         help="train only the variants without an embedder under --out yet (a run cut short goes on)")
@@ -108,8 +124,18 @@ def main() -> None:
             train(config)
             walls[name] = round(time.perf_counter() - began, 1)
     recipe = read_yaml(Path(args.config))
-    models = [{"label": n, "model": str(out / n / "embedder"), "max_length": 128,
-               "instructions": n != "no-instruction"} for n in names]
+    soups = [s.strip() for s in args.soup.split(",") if s.strip()]
+    if soups:
+        from ray_e5.model.soup import soup
+
+        for name in soups:
+            soup([out / part / "embedder" for part in name.split("+")], out / f"soup-{name}" / "embedder")
+            print(f"[quality] soup-{name}: the average of {name.replace('+', ', ')}", flush=True)
+    # scored as the recipe scores its trained model: 256 tokens, bf16 with the adapter merged where the CPU has it
+    trained = recipe["evaluate"]["models"][0]
+    models = [{"label": n, "model": str(out / n / "embedder"), "max_length": trained.get("max_length", 256),
+               "dtype": trained.get("dtype", "auto"), "instructions": n != "no-instruction"}
+              for n in names + [f"soup-{s}" for s in soups]]
     if not args.no_baselines:
         models += ([{"label": "gemma3-270m-last", "model": "gemma3-270m", "pooling": "last", "max_length": 128}]
                    if args.base_last else [])

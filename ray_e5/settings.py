@@ -83,6 +83,9 @@ class ModelSettings(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Keep only the first N decoder layers (ray_e5/model/depth.py); None keeps them all
     num_layers: int | None = Field(None, gt=0)
+    # Every token attends to every other (Gemma 3's use_bidirectional_attention, as EmbeddingGemma ships): an
+    # encoder's attention on a decoder's weights; for backbones with that flag only, best with mean pooling
+    bidirectional: bool = False
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
 

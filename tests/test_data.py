@@ -223,6 +223,25 @@ def test_build_plan_mixes_sources_in_homogeneous_global_batches(ray_cluster, tmp
     assert plan.steps == (plan.sources["nli"]["used"] + plan.sources["sts"]["used"]) // 8
 
 
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.5])
+def test_a_share_makes_a_source_that_fraction_of_the_plan(ray_cluster, tmp_path, share):
+    """train.synthetic_share: a small source is repeated (or a large one sampled) until it is ``share`` of the
+    planned examples, whatever its size; the other sources are planned as their weights say."""
+    nli = write_jsonl(tmp_path / "nli.jsonl", triplets(400, "nli"))
+    small = write_jsonl(tmp_path / "small.jsonl", triplets(24, "syn"))
+    sources = [labeled_source(str(nli)), labeled_source(str(small), name="synthetic")]
+    plan = build_plan(sources, batch_size=8, epochs=2, seed=0, min_batch=8, shares={"synthetic": share})
+    used = plan.sources["synthetic"]["used"]
+    total = used + plan.sources["nli"]["used"]
+    assert plan.sources["nli"]["used"] == 2 * 400
+    assert abs(used / total - share) < 0.02, (used, total)
+    assert plan.sources["synthetic"]["weight"] == pytest.approx(share / (1 - share) * 800 / 48, rel=1e-3)
+    rows = list(plan.dataset.iter_rows())
+    assert sum(len(r["query"]) for r in rows if r["source"] == "synthetic") == used > 0
+    with pytest.raises(ValueError, match="shares name no source"):
+        build_plan(sources, batch_size=8, shares={"synthetc": 0.5})
+
+
 def test_stsb_train_pairs_above_min_score(shared_data):
     path = shared_data / "stsbenchmark" / "train.jsonl"
     expected = sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["score"] >= 4)

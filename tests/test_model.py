@@ -427,6 +427,33 @@ def test_an_encoder_without_rope_or_window_says_so(minilm):
     assert "512 tokens" in err.value.errors[-1]
 
 
+def test_bidirectional_attention_lets_early_tokens_see_later_ones_and_survives_save_load(tmp_path,
+                                                                                         tiny_decoder_dir):
+    """model.bidirectional: Gemma 3's flag on, the first token's hidden state depends on the tokens after it (it
+    cannot in the causal model); the flag is kept in ray_e5.json; a backbone without the flag is refused."""
+    directory = _tiny_gemma3(tmp_path / "gemma3")
+
+    def first_token_states(embedder):
+        batch = embedder.tokenize(["the cat sat on the mat", "the dog ran to the park"])
+        with torch.no_grad():
+            hidden = embedder.backbone(**batch).last_hidden_state
+        return hidden[:, 0]
+
+    causal = Embedder.load(str(directory), max_length=256, pooling="mean")
+    both = Embedder.load(str(directory), max_length=256, pooling="mean", bidirectional=True)
+    assert both._base_model().config.use_bidirectional_attention
+    c, b = first_token_states(causal), first_token_states(both)
+    torch.testing.assert_close(c[0], c[1])  # the same first token, nothing later seen
+    assert not torch.allclose(b[0], b[1], atol=1e-4)  # it sees the rest of its text
+    assert not np.allclose(causal.encode(["the cat sat"]), both.encode(["the cat sat"]), atol=1e-4)
+    both.save(tmp_path / "emb")
+    again = Embedder.load(str(tmp_path / "emb"))
+    assert again.settings.bidirectional
+    np.testing.assert_allclose(again.encode(["the cat sat"]), both.encode(["the cat sat"]), atol=1e-5)
+    with pytest.raises(UnknownModelError, match=r"model\.bidirectional: .*no bidirectional attention switch"):
+        Embedder.load(str(tiny_decoder_dir), max_length=256, bidirectional=True)
+
+
 # ---- model.num_layers: keep the first N decoder layers ------------------------------------------------------------
 def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_export(tmp_path, capfd):
     import json

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ray_e5.train.config import TrainSettings
-from ray_e5.train.loss import CoSENT, InfoNCE, LossInputs, Matryoshka, SourceLoss, build_loss
+from ray_e5.train.loss import CoSENT, InfoNCE, LossInputs, Matryoshka, ScoreDistillation, SourceLoss, build_loss
 from ray_e5.testing.train import spawn, step_gradients
 
 
@@ -246,3 +246,42 @@ def test_cosent_two_workers_with_b_equal_one_worker_with_2b(tiny_decoder_dir):
     for k in range(len(variants)):
         for rank in range(2):
             _assert_same(two[rank]["runs"][k], one["runs"][0])
+
+
+def test_score_distillation_matches_kl_of_the_softmaxes_and_leaves_masked_documents_out():
+    """ScoreDistillation adds weight x KL(teacher || student) over each query's documents: zero when the student
+    scores as the teacher does, positive when it ranks them otherwise, finite with masked documents, and its
+    gradient reaches the student's embeddings only. The teacher may be of another width."""
+    q, p, n = _unit(4, dim=16, seed=1), _unit(4, dim=16, seed=2), _unit(4, dim=16, seed=3)
+    valid = torch.tensor([True, False, True, True])
+    fn = torch.zeros(4, 8, dtype=torch.bool)
+    fn[2, 0] = True
+    base = InfoNCE(temperature=0.05)
+    loss = ScoreDistillation(base, weight=0.5, temperature=0.05, teacher_temperature=0.05)
+    same = LossInputs(q, p, n, valid, fn, teacher=(q, p, n))
+    assert float(loss(same)) == pytest.approx(float(base(same)), abs=1e-5)
+
+    tq, tp, tn = _unit(4, dim=6, seed=4), _unit(4, dim=6, seed=5), _unit(4, dim=6, seed=6)
+    student = [x.clone().requires_grad_() for x in (q, p, n)]
+    value = loss(LossInputs(*student, valid, fn, teacher=(tq, tp, tn)))
+    keep = [[not fn[i, j] and (j < 4 or bool(valid[j - 4])) for j in range(8)] for i in range(4)]
+    kl = 0.0
+    for i in range(4):
+        t = torch.cat([tp, tn]) @ tq[i] / 0.05
+        s_ = torch.cat([p, n]) @ q[i] / 0.05
+        kept = torch.tensor(keep[i])
+        pt, ls = torch.softmax(t[kept], 0), torch.log_softmax(s_[kept], 0)
+        kl += float((pt * (pt.log() - ls)).sum())
+    assert float(value) == pytest.approx(float(base(LossInputs(q, p, n, valid, fn))) + 0.5 * kl / 4, rel=1e-5)
+    assert kl > 0.01
+    value.backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in student)
+
+
+def test_build_loss_distils_when_train_distill_is_set():
+    loss = _loss(distill={"teacher": "minilm-l6", "weight": 2.0, "temperature": 0.1})
+    assert isinstance(loss, ScoreDistillation) and loss.weight == 2.0 and loss.teacher_temperature == 0.1
+    assert loss.temperature == 0.05 and loss.cross_device
+    assert not isinstance(_loss(), ScoreDistillation)
+    with pytest.raises(ValueError, match="weight"):
+        _loss(distill={"weight": 0})

@@ -177,9 +177,24 @@ def interleave(*tables: pa.Table, block_rows: int = 256) -> Iterator[pa.Table]:
         yield merged.slice(start, block_rows)
 
 
+def share_weight(share: float, valid: int, epochs: int, others_used: int) -> float:
+    """The weight at which a source of ``valid`` rows makes ``share`` of the examples planned, the other sources
+    planning ``others_used`` over ``epochs``: ``share / (1 - share) * others_used`` of its rows, repeated as needed."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"a share must be between 0 and 1 (exclusive), got {share}")
+    if valid == 0 or others_used == 0:
+        return 1.0
+    return share / (1.0 - share) * others_used / (valid * max(1, epochs))
+
+
 def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_batch: int = 4,
-               multiple_of: int = 1, batch_by: str = "kind", rows: dict[str, pa.Table] | None = None) -> Plan:
+               multiple_of: int = 1, batch_by: str = "kind", rows: dict[str, pa.Table] | None = None,
+               shares: dict[str, float] | None = None) -> Plan:
     """Mix the sources at their weights into task-homogeneous global batches, as a Ray Dataset.
+
+    ``shares`` (source name -> fraction): those sources are planned at the weight that makes them that fraction of
+    all examples planned (:func:`share_weight`), whatever their size: a source's weight says how often each of its
+    rows is seen, a share says how much of training it is, which is what an ablation of synthetic data varies.
 
     One Ray task per source reads and plans it, one more interleaves the batches; the result is handed to Ray
     Data, which streams it to the training workers. A source in an object store is read by its task, wherever it
@@ -206,8 +221,23 @@ def build_plan(sources, batch_size: int, epochs: int = 1, seed: int = 0, min_bat
             return ray.put(rows[source.name])
         return ray.put(read_rows(source)) if isinstance(source.filesystem, pafs.LocalFileSystem) else None
 
-    planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of, rows_of(s), batch_by) for s in sources]
+    refs = {s.name: rows_of(s) for s in sources}
+    planned = [plan_task.remote(s, batch_size, epochs, seed, min_batch, multiple_of, refs[s.name], batch_by) for s in sources]
     stats = dict(zip(names, ray.get([p[1] for p in planned])))
+    unknown = sorted(set(shares or {}) - set(names))
+    if unknown:
+        raise ValueError(f"shares name no source: {unknown}; sources: {names}")
+    if shares and len(shares) < len(sources):
+        import dataclasses
+
+        others_used = sum(st["used"] for name, st in stats.items() if name not in shares)
+        for i, source in enumerate(sources):
+            if source.name not in shares:
+                continue
+            weight = share_weight(shares[source.name], stats[source.name]["valid"], epochs, others_used)
+            planned[i] = plan_task.remote(dataclasses.replace(source, weight=weight), batch_size, epochs, seed,
+                                          min_batch, multiple_of, refs[source.name], batch_by)
+            stats[source.name] = {**ray.get(planned[i][1]), "weight": round(weight, 4)}
     blocks = list(ray.remote(num_returns="streaming")(interleave).remote(*[p[0] for p in planned]))
     dataset = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(PLAN_SCHEMA.empty_table().drop_columns(["stats"]))
     steps = sum(s["batches"] for s in stats.values())

@@ -114,10 +114,10 @@ class BatchedSampler:
         cache = None
         if shared:
             cache = self.model(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True,
-                               logits_to_keep=1).past_key_values
+                               logits_to_keep=1).cache
             cache.batch_repeat_interleave(len(ids))
         mask = torch.cat([torch.ones((len(ids), shared), dtype=torch.long), tail_mask], dim=-1)
-        result = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        result = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1)
         return result, mask, positions[:, -1]
 
@@ -138,7 +138,7 @@ class BatchedSampler:
         alive = torch.arange(len(prompts))  # the original index of each row still in the batch
         with torch.inference_mode():
             result, mask, last = self._prefill(ids)
-            cache = result.past_key_values
+            cache = result.cache
             # the window the repetition penalty looks at: each prompt's last tokens
             recent = torch.tensor([([self.pad_id] * REPEAT_LAST_N + x)[-REPEAT_LAST_N:] for x in ids])
             step = 0
@@ -170,6 +170,6 @@ class BatchedSampler:
                 mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype)], dim=-1)
                 last = last + 1
                 result = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
-                                    past_key_values=cache, use_cache=True)
+                                    cache=cache, use_cache=True)
         return [Sampled(self.tokenizer.decode(ids, skip_special_tokens=True), prompt_tokens[i],
                         len(ids) + (reasons[i] == "stop"), reasons[i]) for i, ids in enumerate(out)]

@@ -162,6 +162,14 @@ class Embedder(torch.nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(backbone_ref.path)
             config = AutoConfig.from_pretrained(backbone_ref.path)
+            if settings.bidirectional:
+                # rebuilt from its dict, not set afterwards: the config's own post-init adapts the attention window
+                # to the flag (centred on each token)
+                if not hasattr(config, "use_bidirectional_attention"):
+                    raise UnknownModelError(
+                        f"model.bidirectional: {settings.name!r} ({config.model_type}) has no bidirectional "
+                        "attention switch (use_bidirectional_attention, which Gemma 3 has); set it false")
+                config = type(config).from_dict({**config.to_dict(), "use_bidirectional_attention": True})
         except OSError as err:
             hint = " (the hub is unreachable or HF_HUB_OFFLINE=1: use a local directory or a packaged name)" \
                 if backbone_ref.path == settings.name and not Path(settings.name).exists() else ""

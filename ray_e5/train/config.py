@@ -86,6 +86,21 @@ class MineSettings(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class DistillSettings(Section):
+    """``train.distill``: score distillation from a frozen teacher embedder, added to each batch's loss.
+
+    For every query of a batch, the teacher's softmax over the batch's documents (its cosines over ``temperature``)
+    is the target of the student's (its cosines over ``train.temperature``): KL(teacher || student), times
+    ``weight``. It teaches how similar every pair of the batch is, not only which document is the match; matching
+    scores, not vectors, needs no projection between the two models' widths. The teacher embeds the raw texts (no
+    instruction), without gradients, on the training worker."""
+
+    teacher: str = "minilm-l6"  # a packaged name, a Hugging Face id, or an embedder directory the workers can read
+    weight: float = Field(1.0, gt=0.0)
+    temperature: float = Field(0.05, gt=0.0)  # the teacher's softmax temperature over its cosines
+    max_length: int = Field(256, gt=1)  # the teacher's token limit
+
+
 #: what ``train.report_to`` accepts: the trackers Ray Train integrates with
 TRACKERS = ("mlflow", "tensorboard", "wandb")
 #: ``train.eval_tasks`` when a config names none: an STS dev split and a retrieval subset
@@ -108,6 +123,8 @@ class TrainSettings(Section):
     # ---- data ------------------------------------------------------------------------------------------------
     synthetic: bool = True  # use <run_dir>/synthetic/*.parquet when present
     synthetic_weight: float = Field(1.0, gt=0.0)
+    # the fraction of planned examples that are synthetic rows (repeated as needed); replaces synthetic_weight
+    synthetic_share: float | None = Field(None, gt=0.0, lt=1.0)
     sources: list[SourceSettings] = Field(default_factory=list)
     epochs: int = Field(1, gt=0)
     seed: int = 0
@@ -125,6 +142,7 @@ class TrainSettings(Section):
     # Matryoshka: also train the first d components of each embedding (re-normalised) for each d listed, e.g.
     # [64, 128, 256, 640]; the loss is the sum of InfoNCE at every width. Empty: the full width only.
     matryoshka_dims: list[int] = Field(default_factory=list)
+    distill: DistillSettings | None = None  # score distillation from a teacher embedder (None: off)
     # ---- optimiser -------------------------------------------------------------------------------------------
     lr: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(100, ge=0)

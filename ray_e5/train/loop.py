@@ -87,6 +87,13 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(settings.torch_threads or max(1, int(settings.cpus_per_worker)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    teacher = None
+    if settings.distill is not None:
+        # loaded before the student: under ZeRO-3 the student's load config would partition the teacher too
+        from ray_e5.model import Embedder
+
+        teacher = Embedder.load(settings.distill.teacher, max_length=settings.distill.max_length).to(device)
+        teacher.eval().requires_grad_(False)
     torch.manual_seed(settings.seed)  # the same LoRA initialisation on every worker
     # ZeRO-3 partitions the backbone as it loads (each worker holds its share, not the whole model)
     embedder = build_embedder(model_settings, settings, settings.batch_size // world)
@@ -137,14 +144,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     try:
         _train(settings, model_settings, config, engine, embedder, rank, world, start, log, tracker, dev_tasks,
-               evaluate, checkpoint)
+               evaluate, checkpoint, teacher)
     finally:
         if tracker is not None:
             tracker.close()
 
 
 def _train(settings, model_settings, config, engine, embedder, rank, world, start, log, tracker, dev_tasks, evaluate,
-           checkpoint) -> None:
+           checkpoint, teacher=None) -> None:
     import ray.train
     from tqdm import tqdm
 
@@ -169,7 +176,7 @@ def _train(settings, model_settings, config, engine, embedder, rank, world, star
         first_began = first_began or began
         texts = prepare(row, rank, world, template, settings.hard_negatives, loss_fn.cross_device,
                         loss_fn.mask_false_negatives)
-        result = train_step(engine, embedder, texts, loss_fn, settings.chunk_size, settings.gradient_cache)
+        result = train_step(engine, embedder, texts, loss_fn, settings.chunk_size, settings.gradient_cache, teacher)
         lr = engine.lr()
         engine.step()
         step += 1

@@ -2,7 +2,8 @@
 
 ``loss(inputs)`` takes one worker's share of a batch, in embeddings (``LossInputs``), and returns the scalar to
 back-propagate after ``loss.backward_scale()``. ``build_loss(settings)`` gives a ``SourceLoss`` (InfoNCE on pairs and
-triplets, CoSENT on graded pairs), wrapped in ``Matryoshka`` when ``matryoshka_dims`` is set.
+triplets, CoSENT on graded pairs), wrapped in ``Matryoshka`` when ``matryoshka_dims`` is set and in
+``ScoreDistillation`` when ``distill`` is.
 
 Cross-device negatives: every worker gathers the embeddings of the whole global batch, with its own shard kept as
 the tensor that carries gradients, and computes the loss of the *whole* global batch. The gradient a worker gets
@@ -63,6 +64,8 @@ class LossInputs:
     negative_valid: torch.Tensor | None = None  # (N,) bool, N = G or B
     false_negatives: torch.Tensor | None = None  # (N, N or 2N) bool: documents left out for each query
     scores: torch.Tensor | None = None  # (N,) gold scores of a graded batch's pairs: the loss is CoSENT
+    # the teacher's embeddings of the same texts (queries, positives, negatives or None), for ScoreDistillation
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
 
 class Loss:
@@ -220,6 +223,62 @@ class Matryoshka(Loss):
         return total
 
 
+def _document_scores(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, inputs: LossInputs,
+                     gather, mask_false_negatives: bool) -> torch.Tensor:
+    """Cosines of the (gathered) queries over the batch's documents, positives then hard negatives, with the
+    documents InfoNCE leaves out (missing negatives, copies of the positive) at -inf."""
+    q, docs = gather(q), [gather(pos)] + ([gather(neg)] if neg is not None else [])
+    scores = q @ torch.cat(docs, dim=0).T
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if mask_false_negatives and inputs.false_negatives is not None:
+        fn = inputs.false_negatives.to(scores.device)
+        mask[:, :fn.shape[1]] |= fn
+    if neg is not None and inputs.negative_valid is not None:
+        mask[:, q.shape[0]:] |= ~inputs.negative_valid.to(scores.device).unsqueeze(0)
+    return scores.masked_fill(mask, float("-inf"))
+
+
+@dataclass(frozen=True)
+class ScoreDistillation(Loss):
+    """``base`` plus ``weight`` x KL(teacher || student) of each query's softmax over the batch's documents
+    (RocketQAv2's and sentence-transformers' ``DistillKLDivLoss`` on bi-encoder cosines): the teacher's cosines
+    over ``teacher_temperature``, the student's over ``temperature``. A frozen teacher embedder (here a small
+    sentence encoder, on a cluster a large one) says how close every query is to every document of the batch,
+    which labels of one positive per query cannot; scores, not vectors, are matched, so the two models' widths
+    may differ. Graded batches (no negatives) distil over their positives alike."""
+
+    base: Loss
+    weight: float = 1.0
+    temperature: float = 0.05
+    teacher_temperature: float = 0.05
+
+    @property
+    def cross_device(self) -> bool:
+        return self.base.cross_device
+
+    @property
+    def mask_false_negatives(self) -> bool:
+        return self.base.mask_false_negatives
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        value = self.base(inputs)
+        if inputs.teacher is None:
+            return value
+        gather = gatherer(self.cross_device)
+        tq, tp, tn = inputs.teacher
+        neg = inputs.negatives if tn is not None else None
+        student = _document_scores(inputs.queries, inputs.positives, neg, inputs, gather, self.mask_false_negatives)
+        with torch.no_grad():
+            teacher = _document_scores(tq.to(student.dtype), tp.to(student.dtype),
+                                       None if tn is None else tn.to(student.dtype), inputs, gather,
+                                       self.mask_false_negatives)
+            target = torch.softmax(teacher / self.teacher_temperature, dim=-1)
+        log_student = torch.log_softmax(student / self.temperature, dim=-1)
+        # masked documents: target 0 (0 x log 0 counted as 0), never a NaN
+        kl = (target * (torch.log(target.clamp_min(1e-12)) - log_student.clamp_min(-1e4))).sum(-1).mean()
+        return value + self.weight * kl
+
+
 def build_loss(settings: "TrainSettings") -> Loss:
     """The training loss of validated ``train:`` settings, built once per worker: InfoNCE on pairs and triplets
     (``temperature``, ``symmetric_loss``, ``cross_device_negatives``, ``mask_false_negatives``), CoSENT on graded
@@ -231,4 +290,6 @@ def build_loss(settings: "TrainSettings") -> Loss:
         CoSENT(scale=1.0 / settings.temperature, cross_device=cross_device))
     if settings.matryoshka_dims:
         loss = Matryoshka(loss, tuple(settings.matryoshka_dims))
+    if settings.distill is not None:
+        loss = ScoreDistillation(loss, settings.distill.weight, settings.temperature, settings.distill.temperature)
     return loss

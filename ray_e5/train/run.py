@@ -148,15 +148,22 @@ def _mine(config: RayE5Config, settings: TrainSettings, sources: list, names: li
 
 def _fingerprint(config: RayE5Config, settings: TrainSettings, sources: list, total_steps: int) -> dict:
     """What must not change for a checkpoint to be resumed: the data plan, the model, the workers' layout."""
-    return {
+    fingerprint = {
         "sources": [{"name": s.name, "files": list(s.files), "weight": s.weight, "task": s.defaults.task,
                      "min_score": s.defaults.min_score, "graded": s.defaults.graded} for s in sources],
         "batch_size": settings.batch_size, "epochs": settings.epochs, "seed": settings.seed,
         "total_steps": total_steps, "model": model_settings(config).model_dump(),
         "num_workers": settings.num_workers, "engine": settings.engine,
         "zero_stage": settings.zero_stage if settings.engine == "deepspeed" else None,
-    } | ({"mine": settings.mine.model_dump(exclude={"num_workers", "cpus_per_worker", "batch_size"})}
-         if settings.mine is not None else {})
+    }
+    # settings added later enter only when set, so the checkpoints of runs without them still resume
+    if settings.mine is not None:
+        fingerprint["mine"] = settings.mine.model_dump(exclude={"num_workers", "cpus_per_worker", "batch_size"})
+    if settings.synthetic_share is not None:
+        fingerprint["synthetic_share"] = settings.synthetic_share
+    if settings.distill is not None:
+        fingerprint["distill"] = settings.distill.model_dump()
+    return fingerprint
 
 
 def _run_name(train_dir: str, settings: TrainSettings, fingerprint: dict) -> str:
@@ -260,9 +267,11 @@ def _train(config: RayE5Config) -> TrainResult:
     train_dir = run.train
     mined = _mine(config, settings, sources, mined_names, train_dir) if settings.mine is not None else {}
     try:
+        shares = ({"synthetic": settings.synthetic_share}
+                  if settings.synthetic_share is not None and any(s.name == "synthetic" for s in sources) else None)
         plan = build_plan(sources, settings.batch_size, settings.epochs, settings.seed,
                           min_batch=max(4, settings.num_workers), multiple_of=settings.num_workers,
-                          batch_by=settings.batch_by, rows=mined)
+                          batch_by=settings.batch_by, rows=mined, shares=shares)
     except ValueError as err:
         raise ConfigError(f"train.sources: {err}") from None
     storage.makedirs(train_dir)
@@ -272,6 +281,12 @@ def _train(config: RayE5Config) -> TrainResult:
         skipped = "; ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
         print(f"[ray-e5 train] source {name}: {s['rows']} rows, {s['valid']} valid, {s['used']} used per plan, "
               f"skipped {sum(s['skipped'].values())} ({skipped}), filtered {sum(s['filtered'].values())}")
+    planned = sum(s["used"] for s in plan.sources.values())
+    if "synthetic" in plan.sources and planned:
+        used = plan.sources["synthetic"]["used"]
+        print(f"[ray-e5 train] synthetic rows: {used} of {planned} examples planned ({100 * used / planned:.1f}%"
+              + (f", weight {plan.sources['synthetic']['weight']:g} for train.synthetic_share "
+                 f"{settings.synthetic_share:g}" if "weight" in plan.sources["synthetic"] else "") + ")")
     # Smaller batches let a small source contribute beside full ones; a plan of nothing but smaller batches means
     # the batch size does not fit the data at all.
     full = any(used >= settings.batch_size for st in plan.sources.values() for used in st["used_by_kind"].values())

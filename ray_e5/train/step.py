@@ -34,6 +34,7 @@ class StepTexts:
     negative_valid: torch.Tensor | None
     false_negatives: torch.Tensor | None
     scores: torch.Tensor | None = None  # a graded batch's pair scores (the documents scored): CoSENT, not InfoNCE
+    raw_queries: list[str] | None = None  # the queries without their instruction (what a teacher embeds)
 
 
 def prepare(row: dict, rank: int, world: int, template: str, hard_negatives: bool = True,
@@ -49,7 +50,8 @@ def prepare(row: dict, rank: int, world: int, template: str, hard_negatives: boo
     if scores is not None and len(scores):  # graded pairs: no negatives, no masks, their scores
         return StepTexts(format_queries(row["query"][local], row["task"][local], template),
                          list(row["positive"][local]), [], None, None,
-                         torch.tensor([float(x) for x in scores[scope]], dtype=torch.float32))
+                         torch.tensor([float(x) for x in scores[scope]], dtype=torch.float32),
+                         list(row["query"][local]))
     negatives_all = list(row["negative"]) if hard_negatives else []
     use_negatives = any(negatives_all)
     negatives_local = negatives_all[local] if use_negatives else []
@@ -61,6 +63,7 @@ def prepare(row: dict, rank: int, world: int, template: str, hard_negatives: boo
         negatives=negatives_local,
         negative_valid=torch.tensor([bool(n) for n in negatives_all[scope]]) if use_negatives else None,
         false_negatives=false_negative_mask(positives_scope, docs) if mask_false_negatives else None,
+        raw_queries=list(row["query"][local]),
     )
 
 
@@ -101,6 +104,20 @@ def _unsort(parts: list[torch.Tensor], chunks) -> torch.Tensor:
     return torch.empty_like(stacked).index_copy(0, index, stacked)
 
 
+def teacher_embeddings(teacher, texts: StepTexts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A frozen teacher's vectors of the step's raw queries, positives and negatives (zeros for a missing
+    negative, which the loss masks out), without gradients."""
+    def embed(batch: list[str]) -> torch.Tensor:
+        present = [i for i, t in enumerate(batch) if t]
+        out = torch.zeros((len(batch), teacher.dimension), dtype=torch.float32)
+        if present:
+            out[present] = torch.from_numpy(teacher.encode([batch[i] for i in present], batch_size=64))
+        return out
+
+    queries = texts.raw_queries if texts.raw_queries is not None else texts.queries
+    return embed(queries), embed(texts.positives), embed(texts.negatives) if texts.negatives else None
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -108,12 +125,13 @@ class StepResult:
 
 
 def train_step(engine, embedder, texts: StepTexts, loss: Loss, chunk_size: int | None = None,
-               gradient_cache: bool = False) -> StepResult:
+               gradient_cache: bool = False, teacher=None) -> StepResult:
     """Forward and backward of one step under ``loss`` (gradients accumulated in the engine; the caller calls
     ``engine.step``). ``texts`` come from ``prepare`` with the loss's ``cross_device`` and ``mask_false_negatives``.
 
     Texts are embedded in length-grouped chunks of ``chunk_size``; with ``gradient_cache`` the chunks are first
-    embedded without a graph, so memory holds one chunk's activations whatever the batch size.
+    embedded without a graph, so memory holds one chunk's activations whatever the batch size. ``teacher``: a
+    frozen embedder whose vectors of the same texts the loss distils from (``ScoreDistillation``).
     """
     groups = [texts.queries, texts.positives] + ([texts.negatives] if texts.negatives else [])
     chunked = [length_chunks(embedder, g, chunk_size) for g in groups]
@@ -121,9 +139,14 @@ def train_step(engine, embedder, texts: StepTexts, loss: Loss, chunk_size: int |
     scale = loss.backward_scale()
     device = engine.device
 
+    taught = None
+    if teacher is not None:
+        taught = tuple(t if t is None else t.to(device) for t in teacher_embeddings(teacher, texts))
+
     def loss_of(embs: list[torch.Tensor]) -> torch.Tensor:
         n = embs[2] if len(embs) > 2 else None
-        return loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives, texts.scores))
+        return loss(LossInputs(embs[0], embs[1], n, texts.negative_valid, texts.false_negatives, texts.scores,
+                               taught))
 
     if not gradient_cache:
         embs = [_unsort([engine.embed(b) for _, b in group], group) for group in chunked]
