@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ray_e5.config import LoraSettings
 from ray_e5.model import ACCEPTED_FORMS, Embedder, UnknownModelError
 from ray_e5.model.template import format_query
+from ray_e5.testing.models import tiny_gemma3
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -354,31 +355,12 @@ def test_long_context_settings_reach_the_model_and_survive_save_load_export(tiny
     assert _st_cosines(tmp_path / "merged", ours, [LONG, *TEXTS]).min() > 0.9999
 
 
-def _tiny_gemma3(directory: Path) -> Path:
-    from transformers import Gemma3TextConfig, Gemma3TextModel
-
-    from ray_e5.testing.models import build_tokenizer
-
-    if (directory / "config.json").is_file():
-        return directory
-    tok = build_tokenizer()
-    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                              sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, architectures=["Gemma3ForCausalLM"])
-    torch.manual_seed(0)
-    Gemma3TextModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
-
-
 def test_gemma3_rope_theta_sets_the_global_layers_and_the_window_the_local_ones(tmp_path):
     import json
 
     from ray_e5.model.export import export_sentence_transformers
 
-    directory = _tiny_gemma3(tmp_path / "gemma3")
+    directory = tiny_gemma3(tmp_path / "gemma3")
     base = Embedder.load(str(directory), max_length=256)
     cfg = base._base_model().config
     default_global = cfg.rope_parameters["full_attention"]["rope_theta"]
@@ -407,7 +389,7 @@ def test_max_length_above_the_backbone_limit_and_settings_it_lacks_are_refused(t
         Embedder.load(str(tiny_decoder_dir), max_length=2048)
     assert Embedder.load(str(tiny_decoder_dir), max_length=1024).settings.max_length == 1024  # the limit itself
     with pytest.raises(ConfigError, match=r"model\.max_length: 257 exceeds .*256"):
-        Embedder.load(str(_tiny_gemma3(tmp_path / "gemma3")), max_length=257)
+        Embedder.load(str(tiny_gemma3(tmp_path / "gemma3")), max_length=257)
     with pytest.raises(ConfigError, match=r"model\.rope_theta"):
         Embedder.load(str(tiny_decoder_dir), rope_theta=0)
     with pytest.raises(ConfigError, match=r"model\.sliding_window"):
@@ -431,7 +413,7 @@ def test_bidirectional_attention_lets_early_tokens_see_later_ones_and_survives_s
                                                                                          tiny_decoder_dir):
     """model.bidirectional: Gemma 3's flag on, the first token's hidden state depends on the tokens after it (it
     cannot in the causal model); the flag is kept in ray_e5.json; a backbone without the flag is refused."""
-    directory = _tiny_gemma3(tmp_path / "gemma3")
+    directory = tiny_gemma3(tmp_path / "gemma3")
 
     def first_token_states(embedder):
         batch = embedder.tokenize(["the cat sat on the mat", "the dog ran to the park"])
@@ -462,7 +444,7 @@ def test_num_layers_cuts_the_backbone_and_the_cut_survives_lora_save_load_and_ex
     from ray_e5.model.export import export_sentence_transformers
     from ray_e5.model.pooling import pool
 
-    directory = _tiny_gemma3(tmp_path / "gemma3")
+    directory = tiny_gemma3(tmp_path / "gemma3")
     full = Embedder.load(str(directory), max_length=256, pooling="mean")
     cut = Embedder.load(str(directory), max_length=256, pooling="mean", num_layers=2,
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0, top_layers=1))

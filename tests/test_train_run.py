@@ -236,3 +236,27 @@ def test_a_run_with_other_settings_starts_fresh_with_a_printed_reason(ray_cluste
     assert (tmp_path / "run" / "train" / first["name"]).is_dir()  # the old run's checkpoints are kept
     summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
     assert summary["run_name"] == saved["name"] and summary["steps"] == 2
+
+
+@pytest.mark.slow  # the train stage end to end, twice, with MiniLM as a teacher (about 60 s)
+def test_distillation_and_a_synthetic_share_through_the_train_stage(ray_cluster, tiny_decoder_dir, tmp_path):
+    """``train.distill`` with the packaged MiniLM as teacher on the real path (plan, Ray Data, a worker): the first
+    step's loss is the same step's loss without distillation plus a positive KL term; ``train.synthetic_share``
+    makes the synthetic rows half of the examples planned, and the plan says so."""
+    from ray_e5.train.run import train
+
+    first = {}
+    for name, extra in (("plain", {}), ("distilled", {"distill": {"teacher": "minilm-l6", "weight": 1.0}})):
+        run_dir = tmp_path / name
+        _synthetic(run_dir, n=8)
+        config = _config(tmp_path, tiny_decoder_dir, max_steps=2, synthetic_share=0.5, seed=3, **extra)
+        config["run_dir"] = str(run_dir)
+        path = train(RayE5Config.model_validate(config)).local_dir
+        data = json.loads((run_dir / "train" / "data.json").read_text())
+        syn, labeled = data["sources"]["synthetic"], data["sources"]["labeled"]
+        assert syn["valid"] == 8 and syn["used"] > 8 and abs(syn["used"] / (syn["used"] + labeled["used"]) - 0.5) < 0.1
+        losses = [m["loss"] for m in _metrics(run_dir) if "loss" in m]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        first[name] = losses[0]
+        assert Embedder.load(path).encode(["claim 1"]).shape == (1, 64)
+    assert first["distilled"] > first["plain"] + 1e-4, first

@@ -56,3 +56,24 @@ def tiny_decoder(directory: str | Path, hidden_size: int = 64, layers: int = 2, 
     MistralModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_gemma3(directory: str | Path, layers: int = 3) -> Path:
+    """Write a random Gemma 3 text model (sliding and full attention layers) and its tokenizer to ``directory``."""
+    import torch
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    tok = build_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              sliding_window=16,
+                              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, architectures=["Gemma3ForCausalLM"])
+    torch.manual_seed(0)
+    Gemma3TextModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

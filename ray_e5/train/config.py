@@ -134,6 +134,10 @@ class TrainSettings(Section):
     batch_by: Literal["kind", "task"] = "kind"  # a batch holds one source's kind, or one kind's task (instruction)
     chunk_size: int | None = Field(None, gt=0)  # texts per forward pass, grouped by length (None: all at once)
     gradient_cache: bool = False  # embed chunks without a graph first: memory of one chunk, any batch size
+    # keep what leaves the layers below model.lora.top_layers for each text and replay it when the text comes again
+    # (ray_e5/train/layer_cache.py): repeated texts pay only for the adapted layers; torch engine only
+    cache_frozen_layers: bool = False
+    cache_max_gb: float = Field(4.0, gt=0.0)  # memory the kept states may take per worker
     temperature: float = Field(0.02, gt=0.0)  # InfoNCE's; CoSENT's scale is its inverse (0.05: the usual 20)
     hard_negatives: bool = True
     cross_device_negatives: bool = True
@@ -184,6 +188,13 @@ class TrainSettings(Section):
     eval_batch_size: int = Field(32, gt=0)
     # publish the checkpoint with the best value of this dev metric (dev/mean or dev/<task>_<metric>), not the last
     keep_best: str | None = None
+
+    @model_validator(mode="after")
+    def _cache_needs_the_torch_engine(self) -> "TrainSettings":
+        if self.cache_frozen_layers and self.engine != "torch":
+            raise ValueError("cache_frozen_layers needs engine: torch (DeepSpeed gathers each layer's weights in "
+                             "hooks a replayed layer would skip); set train.engine=torch or cache_frozen_layers=false")
+        return self
 
     @field_validator("matryoshka_dims")
     @classmethod

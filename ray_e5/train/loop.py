@@ -100,6 +100,10 @@ def train_loop_per_worker(config: dict) -> None:
     embedder.train()
     engine = make_engine(embedder, settings, total_steps, model_settings.dtype, settings.batch_size // world, device)
     start, saved = _resume(engine, fingerprint, world)
+    if settings.cache_frozen_layers:
+        from ray_e5.train.layer_cache import FrozenLayerCache
+
+        engine = FrozenLayerCache(engine, embedder, int(settings.cache_max_gb * (1 << 30)))
     log = MetricsLog(config["train_dir"], start) if rank == 0 else None
     if log is not None and start:
         log.log({"event": "resumed", "step": start, "time": time.time()})
@@ -200,6 +204,8 @@ def _train(settings, model_settings, config, engine, embedder, rank, world, star
         if log is not None and (step % settings.log_every == 0 or step == total_steps or stop):
             record = {"loss": round(loss, 6), "lr": lr, "examples_per_s": round(len(row["query"]) / seconds, 3),
                       "tokens_per_s": round(float(shared[0]) / seconds, 1)}
+            if settings.cache_frozen_layers:  # the share of texts so far whose frozen layers were replayed
+                record["replayed"] = round(engine.hits / max(1, engine.hits + engine.misses), 4)
             log.log({"step": step, "epoch": int(row["epoch"]), **record, "seconds": round(seconds, 4),
                      "source": row["source"], "kind": row["kind"], "time": time.time()})
             if tracker is not None:
