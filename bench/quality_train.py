@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI: no model-loading bars in the table's log
 ROOT = Path(__file__).resolve().parents[1]
 
 #: variant -> the overrides it makes to the recipe (one lever each; "recipe" is the recipe itself)
@@ -55,10 +56,13 @@ VARIANTS: dict[str, list[str]] = {
     "syn-10": ["train.synthetic=true", "train.synthetic_share=0.1"],
     "syn-30": ["train.synthetic=true", "train.synthetic_share=0.3"],
     "syn-50": ["train.synthetic=true", "train.synthetic_share=0.5"],
-    "synthetic-only": ["train.synthetic=true", "train.sources=[]"],
+    # (each row repeated up to 20 times an epoch, so that the time limit, not the data, ends training, as for the rest)
+    "synthetic-only": ["train.synthetic=true", "train.sources=[]", "train.synthetic_weight=20"],
     # levers from the field
     "distill": ['train.distill={"teacher": "minilm-l6", "weight": 1.0}'],  # score distillation from MiniLM
     "bidirectional": ["model.bidirectional=true"],  # Gemma 3's bidirectional attention, mean pooling kept
+    # repeated texts pay only for the adapted layers: more steps in the same minutes
+    "cache-frozen-layers": ["train.cache_frozen_layers=true"],
     # the paper's task instructions on queries (the recipe trains and scores without them)
     "instruction": ['model.instruction_template="Instruct: {task}\\nQuery: {text}"'],
 }

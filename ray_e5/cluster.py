@@ -125,6 +125,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     env = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
     if quiet:
         env["PYTHONWARNINGS"] = _worker_pythonwarnings()
+        # the hub's and transformers' own bars and notices ("Loading weights") stay off the user's console on
+        # every node, not only on the nodes that inherit the driver's environment
+        env.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"})
         quiet_warnings()
         quiet_records()
     for key in _job_env_vars():

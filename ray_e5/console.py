@@ -12,10 +12,12 @@ on a local cluster). Everything else the workers print (our progress bars, error
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import re
 import warnings
+from typing import Iterator
 
 VERBOSE_ENV = "RAY_E5_VERBOSE"
 
@@ -57,6 +59,25 @@ NOISY_RECORDS = (("ray._private.authentication.authentication_token_setup", "Tok
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """These loggers below ``level`` for the duration, unless verbose: for library narration in a process whose
+    logging another library set up (Ray Train's workers log INFO, so mteb's "Running task ..." would reach the
+    console at every dev evaluation)."""
+    if verbose():
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
 
 
 def quiet_warnings() -> None:

@@ -75,10 +75,13 @@ def evaluate(embedder, tasks: list[DevTask], batch_size: int = 32) -> dict[str, 
     from ray_e5.evaluate.encoder import E5Encoder
     from ray_e5.evaluate.worker import run_task
 
+    from ray_e5.console import quiet_loggers
+
     encoder = E5Encoder(embedder, "in-training")
     scores: dict[str, float] = {}
     for dev in tasks:
-        record = run_task(encoder, copy.deepcopy(dev.task), batch_size)  # a copy: mteb may reshape its data
+        with quiet_loggers("mteb", "ray_e5.evaluate"):
+            record = run_task(encoder, copy.deepcopy(dev.task), batch_size)  # a copy: mteb may reshape its data
         if record.get("status") != "ok":
             raise RuntimeError(f"train.eval_tasks: {dev.name}: {record.get('error')}")
         scores[dev.metric] = float(record["score"])
