@@ -187,7 +187,22 @@ def truncated(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
-class Matryoshka(Loss):
+class WrappedLoss(Loss):
+    """A loss computed around ``base``: it scores the documents ``base`` scores, with the same masks."""
+
+    base: Loss
+
+    @property
+    def cross_device(self) -> bool:
+        return self.base.cross_device
+
+    @property
+    def mask_false_negatives(self) -> bool:
+        return self.base.mask_false_negatives
+
+
+@dataclass(frozen=True)
+class Matryoshka(WrappedLoss):
     """Matryoshka representation learning (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss`` with unit
     weights): the sum of ``base`` at each width of ``dims``, on the embeddings cut to their first ``dim`` components
     and re-normalised, so that a vector cut to any of those widths stays a good embedding.
@@ -197,21 +212,12 @@ class Matryoshka(Loss):
     negatives work unchanged.
     """
 
-    base: Loss
-    dims: tuple[int, ...]
+    dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(self.dims))
         if not self.dims:
             raise ValueError("Matryoshka needs at least one width")
-
-    @property
-    def cross_device(self) -> bool:
-        return self.base.cross_device
-
-    @property
-    def mask_false_negatives(self) -> bool:
-        return self.base.mask_false_negatives
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         total = None
@@ -239,7 +245,7 @@ def _document_scores(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | Non
 
 
 @dataclass(frozen=True)
-class ScoreDistillation(Loss):
+class ScoreDistillation(WrappedLoss):
     """``base`` plus ``weight`` x KL(teacher || student) of each query's softmax over the batch's documents
     (RocketQAv2's and sentence-transformers' ``DistillKLDivLoss`` on bi-encoder cosines): the teacher's cosines
     over ``teacher_temperature``, the student's over ``temperature``. A frozen teacher embedder (here a small
@@ -247,18 +253,9 @@ class ScoreDistillation(Loss):
     which labels of one positive per query cannot; scores, not vectors, are matched, so the two models' widths
     may differ. Graded batches (no negatives) distil over their positives alike."""
 
-    base: Loss
     weight: float = 1.0
     temperature: float = 0.05
     teacher_temperature: float = 0.05
-
-    @property
-    def cross_device(self) -> bool:
-        return self.base.cross_device
-
-    @property
-    def mask_false_negatives(self) -> bool:
-        return self.base.mask_false_negatives
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         value = self.base(inputs)
