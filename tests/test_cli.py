@@ -112,7 +112,7 @@ def test_quickstart_flag_reaches_the_pipeline(recorded, tmp_path, capsys, monkey
                  "--allow-empty-synthetic"]) == 0
     assert calls == ["generate", "train", "evaluate", "serve"]
     out = capsys.readouterr().out
-    assert "[ray-e5] synthetic rows: 0 generated (none); none used in training" in out
+    assert "[ray-e5] synthetic rows: 0 generated (none); none planned for training" in out
     assert "[ray-e5] the embedder is served at http://127.0.0.1:1/v1" in out
 
 
@@ -145,14 +145,22 @@ def test_synthetic_summary_per_kind():
 
     generated = GenerateResult.from_manifest({"examples": 7, "by_kind": {"sts": 4, "short-long": 3}}, "x")
 
-    def trained(stats):
-        return TrainResult("e", 1, Path("e"), data={"sources": {"synthetic": stats}} if stats else {})
+    def trained(stats, steps=1, planned_steps=None):
+        data = {"sources": {"synthetic": stats}} if stats else {}
+        if planned_steps:
+            data["steps"] = planned_steps
+        return TrainResult("e", steps, Path("e"), data=data)
 
     assert synthetic_summary(generated, trained({"used": 6, "used_by_kind": {"sts": 4, "short-long": 2}})) == (
-        "[ray-e5] synthetic rows: 7 generated (short-long 3, sts 4); 6 used in training (short-long 2, sts 4)")
-    assert synthetic_summary(generated, trained({"used": 4})).endswith("; 4 used in training")
-    assert synthetic_summary(generated, trained(None)).endswith("; none used in training")
-    assert synthetic_summary(None, trained({"used": 4})) == "[ray-e5] synthetic rows: 4 used in training"
+        "[ray-e5] synthetic rows: 7 generated (short-long 3, sts 4); 6 planned for training (short-long 2, sts 4)")
+    assert synthetic_summary(generated, trained({"used": 4})).endswith("; 4 planned for training")
+    assert synthetic_summary(generated, trained(None)).endswith("; none planned for training")
+    assert synthetic_summary(None, trained({"used": 4})) == "[ray-e5] synthetic rows: 4 planned for training"
+    # a time limit ended training at a quarter of its plan: about a quarter of the planned rows were trained on
+    assert synthetic_summary(None, trained({"used": 400}, steps=25, planned_steps=100)) == (
+        "[ray-e5] synthetic rows: 400 planned for training, about 100 trained (25 of 100 steps ran)")
+    assert synthetic_summary(None, trained({"used": 400}, steps=100, planned_steps=100)).endswith(
+        "400 planned for training")
 
 
 def test_ctrl_c_stops_with_one_line(recorded, tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_quickstart_smoke_end_to_end(ray_cluster, shared_data, tmp_path, capfd):
         assert plan["sources"]["synthetic"]["used"] > 0, plan["sources"]["synthetic"]  # the rows were trained on
         assert any(run in line for line in lines) and any("OpenAI(base_url=" in line for line in lines)
         summary = next(line for line in lines if line.startswith("[ray-e5] synthetic rows:"))
-        assert f"{manifest['examples']} generated" in summary and "used in training" in summary, summary
+        assert f"{manifest['examples']} generated" in summary and "planned for training" in summary, summary
         console = "\n".join(lines) + "\n" + capfd.readouterr().out  # our lines and whatever reached stdout
         for noise in ("Traceback", "PlacementGroupCleaner", "FutureWarning"):
             assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"

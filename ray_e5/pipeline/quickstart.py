@@ -111,22 +111,27 @@ def _counts(by_kind: dict[str, int]) -> str:
 
 
 def synthetic_summary(generated: GenerateResult | None, trained: TrainResult | None) -> str:
-    """How many synthetic rows generation wrote and training used, per kind.
+    """How many synthetic rows generation wrote and training planned, per kind, and about how many of those the
+    steps that ran trained on (a time-limited run ends before its plan: the plan is shuffled, so the share of
+    steps that ran is the share of each source trained).
 
-    Generated: the manifest's ``examples`` and ``by_kind``; used: ``train/data.json``'s ``sources["synthetic"]``
-    (``used_by_kind`` when the plan records it, else the total ``used``)."""
+    Generated: the manifest's ``examples`` and ``by_kind``; planned: ``train/data.json``'s ``sources["synthetic"]``
+    (``used_by_kind`` when the plan records it, else the total ``used``) and its ``steps``."""
     parts = []
     if generated is not None:
         parts.append(f"{generated.rows} generated ({_counts(generated.by_kind)})")
     if trained is not None:
         stats = (trained.data.get("sources") or {}).get("synthetic")
         if not stats:
-            parts.append("none used in training")
-        elif stats.get("used_by_kind"):
-            parts.append(f"{stats.get('used', sum(stats['used_by_kind'].values()))} used in training "
-                         f"({_counts(stats['used_by_kind'])})")
+            parts.append("none planned for training")
         else:
-            parts.append(f"{stats.get('used', 0)} used in training")
+            by_kind = stats.get("used_by_kind") or {}
+            planned = stats.get("used", sum(by_kind.values()))
+            text = f"{planned} planned for training" + (f" ({_counts(by_kind)})" if by_kind else "")
+            total = trained.data.get("steps")
+            if total and trained.steps < total:
+                text += f", about {round(planned * trained.steps / total)} trained ({trained.steps} of {total} steps ran)"
+            parts.append(text)
     return "[ray-e5] synthetic rows: " + "; ".join(parts)
 
 
