@@ -22,7 +22,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     quick = subparsers.add_parser(
         "quickstart", help="the whole recipe offline on this machine: generate, train, evaluate, serve",
-        description="Gemma 3 270M writes synthetic data (llama.cpp), a Gemma 270M LoRA embedder is trained on it "
+        description="Gemma 3 270M writes synthetic data (llama.cpp; in process for cpu-1h), a Gemma 270M LoRA embedder is trained on it "
                     "(plus the labeled datasets the recipe names: from the mirror under --data-dir when present, "
                     "else the Hugging Face Hub), base and trained models are scored, and the trained one is served "
                     "behind /v1/embeddings. A dataset found in neither place stops it before anything starts. A "
