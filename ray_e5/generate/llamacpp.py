@@ -181,6 +181,11 @@ class LlamaCppServer:
         if not self._stopping:
             self._died = code
 
+    def command(self, port: int) -> list[str]:
+        """The server's command line: llama-cpp-python's server on ``self.gguf``, on loopback ``port``."""
+        return [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
+                "--port", str(port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--verbose", "False"]
+
     def __enter__(self) -> "LlamaCppServer":
         import httpx
 
@@ -194,11 +199,8 @@ class LlamaCppServer:
         with open(self.log_path, "a") as log:
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} llama.cpp server on port {port}: {self.info}\n")
             log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
-                 "--port", str(port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
-                 "--verbose", "False"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(self.command(port), stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
         self.base_url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + self.startup_s
