@@ -91,9 +91,11 @@ def train_loop_per_worker(config: dict) -> None:
     if settings.distill is not None:
         # loaded before the student: under ZeRO-3 the student's load config would partition the teacher too
         from ray_e5.model import Embedder
+        from ray_e5.train.teacher import TeacherVectors
 
         teacher = Embedder.load(settings.distill.teacher, max_length=settings.distill.max_length).to(device)
         teacher.eval().requires_grad_(False)
+        teacher = TeacherVectors(teacher)  # a text seen again reuses its vector
     torch.manual_seed(settings.seed)  # the same LoRA initialisation on every worker
     # ZeRO-3 partitions the backbone as it loads (each worker holds its share, not the whole model)
     embedder = build_embedder(model_settings, settings, settings.batch_size // world)
