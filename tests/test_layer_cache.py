@@ -54,19 +54,22 @@ def test_replayed_texts_embed_and_backpropagate_as_a_full_forward(tiny_decoder_d
     first.sum().backward()
     full_grads = _grads(embedder)
     embedder.zero_grad()
-    (_, mixed), = length_chunks(embedder, TEXTS[1:], None)  # two seen, two new
+    (_, mixed), = length_chunks(embedder, TEXTS[1:], None)  # two seen, two new: computed whole, the new ones kept
     again = cache.embed(mixed)
-    assert (cache.hits, cache.misses) == (2, 5)
+    assert (cache.hits, cache.misses) == (0, 7) and len(cache.kept) == 5
     reference = embedder(**mixed)
     torch.testing.assert_close(again, reference, atol=1e-5, rtol=1e-5)
     embedder.zero_grad()
     replayed = cache.embed(batch)  # all three replayed
-    assert cache.hits == 5
+    assert cache.hits == 3
     torch.testing.assert_close(replayed, first.detach(), atol=1e-5, rtol=1e-5)
     replayed.sum().backward()
     for name, grad in _grads(embedder).items():
         torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4)
     assert full_grads and all(g.abs().sum() > 0 for g in full_grads.values())
+    (_, seen), = length_chunks(embedder, TEXTS[3:], None)  # the two kept from the mixed chunk replay now
+    torch.testing.assert_close(cache.embed(seen), embedder(**seen), atol=1e-5, rtol=1e-5)
+    assert cache.hits == 5
     # the layers are the backbone's own again after every forward
     assert all(type(layer).__name__ not in ("_Replay", "_Skip") for layer in cache.layers)
 

@@ -6,7 +6,9 @@ embedded, the hidden states leaving the last frozen layer are kept (its real tok
 a token sees does not depend on the pads after it); the next time, the backbone runs with those layers replaced by a
 replay of the kept states, and only the adapted layers (and the pooling) compute. Within an epoch or across epochs,
 every repeated text (an SNLI premise under several hypotheses, a source planned at weight > 1, a second epoch)
-costs a forward of k layers instead of all of them.
+costs a forward of k layers instead of all of them. A chunk replays only when every text in it was seen (see
+``FrozenLayerCache.embed``): a source planned at weight < 1 draws other rows each epoch, so its chunks mostly run
+whole, and the gain comes from the sources seen whole every epoch and from repeated short texts (labels).
 
 Written by hand: peft and transformers have no cache of intermediate activations for training (their KV cache is
 for decoding). The swap is done per forward on the backbone's ``layers`` list, which transformers' decoders
@@ -87,21 +89,13 @@ class FrozenLayerCache:
         if not bool((mask == (torch.arange(mask.shape[1]) < mask.sum(-1, keepdim=True)).to(mask.dtype)).all()):
             return self.engine.embed(batch)  # not right-padded: a token's states could depend on the pads
         keys = [tuple(row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths)]
-        hit = [i for i, k in enumerate(keys) if k in self.kept]
-        miss = [i for i, k in enumerate(keys) if k not in self.kept]
-        self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
-        parts, order = [], []
-        if miss:
-            parts.append(self._computed(_rows(batch, miss, lengths), [keys[i] for i in miss]))
-            order += miss
-        if hit:
-            parts.append(self._replayed(_rows(batch, hit, lengths), [keys[i] for i in hit]))
-            order += hit
-        if len(parts) == 1:
-            return parts[0]
-        stacked = torch.cat(parts)
-        index = torch.tensor(order, dtype=torch.long, device=stacked.device)
-        return torch.empty_like(stacked).index_copy(0, index, stacked)
+        if any(key not in self.kept for key in keys):
+            # A chunk with any text not seen runs whole: split into a computed and a replayed part (two smaller
+            # forwards and backwards), a chunk was slower on a CPU than one full forward, not faster.
+            self.misses += len(keys)
+            return self._computed(batch, keys)
+        self.hits += len(keys)
+        return self._replayed(batch, keys)
 
     def _computed(self, batch: dict[str, torch.Tensor], keys: list[tuple[int, ...]]) -> torch.Tensor:
         """The full forward, keeping what leaves the last frozen layer for each text (while there is room)."""
@@ -114,6 +108,8 @@ class FrozenLayerCache:
             handle.remove()
         states = captured[0].detach()
         for row, key in enumerate(keys):
+            if key in self.kept:
+                continue
             kept = states[row, :len(key)].clone()
             size = kept.numel() * kept.element_size()
             if self.bytes + size <= self.max_bytes:
@@ -138,9 +134,3 @@ class FrozenLayerCache:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
 
-
-def _rows(batch: dict[str, torch.Tensor], rows: list[int], lengths: list[int]) -> dict[str, torch.Tensor]:
-    """The batch's ``rows``, cut to their longest length (fewer pads)."""
-    width = max(lengths[i] for i in rows)
-    index = torch.tensor(rows, dtype=torch.long)
-    return {k: v[index, :width] for k, v in batch.items()}
