@@ -98,7 +98,8 @@ class FrozenLayerCache:
         return self._replayed(batch, keys)
 
     def _computed(self, batch: dict[str, torch.Tensor], keys: list[tuple[int, ...]]) -> torch.Tensor:
-        """The full forward, keeping what leaves the last frozen layer for each text (while there is room)."""
+        """The full forward, keeping what leaves the last frozen layer for each text not kept yet (while there is
+        room)."""
         captured = []
         handle = self.layers[self.depth - 1].register_forward_hook(
             lambda m, i, out: captured.append(out[0] if isinstance(out, tuple) else out))

@@ -24,13 +24,10 @@ class TeacherVectors:
         self.max_bytes = max_bytes
         self.kept: dict[str, np.ndarray] = {}
         self.bytes = 0
-        self.hits = self.misses = 0
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         new = list(dict.fromkeys(t for t in texts if t not in self.kept))
         fresh = dict(zip(new, self.teacher.encode(new, batch_size=batch_size))) if new else {}
-        self.misses += len(new)
-        self.hits += len(texts) - len(new)  # served without a forward pass (a repeat within the call included)
         for text, vector in fresh.items():
             if self.bytes + vector.nbytes > self.max_bytes:
                 break
