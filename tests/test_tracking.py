@@ -57,9 +57,11 @@ def test_tracked_run_logs_to_mlflow_and_tensorboard_and_publishes_the_best_check
     from ray_e5.model import Embedder
     from ray_e5.train.run import train
 
-    # keep_checkpoints 1: Ray Train keeps the best checkpoint (and the latest), never only the latest
+    # keep_checkpoints 1: Ray Train keeps the best checkpoint (and the latest), never only the latest; bf16 autocast
+    # as the one-hour recipe (the frozen weights held in bf16, the dev evaluations under the same autocast)
     config = _config(tmp_path, tiny_decoder_dir, max_steps=12, epochs=2, eval_every=4, checkpoint_every=100,
-                     keep_checkpoints=1, keep_best="dev/mean", report_to=["mlflow", "tensorboard"])
+                     keep_checkpoints=1, keep_best="dev/mean", report_to=["mlflow", "tensorboard"],
+                     cpu_autocast="bf16")
     result = train(RayE5Config.model_validate(config))
     run_dir = tmp_path / "run"
 

@@ -129,7 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
         from ray_e5.train.deveval import evaluate as score
 
         began = time.perf_counter()
-        scores = score(embedder, dev_tasks, settings.eval_batch_size)  # eval mode, no grad; train mode after
+        with engine.precision():  # as the training's forwards (the frozen weights may be held in bf16)
+            scores = score(embedder, dev_tasks, settings.eval_batch_size)  # eval mode, no grad; train mode after
         seconds = time.perf_counter() - began
         if log is not None:
             log.log({"event": "eval", "step": step, **{k: round(v, 6) for k, v in scores.items()},
