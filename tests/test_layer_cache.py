@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_e5.config import LoraSettings
-from ray_e5.model import Embedder
 from ray_e5.train.layer_cache import FrozenLayerCache, frozen_depth
-from ray_e5.testing.models import tiny_gemma3
+from ray_e5.testing.models import lora_embedder, tiny_gemma3
 from ray_e5.train.step import length_chunks
 
 TEXTS = ["a cat sat on the mat", "stocks fell sharply today after the report", "how do I reset my card pin",
@@ -27,17 +25,6 @@ class _Plain:
         return self.embedder(**batch)
 
 
-def _embedder(directory, top_layers):
-    torch.manual_seed(0)
-    embedder = Embedder.load(str(directory), pooling="mean", max_length=128, lora=LoraSettings(r=4, alpha=8, dropout=0.0,
-                                                                                top_layers=top_layers))
-    with torch.no_grad():
-        for name, p in embedder.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    return embedder
-
-
 def _grads(embedder):
     return {n: p.grad.clone() for n, p in embedder.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -45,7 +32,7 @@ def _grads(embedder):
 @pytest.mark.parametrize("gemma", [False, True])
 def test_replayed_texts_embed_and_backpropagate_as_a_full_forward(tiny_decoder_dir, tmp_path, gemma):
     directory = tiny_gemma3(tmp_path / "g3", layers=3) if gemma else tiny_decoder_dir
-    embedder = _embedder(directory, top_layers=1)
+    embedder = lora_embedder(directory, top_layers=1)
     assert frozen_depth(embedder) == len(embedder._base_model().layers) - 1 >= 1
     cache = FrozenLayerCache(_Plain(embedder), embedder)
     (rows, batch), = length_chunks(embedder, TEXTS[:3], None)
@@ -78,6 +65,6 @@ def test_a_backbone_adapted_everywhere_or_deepspeed_is_refused(tiny_decoder_dir)
     from ray_e5.train.config import TrainSettings
 
     with pytest.raises(ValueError, match="every layer of the backbone is adapted"):
-        FrozenLayerCache(_Plain(None), _embedder(tiny_decoder_dir, top_layers=None))
+        FrozenLayerCache(_Plain(None), lora_embedder(tiny_decoder_dir, top_layers=None))
     with pytest.raises(ValueError, match="cache_frozen_layers needs engine: torch"):
         TrainSettings(cache_frozen_layers=True, engine="deepspeed")

@@ -8,9 +8,7 @@ import copy
 import numpy as np
 import torch
 
-from ray_e5.config import LoraSettings
-from ray_e5.model import Embedder
-from ray_e5.testing.models import tiny_gemma3
+from ray_e5.testing.models import lora_embedder, tiny_gemma3
 from ray_e5.train.config import TrainSettings
 from ray_e5.train.engines import make_engine
 from ray_e5.train.step import length_chunks
@@ -19,19 +17,8 @@ TEXTS = ["a cat sat on the mat", "stocks fell sharply today after the report", "
          "the weather is nice"]
 
 
-def _embedder(directory):
-    torch.manual_seed(0)
-    embedder = Embedder.load(str(directory), pooling="mean", max_length=64,
-                             lora=LoraSettings(r=4, alpha=8, dropout=0.0, top_layers=1))
-    with torch.no_grad():
-        for name, p in embedder.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    return embedder
-
-
 def test_frozen_weights_held_in_bf16_give_autocasts_outputs_and_gradients(tmp_path):
-    embedder = _embedder(tiny_gemma3(tmp_path / "g3", layers=3))
+    embedder = lora_embedder(tiny_gemma3(tmp_path / "g3", layers=3), top_layers=1, max_length=64)
     reference = copy.deepcopy(embedder)  # fp32 weights, cast by autocast in every forward
     engine = make_engine(embedder, TrainSettings(engine="torch", cpu_autocast="bf16"), 10, "fp32", 4,
                          torch.device("cpu"))
@@ -68,6 +55,6 @@ def test_frozen_weights_held_in_bf16_give_autocasts_outputs_and_gradients(tmp_pa
 
 
 def test_without_autocast_the_weights_stay_float32(tmp_path):
-    embedder = _embedder(tiny_gemma3(tmp_path / "g3", layers=3))
+    embedder = lora_embedder(tiny_gemma3(tmp_path / "g3", layers=3), top_layers=1, max_length=64)
     make_engine(embedder, TrainSettings(engine="torch", cpu_autocast="off"), 10, "fp32", 4, torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in embedder.parameters())

@@ -77,3 +77,22 @@ def tiny_gemma3(directory: str | Path, layers: int = 3) -> Path:
     Gemma3TextModel(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def lora_embedder(directory: str | Path, top_layers: int | None, max_length: int = 128):
+    """An Embedder of the tiny decoder at ``directory`` with mean pooling and LoRA (r 4, on the top ``top_layers``
+    layers, or every layer when None), its B matrices drawn at random so the adapter changes the outputs (LoRA starts
+    B at zero)."""
+    import torch
+
+    from ray_e5.config import LoraSettings
+    from ray_e5.model import Embedder
+
+    torch.manual_seed(0)
+    embedder = Embedder.load(str(directory), pooling="mean", max_length=max_length,
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0, top_layers=top_layers))
+    with torch.no_grad():
+        for name, p in embedder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    return embedder
