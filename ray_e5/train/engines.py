@@ -72,8 +72,8 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def hold_frozen_linears_in(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the weights (and biases) of ``module``'s frozen ``nn.Linear`` layers in ``dtype``; the number of layers.
+def hold_frozen_linears_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the weights (and biases) of ``module``'s frozen ``nn.Linear`` layers in ``dtype``.
 
     Under autocast every matmul casts its weight to the autocast dtype, and the cast is cached only for leaf tensors
     that require grad: a frozen base weight (all of them under LoRA) is cast again in every forward of every chunk.
@@ -81,13 +81,10 @@ def hold_frozen_linears_in(module: torch.nn.Module, dtype: torch.dtype) -> int:
     less memory traffic (on the one-hour recipe's step, 2-core CPU with AVX512-BF16: ``bench/bench_train_levers.py``).
     Norms and embeddings keep their dtype (they run outside autocast's casts, and the residual stream stays float32).
     """
-    held = 0
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear) and not any(p.requires_grad for p in layer.parameters(recurse=False)):
             for p in layer.parameters(recurse=False):
                 p.data = p.data.to(dtype)
-            held += 1
-    return held
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
